@@ -1,0 +1,88 @@
+"""FLOPs of one decoder layer's self-attention for a segment of T new tokens with L keys visible (L >= T).
+
+A multiply-add counts as 2 FLOPs. Causal masking is counted honestly: query i of the segment (absolute position
+L - T + i) sees L - T + i + 1 keys, so the score matrix has P = T (L - T) + T (T + 1) / 2 live entries (the diagonal
+block is a triangle). With H query heads, H_kv KV heads, head width d, model width D and rank r_g for KV head g
+(G = H / H_kv query heads each):
+
+    projections  q, o: 2 T D H d each;  k, v: 2 T D H_kv d each              (unchanged by rank)
+    scores       sum_g G * 2 P r_g                                              (full rank: 2 H P d)
+    softmax      5 H P                                                          (max, subtract, exp, sum, divide)
+    values       2 H P d                                                        (A V)
+    basis        2 T H d r_max + 2 L H_kv d r_max                               (q and the L cached keys onto P_r;
+                                                                                 keys are re-projected every segment)
+    statistics   (only when spectra are recorded) the basis product at full width d instead of r_max, plus the
+                 Grams 2 T H d^2 + 2 L H_kv d^2
+    exact basis  (mode "exact") Grams as above plus one symmetric eigendecomposition per KV head, ~9 d^3
+                 (Golub & Van Loan's count for eigenvalues and vectors; the only estimate in this module)
+
+``AttentionFlops.scores`` is the QK^T term the rank acts on; ``total`` is the whole attention. Reports must say which
+one a reduction refers to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from drrl_gym.backbone import AttentionGeometry
+
+
+@dataclass(frozen=True)
+class AttentionFlops:
+    """FLOPs of one layer for one segment, by term."""
+
+    projections: int
+    scores: int
+    softmax: int
+    values: int
+    basis: int
+    statistics: int
+
+    @property
+    def total(self) -> int:
+        return self.projections + self.scores + self.softmax + self.values + self.basis + self.statistics
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def __add__(self, other: "AttentionFlops") -> "AttentionFlops":
+        return AttentionFlops(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+
+def causal_pairs(new_tokens: int, keys: int) -> int:
+    """Live (query, key) pairs of a causal segment: T (L - T) + T (T + 1) / 2."""
+    if not 1 <= new_tokens <= keys:
+        raise ValueError(f"need 1 <= new_tokens <= keys, got new_tokens={new_tokens}, keys={keys}")
+    return new_tokens * (keys - new_tokens) + new_tokens * (new_tokens + 1) // 2
+
+
+def layer_flops(
+    geometry: AttentionGeometry,
+    new_tokens: int,
+    keys: int,
+    ranks: Sequence[int] | int | None = None,
+    statistics: bool = False,
+    basis_mode: str = "calibrated",
+) -> AttentionFlops:
+    """FLOPs of one layer. ``ranks``: one per KV head, an int for all, or None for the unmodified model
+    (full width, no basis work at all: the baseline every reduction is measured against)."""
+    g, t, n_keys = geometry, new_tokens, keys
+    d, heads, kv_heads = g.head_dim, g.num_heads, g.num_kv_heads
+    pairs = causal_pairs(t, n_keys)
+    projections = 2 * t * g.hidden_size * d * (2 * heads + 2 * kv_heads)
+    softmax, values = 5 * heads * pairs, 2 * heads * pairs * d
+    if ranks is None:
+        return AttentionFlops(projections, 2 * heads * pairs * d, softmax, values, 0, 0)
+    per_head = [ranks] * kv_heads if isinstance(ranks, int) else list(ranks)
+    if len(per_head) != kv_heads or not all(1 <= r <= d for r in per_head):
+        raise ValueError(f"ranks must be {kv_heads} values in [1, {d}], got {ranks}")
+    scores = sum(g.group_size * 2 * pairs * r for r in per_head)
+    exact = basis_mode == "exact"
+    if not statistics and min(per_head) == d:
+        return AttentionFlops(projections, scores, softmax, values, 0, 0)  # full rank skips the basis (a rotation)
+    width = d if statistics or exact else max(per_head)
+    basis = 2 * (t * heads + n_keys * kv_heads) * d * width
+    gram_passes = int(statistics) + int(exact)  # exact mode needs raw Grams for its eigh, then (if asked) stats
+    stats = gram_passes * 2 * (t * heads + n_keys * kv_heads) * d * d + (kv_heads * 9 * d**3 if exact else 0)
+    return AttentionFlops(projections, scores, softmax, values, basis, stats)

@@ -1,0 +1,202 @@
+"""Dynamic-rank attention, registered through transformers' ``AttentionInterface`` (no model class is patched).
+
+For layer l and KV head g with orthonormal basis P (d x d, columns ordered by energy) and rank r, the scores are
+
+    S_r = (Q P_r)(K P_r)^T * scaling            (DESIGN-NOTES sec. 1; scaling stays the model's 1/sqrt(d))
+
+so a rank is a prefix of the basis: changing it is slicing, and the QK^T work falls from 2*T*L*d to 2*T*L*r per
+head. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
+across KV heads or batch rows, the prefix is taken at the largest of them and the extra columns of q are zeroed: the
+result is the same as slicing each head separately; FLOPs are accounted per head (``drrl_gym.flops``).
+
+One :class:`DynamicRankAttention` holds the state of one model: bases, current ranks, and (optionally) the
+second moments in the basis that spectra and bounds are computed from (``drrl_gym.spectra``, ``drrl_gym.bounds``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from drrl_gym.backbone import AttentionGeometry
+from drrl_gym.bases import BASIS_MODES, exact_basis
+
+ATTENTION_NAME = "drrl_dynamic_rank"
+
+
+def validate_rank_choices(rank_choices: Sequence[int], head_dim: int) -> tuple[int, ...]:
+    """Return ``rank_choices`` as a tuple after checking it is non-empty, strictly increasing and within [1, head_dim]."""
+    choices = tuple(int(r) for r in rank_choices)
+    if not choices:
+        raise ValueError(f"rank_choices is empty. Fix: give at least one rank in [1, {head_dim}], e.g. (16, 32, 48, {head_dim}).")
+    if any(r < 1 or r > head_dim for r in choices):
+        raise ValueError(f"rank_choices {choices} must lie in [1, head_dim={head_dim}]. Fix: drop or clip the ranks outside it.")
+    if any(a >= b for a, b in zip(choices, choices[1:])):
+        raise ValueError(f"rank_choices {choices} must be strictly increasing. Fix: pass sorted(set(rank_choices)).")
+    return choices
+
+
+@dataclass
+class SegmentStats:
+    """Second moments, in each (layer, KV head)'s basis, of the last forward pass.
+
+    query_gram[b, l, g] = sum over the group's query heads and the T new queries of (q P)^T (q P)   (d x d)
+    key_gram[b, l, g]   = sum over the L visible keys of (k P)^T (k P)                               (d x d)
+    Their diagonals are the per-direction energies e_j (DESIGN-NOTES sec. 2).
+    """
+
+    query_gram: torch.Tensor  # (B, num_layers, num_kv_heads, d, d), float32
+    key_gram: torch.Tensor  # (B, num_layers, num_kv_heads, d, d), float32
+    num_queries: int  # T: new tokens per sequence in the segment
+    num_keys: int  # L: keys visible to the last query
+
+
+def _dispatch(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
+    controller = getattr(module, "drrl_attention", None)
+    if controller is None:
+        raise RuntimeError(
+            f"{type(module).__name__} uses attn_implementation={ATTENTION_NAME!r} but has no DynamicRankAttention "
+            "attached. Fix: call DynamicRankAttention.attach(model) rather than set_attn_implementation by hand."
+        )
+    return controller(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, _dispatch)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # same mask format as SDPA, which does the softmax
+
+
+class DynamicRankAttention:
+    """Per-model state of dynamic-rank attention.
+
+    Args:
+        geometry: the model's attention shapes.
+        basis: (num_layers, num_kv_heads, d, d) orthonormal columns, for ``mode="calibrated"``; ignored for ``"exact"``.
+        mode: ``"calibrated"`` (fixed basis, default) or ``"exact"`` (eigenbasis of this segment's Q^T Q + K^T K,
+            recomputed every forward: the paper's online SVD, kept for comparison since it costs an eigh per head).
+    """
+
+    def __init__(self, geometry: AttentionGeometry, basis: torch.Tensor | None = None, mode: str = "calibrated"):
+        if mode not in BASIS_MODES:
+            raise ValueError(f"unknown basis mode {mode!r}; choose one of {BASIS_MODES}")
+        d = geometry.head_dim
+        if mode == "calibrated":
+            expected = (geometry.num_layers, geometry.num_kv_heads, d, d)
+            if basis is None or tuple(basis.shape) != expected:
+                got = None if basis is None else tuple(basis.shape)
+                raise ValueError(f"calibrated mode needs a basis of shape {expected}, got {got}")
+        self.geometry = geometry
+        self.mode = mode
+        self.basis = basis
+        self.collect_stats = False
+        self.capture_outputs = False
+        self.outputs: list[torch.Tensor | None] = [None] * geometry.num_layers
+        self._query_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
+        self._key_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
+        self._shape = (0, 0)
+        self.set_ranks(torch.full((1, geometry.num_layers, geometry.num_kv_heads), d, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------------- ranks
+    def set_ranks(self, ranks: torch.Tensor | int) -> None:
+        """Set ranks: an int for every head, or a (B or 1, num_layers, num_kv_heads) integer tensor in [1, d]."""
+        g = self.geometry
+        if isinstance(ranks, int):
+            ranks = torch.full((1, g.num_layers, g.num_kv_heads), ranks, dtype=torch.long)
+        ranks = torch.as_tensor(ranks).long().cpu()
+        if ranks.dim() != 3 or tuple(ranks.shape[1:]) != (g.num_layers, g.num_kv_heads):
+            raise ValueError(f"ranks must have shape (B, {g.num_layers}, {g.num_kv_heads}), got {tuple(ranks.shape)}")
+        if ranks.min() < 1 or ranks.max() > g.head_dim:
+            raise ValueError(f"ranks must lie in [1, {g.head_dim}], got min {int(ranks.min())} max {int(ranks.max())}")
+        # Slicing decisions are made from this CPU copy so the forward pass never waits on the GPU for them.
+        self.ranks = ranks
+        self._layer_max = ranks.amax(dim=(0, 2)).tolist()
+        self._layer_uniform = [bool((ranks[:, layer] == top).all()) for layer, top in enumerate(self._layer_max)]
+        self._rank_device: torch.Tensor | None = None
+
+    # -------------------------------------------------------------------------------------- attach / detach
+    def attach(self, model: PreTrainedModel) -> None:
+        """Route ``model``'s self-attention through this object (and remember the previous implementation)."""
+        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
+        if len(layers) != self.geometry.num_layers:
+            raise ValueError(
+                f"found {len(layers)} attention modules with a layer_idx in {type(model).__name__}, expected "
+                f"{self.geometry.num_layers}: this architecture is not supported (Llama-family and GPT-2 are)."
+            )
+        for module in layers:
+            module.drrl_attention = self
+        self._previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def detach(self, model: PreTrainedModel) -> None:
+        model.set_attn_implementation(self._previous)
+        for module in model.modules():
+            if getattr(module, "drrl_attention", None) is self:
+                del module.drrl_attention
+
+    @contextmanager
+    def attached(self, model: PreTrainedModel) -> Iterator["DynamicRankAttention"]:
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.detach(model)
+
+    # ------------------------------------------------------------------------------------------- statistics
+    def stats(self) -> SegmentStats:
+        """Second moments of the last forward pass (needs ``collect_stats = True`` during it)."""
+        if any(g is None for g in self._query_gram):
+            raise RuntimeError("no statistics recorded: set collect_stats = True before the forward pass")
+        return SegmentStats(torch.stack(self._query_gram, 1), torch.stack(self._key_gram, 1), *self._shape)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        batch, heads, n_queries, d = query.shape
+        kv_heads, n_keys = key.shape[1], key.shape[2]
+        scaling = d**-0.5 if scaling is None else scaling  # never 1/sqrt(r): the rank must not change the temperature
+        r_max, uniform = self._layer_max[layer], self._layer_uniform[layer]
+        if r_max == d and uniform and not self.collect_stats:
+            # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return self._keep(layer, out), None
+
+        grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d)  # heads j*G..j*G+G-1 share kv head j
+        if self.mode == "exact":
+            basis = exact_basis(_gram(grouped), _gram(key)).to(query.dtype)  # (B, kv_heads, d, d)
+        else:
+            basis = self.basis[layer].to(device=query.device, dtype=query.dtype)  # (kv_heads, d, d)
+        if not self.collect_stats:
+            basis = basis[..., :r_max]  # only the prefix is needed: 2*T*d*r per head instead of 2*T*d*d
+        q_proj, k_proj = grouped @ basis, key @ basis
+        if self.collect_stats:
+            self._query_gram[layer], self._key_gram[layer] = _gram(q_proj), _gram(k_proj)
+            self._shape = (n_queries, n_keys)
+            q_proj, k_proj = q_proj[..., :r_max], k_proj[..., :r_max]
+        if not uniform:
+            # Zeroing q's columns r..r_max of a head removes exactly those terms from its scores.
+            keep = torch.arange(r_max, device=query.device) < self._ranks_on(query.device)[:, layer, :, None]
+            q_proj = q_proj * keep[:, :, None, :].to(q_proj.dtype)
+        q_low = q_proj.reshape(batch, heads, n_queries, r_max)
+        out, _ = sdpa_attention_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return self._keep(layer, out), None
+
+    def _ranks_on(self, device: torch.device) -> torch.Tensor:
+        if self._rank_device is None or self._rank_device.device != device:
+            self._rank_device = self.ranks.to(device)
+        return self._rank_device
+
+    def _keep(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        if self.capture_outputs:
+            self.outputs[layer] = out  # (B, T, H, d): attention output before o_proj, for fidelity metrics
+        return out
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X over the token axis, in float32: (..., N, d) -> (..., d, d)."""
+    x = x.float()
+    return x.transpose(-1, -2) @ x

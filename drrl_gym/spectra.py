@@ -1,0 +1,34 @@
+"""Spectral state from second moments in the basis: energies, NER and tail energies, all without a decomposition.
+
+With an orthonormal basis P and X's Gram matrix in that basis G = (XP)^T (XP), the energy of direction j is
+e_j = ||X p_j||^2 = G_jj (DESIGN-NOTES sec. 2). For every rank r at once (cumulative sums):
+
+    NER(r)  = sum_{j<=r} e_j / sum_j e_j          (the paper's Normalized Energy Ratio)
+    tail(r) = ||X - X P_r P_r^T||_F^2 = sum_{j>r} e_j   (exact for any orthonormal P; equals the Eckart-Young
+                                                        optimum when P is X's own singular basis)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def energies(gram: torch.Tensor) -> torch.Tensor:
+    """Per-direction energies e_j: the diagonal of (..., d, d) -> (..., d)."""
+    return gram.diagonal(dim1=-2, dim2=-1)
+
+
+def normalized_energy_ratio(energy: torch.Tensor, rank_choices: Sequence[int]) -> torch.Tensor:
+    """NER(r) for each r in ``rank_choices``: (..., d) -> (..., len(rank_choices)); 1 where all energy is zero."""
+    cumulative = energy.cumsum(-1)
+    total = cumulative[..., -1:]
+    kept = cumulative[..., [r - 1 for r in rank_choices]]
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(energy.dtype).tiny), torch.ones_like(kept))
+
+
+def tail_energy(energy: torch.Tensor, rank_choices: Sequence[int]) -> torch.Tensor:
+    """sum_{j>r} e_j for each r in ``rank_choices``: (..., d) -> (..., len(rank_choices))."""
+    cumulative = energy.cumsum(-1)
+    return (cumulative[..., -1:] - cumulative[..., [r - 1 for r in rank_choices]]).clamp_min(0)

@@ -1,0 +1,37 @@
+"""Shared fixtures. Backbones are loaded once per session; none of them is ever modified by a test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Backbone:
+    return load_backbone("tiny-random-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> Backbone:
+    return load_backbone("tiny-random-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session", params=["tiny-random-llama", "tiny-random-gpt2"])
+def tiny_backbone(request) -> Backbone:
+    return load_backbone(request.param, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Backbone:
+    """The real default model (SmolLM2-135M, fp32 on CPU)."""
+    return load_backbone(DEFAULT_MODEL, device="cpu")
+
+
+def random_basis(backbone: Backbone, seed: int = 0) -> torch.Tensor:
+    """A random orthonormal basis per (layer, KV head)."""
+    g = backbone.geometry
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim, generator=generator)
+    return torch.linalg.qr(gaussian)[0]
