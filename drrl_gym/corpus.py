@@ -87,6 +87,8 @@ def _load_documents(spec: str) -> list[str]:
         if not files:
             raise FileNotFoundError(f"corpus directory {path} holds no *.txt files. Fix: point at text files.")
         return datasets.load_dataset("text", data_files=files, sample_by="document", split="train")["text"]
+    if spec.startswith((".", "/", "~")) or path.suffix == ".txt":  # a path, not a hub name: don't ask the hub
+        raise FileNotFoundError(f"corpus path {path} does not exist. Fix: check the path, or pass one of {EMBEDDED_CORPORA}.")
     name, _, config = spec.partition(":")
     try:
         dataset = datasets.load_dataset(name, config or None, split="train")

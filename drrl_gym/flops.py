@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from drrl_gym.backbone import AttentionGeometry
+from drrl_gym.bases import BASIS_MODES
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def layer_flops(
 ) -> AttentionFlops:
     """FLOPs of one layer. ``ranks``: one per KV head, an int for all, or None for the unmodified model
     (full width, no basis work at all: the baseline every reduction is measured against)."""
+    if basis_mode not in BASIS_MODES:
+        raise ValueError(f"unknown basis_mode {basis_mode!r}; choose one of {BASIS_MODES}")
     g, t, n_keys = geometry, new_tokens, keys
     d, heads, kv_heads = g.head_dim, g.num_heads, g.num_kv_heads
     pairs = causal_pairs(t, n_keys)
@@ -81,7 +84,7 @@ def layer_flops(
     exact = basis_mode == "exact"
     if not statistics and min(per_head) == d:
         return AttentionFlops(projections, scores, softmax, values, 0, 0)  # full rank skips the basis (a rotation)
-    width = d if statistics or exact else max(per_head)
+    width = d if statistics else max(per_head)  # without statistics only the prefix is projected, exact mode too
     basis = 2 * (t * heads + n_keys * kv_heads) * d * width
     gram_passes = int(statistics) + int(exact)  # exact mode needs raw Grams for its eigh, then (if asked) stats
     stats = gram_passes * 2 * (t * heads + n_keys * kv_heads) * d * d + (kv_heads * 9 * d**3 if exact else 0)

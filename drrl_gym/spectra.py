@@ -30,5 +30,7 @@ def normalized_energy_ratio(energy: torch.Tensor, rank_choices: Sequence[int]) -
 
 def tail_energy(energy: torch.Tensor, rank_choices: Sequence[int]) -> torch.Tensor:
     """sum_{j>r} e_j for each r in ``rank_choices``: (..., d) -> (..., len(rank_choices))."""
-    cumulative = energy.cumsum(-1)
-    return (cumulative[..., -1:] - cumulative[..., [r - 1 for r in rank_choices]]).clamp_min(0)
+    # Sum the tail from the end rather than subtracting prefix sums, so small tails keep their relative precision.
+    from_end = energy.flip(-1).cumsum(-1).flip(-1)  # from_end[j] = sum_{i>=j} e_i
+    padded = torch.cat([from_end, torch.zeros_like(from_end[..., :1])], dim=-1)
+    return padded[..., list(rank_choices)]

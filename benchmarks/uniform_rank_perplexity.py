@@ -1,0 +1,81 @@
+"""Perplexity on the held-out eval split at a uniform rank in every layer, for calibrated and exact bases.
+
+    python benchmarks/uniform_rank_perplexity.py --out docs/results/uniform_rank_cpu.json
+
+Writes JSON (every number plus the machine, versions and date) and prints a Markdown table for docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers
+
+from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
+from drrl_gym.bases import BASIS_MODES, load_or_calibrate_basis
+from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
+from drrl_gym.evaluation import segmented_perplexity
+from drrl_gym.lowrank import DynamicRankAttention
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA), {platform.machine()}"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--corpus", nargs="+", default=[DEFAULT_CORPUS])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--segment-len", type=int, default=128)
+    parser.add_argument("--eval-sequences", type=int, default=16)
+    parser.add_argument("--calibration-sequences", type=int, default=8)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64, 48, 32, 16])
+    parser.add_argument("--bases", nargs="+", default=list(BASIS_MODES), choices=BASIS_MODES)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    backbone = load_backbone(args.model, device=args.device)
+    rows = []
+    for corpus in args.corpus:
+        config = CorpusConfig(corpus, args.seq_len, args.calibration_sequences, args.eval_sequences)
+        splits = load_corpus(backbone.tokenizer, config)
+        basis = load_or_calibrate_basis(backbone, splits.calibration, splits.fingerprint)
+        for mode in args.bases:
+            attention = DynamicRankAttention(backbone.geometry, basis, mode=mode)
+            with attention.attached(backbone.model):
+                for rank in args.ranks:
+                    attention.set_ranks(rank)
+                    start = time.perf_counter()
+                    ppl = segmented_perplexity(backbone, splits.eval, args.segment_len, args.batch_size)
+                    rows.append(dict(corpus=corpus, basis=mode, rank=rank, perplexity=ppl, seconds=time.perf_counter() - start))
+                    print(rows[-1], flush=True)
+    full = {(r["corpus"], r["basis"]): r["perplexity"] for r in rows if r["rank"] == backbone.geometry.head_dim}
+    for row in rows:
+        reference = full.get((row["corpus"], row["basis"]))
+        row["increase_pct"] = None if reference is None else 100 * (row["perplexity"] / reference - 1)
+    meta = dict(
+        command="python " + " ".join(__import__("sys").argv), machine=machine(), date=date.today().isoformat(),
+        torch=torch.__version__, transformers=transformers.__version__, dtype=str(backbone.dtype),
+        model=args.model, seq_len=args.seq_len, segment_len=args.segment_len, eval_tokens=args.eval_sequences * args.seq_len,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"\n{meta}\n\n| corpus | basis | rank r | perplexity | vs full rank |\n|---|---|---|---|---|")
+    for row in rows:
+        increase = "" if row["increase_pct"] is None else f"{row['increase_pct']:+.1f}%"
+        print(f"| {row['corpus']} | {row['basis']} | {row['rank']} | {row['perplexity']:.2f} | {increase} |")
+
+
+if __name__ == "__main__":
+    main()
