@@ -1,0 +1,151 @@
+"""The rank controller's state machine without a model: observation, safety mask, projection, rank layout.
+
+:class:`RankController` turns a segment's statistics (``SegmentStats``) and the previous ranks into the observation
+and the transition bounds, decides which rank choices the mask allows, projects disallowed choices and lays choices
+out as the (B, num_layers, num_kv_heads) ranks ``DynamicRankAttention`` takes. The environment and an exported
+dynamic-rank model both use it, so a deployed policy sees exactly what it was trained on. Everything is batched
+over sequences (B); the features are documented in ``DRRLAttentionEnv``'s docstring.
+
+Normalised bound b (DESIGN-NOTES sec. 3, ``drrl_gym.bounds``): ``attention_change_bound`` bounds ||A_r - A_r'||_F
+summed over the G query heads of a KV head and T queries; dividing by sqrt(G * T) makes it an RMS per query row.
+A layer token combines its KV heads in quadrature: sqrt(sum_g b_g^2) / sqrt(H * T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from drrl_gym.backbone import AttentionGeometry
+from drrl_gym.bounds import attention_change_bound
+from drrl_gym.lowrank import SegmentStats
+from drrl_gym.spectra import energies, normalized_energy_ratio, tail_energy
+
+GRANULARITIES = ("layer", "kv_head")
+
+# Per-token observation features, in column order. A name ending in "@r" stands for one column per rank choice
+# (named e.g. "query_ner@32"); observation_feature_names() expands them.
+OBSERVATION_FEATURES = (
+    "query_log_energy",
+    "key_log_energy",
+    "query_ner@r",
+    "key_ner@r",
+    "query_log_tail@r",
+    "key_log_tail@r",
+    "bound_to_full@r",
+    "transition_bound@r",
+    "prev_rank_fraction",
+    "position",
+    "layer_fraction",
+    "kv_head_fraction",
+)
+# Every feature is mapped into [0, 1]. Energies and bounds span orders of magnitude, so they enter as
+# log1p(x) / scale: e^12 ~ 1.6e5 is far above the mean squared norm of a post-RoPE query or key of the models we
+# ship (SmolLM2: ~1e2 to 4e2), and e^4 - 1 ~ 53 above the normalised bounds seen on SmolLM2 (up to ~18).
+LOG_ENERGY_SCALE = 12.0
+LOG_BOUND_SCALE = 4.0
+
+
+def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
+    """Column names of the observation for these rank choices: 6 + 6 * len(rank_choices) features."""
+    names: list[str] = []
+    for feature in OBSERVATION_FEATURES:
+        stem, per_choice, _ = feature.partition("@")
+        names.extend(f"{stem}@{r}" for r in rank_choices) if per_choice else names.append(feature)
+    return tuple(names)
+
+
+class RankController:
+    """Observation, mask, projection and rank layout for one model geometry and rank-choice set.
+
+    Tokens are layers (``granularity="layer"``: all KV heads of a layer share its rank) or (layer, KV head)
+    pairs, layer-major. Choice indices index ``rank_choices``; the initial previous choice is the largest.
+    """
+
+    def __init__(
+        self, geometry: AttentionGeometry, rank_choices: tuple[int, ...], granularity: str, segment_len: int,
+        n_segments: int,
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r}: unknown. Fix: choose one of {GRANULARITIES}.")
+        self.geometry, self.rank_choices, self.granularity = geometry, tuple(rank_choices), granularity
+        self.segment_len, self.n_segments = segment_len, n_segments
+        self.per_layer = granularity == "layer"
+        tokens_per_layer = 1 if self.per_layer else geometry.num_kv_heads
+        self.kv_heads_per_token = geometry.num_kv_heads // tokens_per_layer
+        self.n_tokens = geometry.num_layers * tokens_per_layer
+        self.feature_names = observation_feature_names(self.rank_choices)
+        self.choices = np.asarray(self.rank_choices)
+        d = geometry.head_dim
+        # Bounds are computed for the choices plus full rank d (the last index) when d is not a choice.
+        self._bound_ranks = self.rank_choices if self.rank_choices[-1] == d else (*self.rank_choices, d)
+        layer = np.repeat(np.arange(geometry.num_layers), tokens_per_layer) / max(geometry.num_layers - 1, 1)
+        head = np.tile(np.arange(tokens_per_layer), geometry.num_layers) / max(tokens_per_layer - 1, 1)
+        self._static = np.stack([layer, head], axis=1)  # (n_tokens, 2); a fraction is 0 where there is only one
+
+    def observe(self, stats: SegmentStats, prev_index: np.ndarray, segment: int) -> tuple[np.ndarray, np.ndarray]:
+        """Observation (B, n_tokens, n_features) float32 in [0, 1] and transition bounds (B, n_tokens, n_choices).
+
+        ``stats``: the last segment's statistics; ``prev_index``: (B, n_tokens) choices applied to it; ``segment``:
+        the index of the segment about to run (the position feature is segment / n_segments, clipped to 1).
+        """
+        g, n = self.geometry, len(self.rank_choices)
+        query_gram, key_gram = stats.query_gram.cpu(), stats.key_gram.cpu()  # (B, layers, kv_heads, d, d)
+        bound = attention_change_bound(query_gram, key_gram, self._bound_ranks, g.head_dim**-0.5)  # (..., m, m)
+        e_query, e_key = energies(query_gram), energies(key_gram)  # (B, layers, kv_heads, d)
+        if self.per_layer:  # a layer token: energies add over KV heads, bounds add in quadrature (Frobenius norms)
+            e_query, e_key, bound = e_query.sum(2), e_key.sum(2), bound.square().sum(2).sqrt()
+        else:
+            e_query, e_key, bound = e_query.flatten(1, 2), e_key.flatten(1, 2), bound.flatten(1, 2)
+        heads = g.num_heads if self.per_layer else g.group_size
+        n_queries, n_keys = heads * stats.num_queries, self.kv_heads_per_token * stats.num_keys
+        bound = (bound / math.sqrt(n_queries)).numpy()  # RMS per query row, (B, n_tokens, m, m)
+        batch = np.arange(len(bound))[:, None]
+        transition = bound[batch, np.arange(self.n_tokens), prev_index, :n]  # (B, n_tokens, n)
+        choices = self.rank_choices
+        columns = [
+            _log_scaled(e_query.sum(-1, keepdim=True).numpy() / n_queries, LOG_ENERGY_SCALE),
+            _log_scaled(e_key.sum(-1, keepdim=True).numpy() / n_keys, LOG_ENERGY_SCALE),
+            normalized_energy_ratio(e_query, choices).numpy(),
+            normalized_energy_ratio(e_key, choices).numpy(),
+            _log_scaled(tail_energy(e_query, choices).numpy() / n_queries, LOG_ENERGY_SCALE),
+            _log_scaled(tail_energy(e_key, choices).numpy() / n_keys, LOG_ENERGY_SCALE),
+            _log_scaled(bound[..., :n, -1], LOG_BOUND_SCALE),
+            _log_scaled(transition, LOG_BOUND_SCALE),
+            (self.choices[prev_index] / g.head_dim)[..., None],
+            np.full((*prev_index.shape, 1), segment / self.n_segments),
+            np.broadcast_to(self._static, (*prev_index.shape, 2)),
+        ]
+        observation = np.concatenate(columns, axis=-1).astype(np.float32)
+        # nan_to_num: zero energies cannot give NaN here, but an observation must never carry one.
+        return np.clip(np.nan_to_num(observation), 0.0, 1.0), transition
+
+    @staticmethod
+    def allowed(transition: np.ndarray, epsilon: float) -> np.ndarray:
+        """Choices whose transition bound is <= epsilon; staying has bound 0, so each row allows at least one."""
+        return transition <= epsilon
+
+    def project(self, requested: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Replace each disallowed choice by the allowed one nearest in rank value, ties to the larger rank.
+
+        ``requested``: (B, n_tokens) indices; ``allowed``: (B, n_tokens, n_choices). Returns the indices applied and
+        a (B, n_tokens) bool array saying which were projected.
+        """
+        distance = np.abs(self.choices[requested][..., None] - self.choices).astype(np.float64)
+        distance[~allowed] = np.inf
+        # argmin returns the first minimum; searching the reversed choices makes that the largest rank.
+        nearest = len(self.choices) - 1 - np.argmin(distance[..., ::-1], axis=-1)
+        projected = ~np.take_along_axis(allowed, requested[..., None], axis=-1)[..., 0]
+        return np.where(projected, nearest, requested), projected
+
+    def layer_ranks(self, chosen: np.ndarray) -> torch.Tensor:
+        """(B, n_tokens) choice indices -> (B, num_layers, num_kv_heads) ranks for ``DynamicRankAttention``."""
+        ranks = self.choices[chosen].reshape(len(chosen), self.geometry.num_layers, -1)
+        return torch.from_numpy(ranks.repeat(self.kv_heads_per_token, axis=2))
+
+
+def _log_scaled(x: np.ndarray, scale: float) -> np.ndarray:
+    """log1p(x) / scale for x >= 0: about [0, 1] for the magnitudes above (clipped with the whole observation)."""
+    return np.log1p(np.maximum(x, 0)) / scale
