@@ -14,10 +14,17 @@ import gymnasium
 ENV_ID = "DRRL-Attention-v0"
 
 if ENV_ID not in gymnasium.registry:  # re-importing (e.g. importlib.reload) must not register twice
-    gymnasium.register(id=ENV_ID, entry_point="drrl_gym.env:DRRLAttentionEnv")
+    gymnasium.register(
+        id=ENV_ID,
+        entry_point="drrl_gym.env:DRRLAttentionEnv",
+        # gymnasium.make_vec(ENV_ID, num_envs=N, vectorization_mode="vector_entry_point"): N episodes, one forward
+        vector_entry_point="drrl_gym.vector:DRRLAttentionVecEnv",
+    )
 
 _EXPORTS = {
     "DRRLAttentionEnv": "drrl_gym.env",
+    "DRRLAttentionVecEnv": "drrl_gym.vector",
+    "DRRLAttentionSB3VecEnv": "drrl_gym.vector",
     "EnvConfig": "drrl_gym.env",
     "shared_backbone": "drrl_gym.env",
     "OBSERVATION_FEATURES": "drrl_gym.observation",
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
     from drrl_gym.env import DRRLAttentionEnv, EnvConfig, shared_backbone
     from drrl_gym.evaluation import segmented_perplexity
     from drrl_gym.lowrank import DynamicRankAttention
+    from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
     from drrl_gym.observation import OBSERVATION_FEATURES, RankController, observation_feature_names
     from drrl_gym.reward import FIDELITY_METRICS
 

@@ -16,14 +16,20 @@ exceeds the energy-product bound s * ||Q P_D||_F * ||K P_D||_F of DESIGN-NOTES s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 
-def _indicator(ranks: Sequence[int], dim: int, device: torch.device) -> torch.Tensor:
-    """(n, n, d) 0/1 masks of the basis columns between ranks[a] and ranks[b] (either order)."""
-    r = torch.as_tensor(list(ranks), device=device)
+@functools.lru_cache(maxsize=32)
+def _indicator(ranks: tuple[int, ...], dim: int, device: torch.device) -> torch.Tensor:
+    """(n, n, d) 0/1 masks of the basis columns between ranks[a] and ranks[b] (either order).
+
+    Cached (callers only read it): the environment captures its step in a CUDA graph (drrl_gym.env.SegmentGraphs),
+    which cannot contain the host-to-device copy that building it from a list needs.
+    """
+    r = torch.as_tensor(ranks, device=device)
     lo, hi = torch.minimum(r[:, None], r[None, :]), torch.maximum(r[:, None], r[None, :])
     j = torch.arange(dim, device=device)
     return ((j >= lo[..., None]) & (j < hi[..., None])).double()
@@ -36,7 +42,7 @@ def score_change_norm(query_gram: torch.Tensor, key_gram: torch.Tensor, ranks: S
     for small tails and could let rounding push the value below the truth).
     """
     products = (query_gram.double() * key_gram.double())  # (..., d, d)
-    mask = _indicator(ranks, products.shape[-1], products.device)  # (n, n, d)
+    mask = _indicator(tuple(int(r) for r in ranks), products.shape[-1], products.device)  # (n, n, d)
     squared = torch.einsum("abi,...ij,abj->...ab", mask, products, mask)
     return scaling * squared.clamp_min(0).sqrt()
 

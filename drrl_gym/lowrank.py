@@ -99,6 +99,8 @@ class DynamicRankAttention:
         self._query_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
         self._key_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
         self._shape = (0, 0)
+        self._cast_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, its copy in the model's dtype)
+        self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
         self.set_ranks(torch.full((1, geometry.num_layers, geometry.num_kv_heads), d, dtype=torch.long))
 
     # ----------------------------------------------------------------------------------------------- ranks
@@ -107,16 +109,38 @@ class DynamicRankAttention:
         g = self.geometry
         if isinstance(ranks, int):
             ranks = torch.full((1, g.num_layers, g.num_kv_heads), ranks, dtype=torch.long)
-        ranks = torch.as_tensor(ranks).long().cpu()
-        if ranks.dim() != 3 or tuple(ranks.shape[1:]) != (g.num_layers, g.num_kv_heads):
-            raise ValueError(f"ranks must have shape (B, {g.num_layers}, {g.num_kv_heads}), got {tuple(ranks.shape)}")
-        if ranks.min() < 1 or ranks.max() > g.head_dim:
-            raise ValueError(f"ranks must lie in [1, {g.head_dim}], got min {int(ranks.min())} max {int(ranks.max())}")
+        ranks = self._checked(ranks)
         # Slicing decisions are made from this CPU copy so the forward pass never waits on the GPU for them.
         self.ranks = ranks
         self._layer_max = ranks.amax(dim=(0, 2)).tolist()
         self._layer_uniform = [bool((ranks[:, layer] == top).all()) for layer, top in enumerate(self._layer_max)]
         self._rank_device: torch.Tensor | None = None
+
+    def set_static_ranks(self, ranks: torch.Tensor, device: torch.device) -> None:
+        """Set (B, num_layers, num_kv_heads) ranks so that no part of the forward depends on their values.
+
+        For CUDA-graph capture and replay: the ranks are copied into one persistent tensor on ``device`` (replays
+        read them from there; no host-to-device copy inside the forward), and every layer takes the zero-masking
+        path at full width whatever the ranks, so one captured graph serves every rank choice. The scores equal
+        those of :meth:`set_ranks` (the masked columns add exact zeros); FLOPs are accounted per row on the ranks
+        either way (``drrl_gym.flops``).
+        """
+        ranks, g = self._checked(ranks), self.geometry
+        if self._static_ranks is None or self._static_ranks.shape != ranks.shape or self._static_ranks.device != device:
+            self._static_ranks = torch.empty(ranks.shape, dtype=torch.long, device=device)
+        self._static_ranks.copy_(ranks)
+        self.ranks = ranks
+        self._layer_max, self._layer_uniform = [g.head_dim] * g.num_layers, [False] * g.num_layers
+        self._rank_device = self._static_ranks
+
+    def _checked(self, ranks: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        ranks = torch.as_tensor(ranks).long().cpu()
+        if ranks.dim() != 3 or tuple(ranks.shape[1:]) != (g.num_layers, g.num_kv_heads):
+            raise ValueError(f"ranks must have shape (B, {g.num_layers}, {g.num_kv_heads}), got {tuple(ranks.shape)}")
+        if ranks.min() < 1 or ranks.max() > g.head_dim:
+            raise ValueError(f"ranks must lie in [1, {g.head_dim}], got min {int(ranks.min())} max {int(ranks.max())}")
+        return ranks
 
     # -------------------------------------------------------------------------------------- attach / detach
     def attach(self, model: PreTrainedModel) -> None:
@@ -169,7 +193,7 @@ class DynamicRankAttention:
         if self.mode == "exact":
             basis = exact_basis(_gram(grouped), _gram(key)).to(query.dtype)  # (B, kv_heads, d, d)
         else:
-            basis = self.basis[layer].to(device=query.device, dtype=query.dtype)  # (kv_heads, d, d)
+            basis = self._basis_like(query)[layer]  # (kv_heads, d, d)
         if not self.collect_stats:
             basis = basis[..., :r_max]  # only the prefix is needed: 2*T*d*r per head instead of 2*T*d*d
         q_proj, k_proj = grouped @ basis, key @ basis
@@ -184,6 +208,14 @@ class DynamicRankAttention:
         q_low = q_proj.reshape(batch, heads, n_queries, r_max)
         out, _ = sdpa_attention_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return self._keep(layer, out), None
+
+    def _basis_like(self, query: torch.Tensor) -> torch.Tensor:
+        """The basis on query's device and in its dtype, converted once rather than per layer and forward."""
+        source, cast = self._cast_basis or (None, None)
+        if source is not self.basis or cast.device != query.device or cast.dtype != query.dtype:
+            cast = self.basis.to(device=query.device, dtype=query.dtype)
+            self._cast_basis = (self.basis, cast)
+        return cast
 
     def _ranks_on(self, device: torch.device) -> torch.Tensor:
         if self._rank_device is None or self._rank_device.device != device:

@@ -14,6 +14,8 @@ A layer token combines its KV heads in quadrature: sqrt(sum_g b_g^2) / sqrt(H * 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +48,17 @@ OBSERVATION_FEATURES = (
 # ship (SmolLM2: ~1e2 to 4e2), and e^4 - 1 ~ 53 above the normalised bounds seen on SmolLM2 (up to ~18).
 LOG_ENERGY_SCALE = 12.0
 LOG_BOUND_SCALE = 4.0
+
+
+_Array = TypeVar("_Array", np.ndarray, torch.Tensor)
+
+
+@dataclass
+class StatsSummary:
+    """What the observation needs from one segment's statistics, reduced on their device (see summarize)."""
+
+    columns: torch.Tensor  # (B, n_tokens, 2 + 5 * n_choices) float32: the features before transition_bound@r
+    bound: torch.Tensor  # (B, n_tokens, m, m) float64 normalised bounds between the choices (and full rank, last)
 
 
 def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
@@ -90,9 +103,20 @@ class RankController:
 
         ``stats``: the last segment's statistics; ``prev_index``: (B, n_tokens) choices applied to it; ``segment``:
         the index of the segment about to run (the position feature is segment / n_segments, clipped to 1).
+        Equals ``observe_summary(summarize(stats), prev_index, segment)``.
         """
-        g, n = self.geometry, len(self.rank_choices)
-        query_gram, key_gram = stats.query_gram.cpu(), stats.key_gram.cpu()  # (B, layers, kv_heads, d, d)
+        return self.observe_summary(self.summarize(stats), prev_index, segment)
+
+    def summarize(self, stats: SegmentStats) -> StatsSummary:
+        """The part of the observation that needs no previous rank, reduced on the statistics' device.
+
+        Torch only, on the Grams' device (the GPU when training): only these (B, n_tokens, ...) summaries cross to
+        the CPU, not the (B, layers, kv_heads, d, d) Grams (~190 MB a step for 64 SmolLM2 sequences), and the
+        environment can capture it in its CUDA graph. The bound is float64 on every device
+        (attention_change_bound), so it stays as rigorous as on the CPU.
+        """
+        g, n, choices = self.geometry, len(self.rank_choices), self.rank_choices
+        query_gram, key_gram = stats.query_gram, stats.key_gram  # (B, layers, kv_heads, d, d)
         bound = attention_change_bound(query_gram, key_gram, self._bound_ranks, g.head_dim**-0.5)  # (..., m, m)
         e_query, e_key = energies(query_gram), energies(key_gram)  # (B, layers, kv_heads, d)
         if self.per_layer:  # a layer token: energies add over KV heads, bounds add in quadrature (Frobenius norms)
@@ -101,18 +125,28 @@ class RankController:
             e_query, e_key, bound = e_query.flatten(1, 2), e_key.flatten(1, 2), bound.flatten(1, 2)
         heads = g.num_heads if self.per_layer else g.group_size
         n_queries, n_keys = heads * stats.num_queries, self.kv_heads_per_token * stats.num_keys
-        bound = (bound / math.sqrt(n_queries)).numpy()  # RMS per query row, (B, n_tokens, m, m)
+        bound = bound / math.sqrt(n_queries)  # RMS per query row, (B, n_tokens, m, m)
+        columns = [
+            _log_scaled(e_query.sum(-1, keepdim=True) / n_queries, LOG_ENERGY_SCALE),
+            _log_scaled(e_key.sum(-1, keepdim=True) / n_keys, LOG_ENERGY_SCALE),
+            normalized_energy_ratio(e_query, choices),
+            normalized_energy_ratio(e_key, choices),
+            _log_scaled(tail_energy(e_query, choices) / n_queries, LOG_ENERGY_SCALE),
+            _log_scaled(tail_energy(e_key, choices) / n_keys, LOG_ENERGY_SCALE),
+            _log_scaled(bound[..., :n, -1], LOG_BOUND_SCALE),
+        ]
+        return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound)
+
+    def observe_summary(
+        self, summary: StatsSummary, prev_index: np.ndarray, segment: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`observe` from a :meth:`summarize` result: adds what depends on the previous ranks, on the CPU."""
+        g, n = self.geometry, len(self.rank_choices)
+        summarized, bound = summary.columns.cpu().numpy(), summary.bound.cpu().numpy()
         batch = np.arange(len(bound))[:, None]
         transition = bound[batch, np.arange(self.n_tokens), prev_index, :n]  # (B, n_tokens, n)
-        choices = self.rank_choices
         columns = [
-            _log_scaled(e_query.sum(-1, keepdim=True).numpy() / n_queries, LOG_ENERGY_SCALE),
-            _log_scaled(e_key.sum(-1, keepdim=True).numpy() / n_keys, LOG_ENERGY_SCALE),
-            normalized_energy_ratio(e_query, choices).numpy(),
-            normalized_energy_ratio(e_key, choices).numpy(),
-            _log_scaled(tail_energy(e_query, choices).numpy() / n_queries, LOG_ENERGY_SCALE),
-            _log_scaled(tail_energy(e_key, choices).numpy() / n_keys, LOG_ENERGY_SCALE),
-            _log_scaled(bound[..., :n, -1], LOG_BOUND_SCALE),
+            summarized,
             _log_scaled(transition, LOG_BOUND_SCALE),
             (self.choices[prev_index] / g.head_dim)[..., None],
             np.full((*prev_index.shape, 1), segment / self.n_segments),
@@ -146,6 +180,8 @@ class RankController:
         return torch.from_numpy(ranks.repeat(self.kv_heads_per_token, axis=2))
 
 
-def _log_scaled(x: np.ndarray, scale: float) -> np.ndarray:
+def _log_scaled(x: _Array, scale: float) -> _Array:
     """log1p(x) / scale for x >= 0: about [0, 1] for the magnitudes above (clipped with the whole observation)."""
+    if isinstance(x, torch.Tensor):
+        return torch.log1p(x.clamp_min(0)) / scale
     return np.log1p(np.maximum(x, 0)) / scale

@@ -24,7 +24,7 @@ def normalized_energy_ratio(energy: torch.Tensor, rank_choices: Sequence[int]) -
     """NER(r) for each r in ``rank_choices``: (..., d) -> (..., len(rank_choices)); 1 where all energy is zero."""
     cumulative = energy.cumsum(-1)
     total = cumulative[..., -1:]
-    kept = cumulative[..., [r - 1 for r in rank_choices]]
+    kept = _columns(cumulative, [r - 1 for r in rank_choices])
     return torch.where(total > 0, kept / total.clamp_min(torch.finfo(energy.dtype).tiny), torch.ones_like(kept))
 
 
@@ -33,4 +33,10 @@ def tail_energy(energy: torch.Tensor, rank_choices: Sequence[int]) -> torch.Tens
     # Sum the tail from the end rather than subtracting prefix sums, so small tails keep their relative precision.
     from_end = energy.flip(-1).cumsum(-1).flip(-1)  # from_end[j] = sum_{i>=j} e_i
     padded = torch.cat([from_end, torch.zeros_like(from_end[..., :1])], dim=-1)
-    return padded[..., list(rank_choices)]
+    return _columns(padded, list(rank_choices))
+
+
+def _columns(x: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """x[..., index] by integer slices: indexing with a Python list would copy the index to the device, a host
+    copy that a CUDA graph capture (the env's, drrl_gym.env.SegmentGraphs) cannot contain."""
+    return torch.stack([x[..., i] for i in index], dim=-1)

@@ -1,0 +1,340 @@
+"""Held-out evaluation of a learned rank policy against full rank and uniform static ranks.
+
+    python agents/evaluate.py runs/X/export                  # an export directory (drrl_gym.export)
+    python agents/evaluate.py runs/X/model.zip               # an SB3 model of train_ppo.py (reads runs/X/config.yaml)
+
+On the eval split of the corpus the policy was trained on (disjoint from its train and calibration text), every
+method runs the same protocol as the environment: sequences of ``seq_len`` tokens fed ``segment_len`` at a time
+with a KV cache, segment 0 at full rank (the policy's warm-up), then
+
+* full rank: the unmodified model (also the reference for fidelity);
+* uniform r: every layer and KV head at rank r (calibrated basis), no statistics;
+* learned policy: the exported dynamic-rank model, deciding every segment from the last one's statistics;
+* uniform at equal FLOPs: the highest uniform rank, interpolated linearly between the neighbouring measured ranks,
+  whose FLOPs fraction does not exceed the policy's (once for the QK^T scores, where that is equal FLOPs; once for
+  the whole attention, statistics included, where it is full rank if the policy costs that much). This is the
+  headline comparison; each row's note says which case applies.
+
+Columns: perplexity over every token (segmented as ``drrl_gym.evaluation.segmented_perplexity``); fidelity, the
+mean cosine of attention outputs (per layer, token and head) against the full-rank run over the decision segments
+(1..n-1; errors compound through each method's own cache); FLOPs reductions of the QK^T scores and of the whole
+attention (``drrl_gym.flops``; the policy pays for its statistics, the static ranks do not need any) summed over all
+segments and layers; latency, the median wall time of one segment's forward pass (the policy's decision included;
+CUDA synchronised; after an untimed pass of each method over the first batch, so that kernel selection and cuDNN
+plan building stay out of it). Writes results.csv, results.json, results.png and results.md; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python agents/evaluate.py`: make the `agents` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel
+
+from drrl_gym.backbone import AttentionGeometry, load_backbone, resolve_device
+from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.corpus import CorpusConfig, load_corpus
+from drrl_gym.env import EnvConfig
+from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
+from drrl_gym.flops import AttentionFlops, layer_flops
+
+FIELDS = ("method", "rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction",
+          "scores_flops_reduction_pct", "attention_flops_reduction_pct", "latency_ms", "note")
+
+
+@dataclass
+class Row:
+    method: str
+    rank: float | None  # uniform rank (interpolated for the equal-FLOPs rows); None for the policy
+    perplexity: float
+    fidelity: float
+    scores_flops_fraction: float
+    attention_flops_fraction: float
+    latency_ms: float | None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scores_flops_reduction_pct": 100 * (1 - self.scores_flops_fraction),
+                "attention_flops_reduction_pct": 100 * (1 - self.attention_flops_fraction)}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class _Tally:
+    """Sums over the eval set for one method."""
+
+    def __init__(self) -> None:
+        self.nll = self.tokens = self.cosine = self.vectors = 0.0
+        self.flops, self.baseline = np.zeros(2), np.zeros(2)  # (scores, total)
+        self.latencies: list[float] = []
+
+
+@lru_cache(maxsize=None)
+def _flops(geometry: AttentionGeometry, new_tokens: int, keys: int, ranks: tuple[int, ...] | None, statistics: bool,
+           basis_mode: str) -> AttentionFlops:
+    return layer_flops(geometry, new_tokens, keys, None if ranks is None else list(ranks), statistics, basis_mode)
+
+
+@torch.inference_mode()
+def _run(model: PreTrainedModel, tokens: torch.Tensor, static_rank: int | None, tally: _Tally,
+         reference: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+    """One method on one batch; returns the attention outputs of every segment (the reference run keeps them)."""
+    runtime, spec = model.drrl, model.drrl.spec
+    runtime.static_rank = static_rank
+    runtime.attention.capture_outputs = True
+    cache, outputs = DynamicCache(config=model.config), []
+    cuda = tokens.device.type == "cuda"
+    length = spec.segment_len
+    for s in range(tokens.shape[1] // length):
+        segment = tokens[:, s * length : (s + 1) * length]
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(segment, past_key_values=cache, use_cache=True).logits
+        if cuda:
+            torch.cuda.synchronize()
+        tally.latencies.append(time.perf_counter() - start)
+        targets = tokens[:, s * length + 1 : (s + 1) * length + 1]  # the last segment has no target for its last token
+        logits = logits[:, : targets.shape[1]].float()
+        tally.nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        tally.tokens += targets.numel()
+        layers = list(runtime.attention.outputs)
+        if reference is None:
+            outputs.append(layers)
+        elif s > 0:
+            cosine = F.cosine_similarity(torch.stack(layers).float(), torch.stack(reference[s]).float(), dim=-1)
+            tally.cosine += cosine.sum().item()
+            tally.vectors += cosine.numel()
+    runtime.attention.capture_outputs = False
+    statistics = static_rank is None  # the policy records statistics on every segment, warm-up included
+    for s, ranks in enumerate(runtime.rank_history):
+        for row in ranks.tolist():  # (num_layers, num_kv_heads) per sequence
+            for layer in row:
+                args = (runtime.geometry, length, (s + 1) * length)
+                chosen = _flops(*args, tuple(layer), statistics, spec.basis_mode)
+                full = _flops(*args, None, False, spec.basis_mode)
+                tally.flops += (chosen.scores, chosen.total)
+                tally.baseline += (full.scores, full.total)
+    return outputs
+
+
+def evaluate_model(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int, progress: bool = True) -> list[Row]:
+    """Every method on ``sequences`` (n, seq_len) with a dynamic-rank model (``model.drrl``)."""
+    runtime = model.drrl
+    d = runtime.geometry.head_dim
+    methods: list[tuple[str, int | None]] = [("full rank", d)]
+    methods += [(f"uniform r={r}", r) for r in runtime.spec.rank_choices if r < d]
+    methods.append(("learned policy", None))
+    tallies = {name: _Tally() for name, _ in methods}
+    device = model.device
+    batches = list(sequences.split(batch_size))
+    # Untimed pass over the first batch: first calls of a shape (batch, key length, rank width) pick kernels and
+    # build plans (cuDNN attention: tens of ms each), which would otherwise land in the timings.
+    for _, rank in methods:
+        _run(model, batches[0].to(device), rank, _Tally(), None)
+    with tqdm(total=len(batches) * len(methods), desc="evaluating", disable=not progress) as bar:
+        for batch in batches:
+            batch = batch.to(device)
+            reference = None
+            for name, rank in methods:  # full rank first: it is the reference of the others
+                outputs = _run(model, batch, rank, tallies[name], reference)
+                reference = reference or outputs
+                bar.update()
+    rows = []
+    for name, rank in methods:
+        tally = tallies[name]
+        fidelity = tally.cosine / tally.vectors if tally.vectors else 1.0  # the reference against itself
+        fractions = tally.flops / tally.baseline
+        rows.append(Row(name, rank, float(np.exp(tally.nll / tally.tokens)), fidelity, fractions[0], fractions[1],
+                        1000 * float(np.median(tally.latencies))))
+    return rows + _equal_flops_rows(rows)
+
+
+def _equal_flops_rows(rows: list[Row]) -> list[Row]:
+    """The strongest uniform rank within the policy's FLOPs budget, once for the QK^T scores, once for the whole
+    attention: the highest rank, linearly interpolated between neighbouring measured ranks, whose FLOPs fraction
+    does not exceed the policy's. The scores fraction grows with rank, so that is the rank at equal scores FLOPs.
+    The whole-attention fraction need not (a low rank adds basis projections, full rank has none), so there the
+    answer is full rank whenever the policy, statistics included, costs at least as much as full rank.
+    """
+    policy = rows[-1]
+    by_rank = sorted(rows[:-1], key=lambda r: -r.rank)  # full rank first
+    numeric = ("rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction")
+    out = []
+    for key, name, label in (("scores_flops_fraction", "scores", "QK^T scores"),
+                             ("attention_flops_fraction", "attention", "whole-attention")):
+        budget = getattr(policy, key)
+        within = next((i for i, r in enumerate(by_rank) if getattr(r, key) <= budget), None)
+        if within is None:
+            value, note = {k: getattr(by_rank[-1], k) for k in numeric}, \
+                f"the policy's {label} FLOPs are below every uniform rank's: the lowest rank is shown"
+        elif within == 0:
+            value, note = {k: getattr(by_rank[0], k) for k in numeric}, \
+                f"full rank fits the policy's {label} FLOPs budget (the policy costs at least as much)"
+        else:
+            above, below = by_rank[within - 1], by_rank[within]
+            w = (budget - getattr(below, key)) / (getattr(above, key) - getattr(below, key))
+            value = {k: getattr(below, k) + w * (getattr(above, k) - getattr(below, k)) for k in numeric}
+            note = f"interpolated between uniform r={below.rank:.0f} and r={above.rank:.0f} to the policy's {label} FLOPs"
+        out.append(Row(method=f"uniform @ policy {name} FLOPs", latency_ms=None, note=note, **value))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| method | rank | perplexity | fidelity | QK^T FLOPs saved | attention FLOPs saved | latency ms/segment |",
+             "|---|---|---|---|---|---|---|"]
+    for row in map(Row.as_dict, rows):
+        rank = "" if row["rank"] is None else f"{row['rank']:.1f}" if row["rank"] % 1 else f"{row['rank']:.0f}"
+        latency = "" if row["latency_ms"] is None else f"{row['latency_ms']:.1f}"
+        lines.append(f"| {row['method']} | {rank} | {row['perplexity']:.3f} | {row['fidelity']:.4f} | "
+                     f"{row['scores_flops_reduction_pct']:+.1f}% | {row['attention_flops_reduction_pct']:+.1f}% | {latency} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4.2))
+    uniform = sorted((r for r in rows if r.method.startswith(("uniform r", "full"))), key=lambda r: r.scores_flops_fraction)
+    axes.plot([r.scores_flops_fraction for r in uniform], [r.perplexity for r in uniform], "o-", color="tab:blue",
+              label="uniform static rank (full rank at 1)")
+    for r in uniform:
+        axes.annotate(f"r={r.rank:.0f}", (r.scores_flops_fraction, r.perplexity), textcoords="offset points", xytext=(4, 4))
+    policy = next(r for r in rows if r.method == "learned policy")
+    axes.plot(policy.scores_flops_fraction, policy.perplexity, "*", color="tab:red", markersize=14, label="learned policy")
+    matched = next(r for r in rows if r.method == "uniform @ policy scores FLOPs")
+    axes.plot(matched.scores_flops_fraction, matched.perplexity, "s", mfc="none", color="tab:blue",
+              label="uniform at the policy's QK^T FLOPs")
+    axes.set_xlabel("QK^T scores FLOPs / full rank")
+    axes.set_ylabel("perplexity (eval split)")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # plain numbers, not 8x10^1
+    axes.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_results(rows: list[Row], meta: dict[str, Any], out_dir: Path) -> str:
+    """results.csv / .json / .png / .md under ``out_dir``; returns the Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dicts = [row.as_dict() for row in rows]
+    with open(out_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(dicts)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": dicts}, indent=2))
+    _plot(rows, out_dir / "results.png")
+    table = markdown_table(rows)
+    (out_dir / "results.md").write_text(f"{table}\n\n{json.dumps(meta, indent=2)}\n")
+    return table
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _evaluate_and_write(model: PreTrainedModel, source: str, out_dir: Path, eval_sequences: int, batch_size: int) -> list[Row]:
+    config = model.drrl.env_config
+    splits = load_corpus(model.drrl.tokenizer, CorpusConfig(config.corpus, config.seq_len, config.calibration_sequences,
+                                                            config.eval_sequences))
+    if not 1 <= eval_sequences <= len(splits.eval):
+        raise ValueError(f"eval_sequences={eval_sequences}: the eval split holds {len(splits.eval)} sequences. Fix: "
+                         f"pass 1..{len(splits.eval)} (the split's size is the training config's env.eval_sequences).")
+    sequences = splits.eval[:eval_sequences]
+    rows = evaluate_model(model, sequences, batch_size)
+    device = model.device
+    meta = dict(command="python " + " ".join(sys.argv), source=source, machine=_machine(device), date=date.today().isoformat(),
+                torch=torch.__version__, transformers=transformers.__version__, dtype=str(model.dtype),
+                model=config.model, corpus=config.corpus, seq_len=config.seq_len, segment_len=config.segment_len,
+                eval_sequences=eval_sequences, eval_tokens=int(sequences.numel()), rank_choices=list(config.rank_choices),
+                epsilon=model.drrl.spec.epsilon, basis=config.basis)
+    table = write_results(rows, meta, out_dir)
+    print(f"\nHeld-out evaluation ({eval_sequences} x {config.seq_len} tokens of {config.corpus!r}, {meta['machine']}):\n"
+          f"{table}\nwritten to {out_dir}/results.{{csv,json,png,md}}", flush=True)
+    return rows
+
+
+def evaluate_export(export_dir: Path, out_dir: Path, eval_sequences: int, batch_size: int = 4,
+                    device: str = "auto") -> list[Row]:
+    """Load an export directory and evaluate it (the artefact that ships is the one measured)."""
+    model = load_dynamic_rank_model(export_dir, resolve_device(device))
+    return _evaluate_and_write(model, str(export_dir), out_dir, eval_sequences, batch_size)
+
+
+def evaluate_sb3(model_zip: Path, config_yaml: Path, out_dir: Path, eval_sequences: int, batch_size: int = 4,
+                 device: str = "auto") -> list[Row]:
+    """Evaluate an SB3 model of train_ppo.py without exporting it (rebuilt in memory as the export would be)."""
+    from sb3_contrib import MaskablePPO
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    from agents.extractor import policy_network_from_sb3
+
+    env_block = {**yaml.safe_load(config_yaml.read_text())["env"], "device": device}
+    if "rank_choices" in env_block:
+        env_block["rank_choices"] = tuple(env_block["rank_choices"])
+    config = EnvConfig(**env_block)
+    data, _, _ = load_from_zip_file(model_zip, load_data=True, device="cpu")
+    algorithm = MaskablePPO if issubclass(data["policy_class"], MaskableActorCriticPolicy) else PPO
+    policy = policy_network_from_sb3(algorithm.load(model_zip, device="cpu").policy)
+    backbone = load_backbone(config.model, resolve_device(device), config.torch_dtype)
+    basis = None
+    if config.basis == "calibrated":
+        splits = load_corpus(backbone.tokenizer, CorpusConfig(config.corpus, config.seq_len, config.calibration_sequences,
+                                                              config.eval_sequences))
+        basis = load_or_calibrate_basis(backbone, splits.calibration, splits.fingerprint)
+    model = build_dynamic_rank_model(backbone, policy, basis, ControllerSpec.from_env_config(config), config)
+    return _evaluate_and_write(model, str(model_zip), out_dir, eval_sequences, batch_size)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("policy", type=Path, help="an export directory, or an SB3 .zip written by train_ppo.py")
+    parser.add_argument("--config", type=Path, help="for a .zip: the run's config.yaml (default: beside the run's model)")
+    parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/eval)")
+    parser.add_argument("--eval-sequences", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if not args.policy.exists():
+        parser.error(f"{args.policy} does not exist: pass an export directory (RUN_DIR/export) or an SB3 .zip")
+    if args.policy.is_dir():
+        out = args.out or args.policy.parent / "eval"
+        return evaluate_export(args.policy, out, args.eval_sequences, args.batch_size, args.device)
+    run_dir = args.policy.parent.parent if args.policy.parent.name == "checkpoints" else args.policy.parent
+    config = args.config or run_dir / "config.yaml"
+    if not config.is_file():
+        parser.error(f"no config {config}: pass --config RUN_DIR/config.yaml for {args.policy}")
+    return evaluate_sb3(args.policy, config, args.out or run_dir / "eval", args.eval_sequences, args.batch_size, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Export a trained rank policy into a Hugging Face causal LM whose attention is dynamic-rank, and load it back.
+
+An exported directory holds
+
+* ``policy.safetensors``: the actor of the trained policy as a plain torch module (:class:`RankPolicyNetwork`: the
+  token transformer the agent's features extractor uses, its policy MLP and action head; no value head, no SB3);
+* ``basis.safetensors``: the calibrated rank basis, (num_layers, num_kv_heads, d, d) (absent for ``basis="exact"``);
+* ``drrl_config.json``: format and version, the controller's settings (rank choices, granularity, segment_len,
+  seq_len for the position feature, epsilon of the mask, basis mode), the policy's architecture, the backbone spec,
+  the environment config it was trained with, and a SHA-256 of every file;
+* optionally ``backbone/``: the frozen model itself (``save_pretrained``), so the directory loads offline; by default
+  the backbone is referenced by name (``load_backbone`` spec, e.g. ``"smollm2-135m"``).
+
+:func:`load_dynamic_rank_model` returns the HF model itself (``model(...)``, ``model.generate(...)``), with a
+:class:`DynamicRankRuntime` at ``model.drrl``. What a forward pass does:
+
+* The input is cut at segment boundaries (absolute positions that are multiples of ``segment_len``, counted from
+  the start of the sequence, i.e. from the KV cache's length) and run piece by piece through one ``DynamicCache``,
+  so the result is the segment-by-segment run the environment trains on.
+* Segment 0 runs at full rank (the warm-up of the environment). At the first token of segment s >= 1 the runtime
+  builds the observation from segment s-1's statistics (``RankController.observe``, the environment's own code),
+  computes the mask (transition bound <= epsilon), takes the policy's deterministic choice (argmax of the logits
+  over allowed choices, as MaskablePPO's deterministic action), projects it with the environment's rule (a no-op
+  for an allowed argmax; kept so the mask is enforced by the same code) and sets the ranks for the whole segment.
+* ``generate``: the prompt is one call (cut as above); then each new token is one call. Statistics accumulate over
+  the calls of a segment (query second moments add up; the key second moment of the segment's last call already
+  covers every visible key), and the ranks change when the cache length reaches a multiple of ``segment_len``.
+  So the ranks for a token depend only on earlier tokens, and a sequence decided in one call or token by token
+  gets the same ranks (statistics equal up to float summation order).
+* Beyond ``seq_len`` the controller keeps deciding every segment; the position feature saturates at 1 (the
+  observation is clipped to [0, 1]), which is outside what the policy saw in training.
+
+Statistics are recorded on every call (the observation needs them), which costs a full-width basis product and
+the Gram matrices of the visible keys per layer (``drrl_gym.flops``, "statistics"); during token-by-token decoding
+that is paid per token. Unsupported (clear error): padding (an ``attention_mask`` with zeros: segment boundaries
+would differ per row), a cache that does not continue the runtime's sequence (e.g. beam search reordering rows or
+a cropped cache), compilable (static) caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from drrl_gym.backbone import AttentionGeometry, Backbone, load_backbone, resolve_device
+from drrl_gym.env import EnvConfig
+from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
+from drrl_gym.observation import RankController
+
+FORMAT = "drrl-gym/dynamic-rank-model"
+FORMAT_VERSION = 1
+CONFIG_FILE, POLICY_FILE, BASIS_FILE, BACKBONE_DIR = "drrl_config.json", "policy.safetensors", "basis.safetensors", "backbone"
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+# ---------------------------------------------------------------------------------------------- policy network
+class TokenTransformer(nn.Module):
+    """(B, n_tokens, n_features) observations -> (B, n_tokens * d_model) features.
+
+    Each token (a layer, or a (layer, KV head)) is embedded by a Linear, gets a learned embedding of its index (the
+    observation's tokens have fixed roles), and a small pre-norm transformer encoder lets every token attend to all
+    others: a layer's best rank depends on what the other layers do, since truncation errors compound. The output is
+    flattened, not pooled, so a MultiDiscrete head can address each token.
+    """
+
+    def __init__(self, n_tokens: int, n_features: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
+                 dim_feedforward: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not a multiple of n_heads={n_heads}. Fix: e.g. d_model=64, n_heads=4.")
+        self.n_tokens, self.d_model = n_tokens, d_model
+        self.embed = nn.Linear(n_features, d_model)
+        self.position = nn.Parameter(torch.randn(n_tokens, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
+        # Pre-norm layers leave the residual stream unnormalised: a final LayerNorm is part of the architecture.
+        # Nested tensors only help with padding masks, which token sets of fixed size never have.
+        self.encoder = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_tokens * self.d_model
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(observation) + self.position).flatten(1)
+
+
+@dataclass(frozen=True)
+class PolicyArch:
+    """Everything needed to rebuild a :class:`RankPolicyNetwork` (stored in ``drrl_config.json``)."""
+
+    n_tokens: int
+    n_features: int
+    n_choices: int
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    dim_feedforward: int = 128
+    pi_layers: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pi_layers", tuple(int(w) for w in self.pi_layers))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not exportable. Fix: use one of {tuple(ACTIVATIONS)}.")
+
+
+class RankPolicyNetwork(nn.Module):
+    """The actor of a rank policy: observation (B, n_tokens, n_features) -> logits (B, n_tokens, n_choices).
+
+    Same layout as SB3's ActorCriticPolicy actor path (features extractor -> ``mlp_extractor.policy_net`` ->
+    ``action_net``), so its weights copy over module by module.
+    """
+
+    def __init__(self, arch: PolicyArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = TokenTransformer(arch.n_tokens, arch.n_features, arch.d_model, arch.n_heads, arch.n_layers,
+                                        arch.dim_feedforward)
+        layers: list[nn.Module] = []
+        width = self.encoder.output_dim
+        for size in arch.pi_layers:
+            layers += [nn.Linear(width, size), ACTIVATIONS[arch.activation]()]
+            width = size
+        self.pi = nn.Sequential(*layers)
+        self.action = nn.Linear(width, arch.n_tokens * arch.n_choices)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        logits = self.action(self.pi(self.encoder(observation)))
+        return logits.view(-1, self.arch.n_tokens, self.arch.n_choices)
+
+    @torch.no_grad()
+    def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Deterministic choice indices (B, n_tokens): argmax of the logits over the allowed choices."""
+        logits = self.forward(torch.as_tensor(observation, dtype=torch.float32))
+        logits = logits.masked_fill(~torch.as_tensor(allowed), -math.inf)
+        return logits.argmax(-1).numpy()
+
+
+# ------------------------------------------------------------------------------------------------- runtime
+@dataclass(frozen=True)
+class ControllerSpec:
+    """How the runtime decides ranks; ``epsilon=None`` means no mask (every choice allowed)."""
+
+    rank_choices: tuple[int, ...]
+    granularity: str
+    segment_len: int
+    seq_len: int
+    epsilon: float | None
+    basis_mode: str
+
+    @classmethod
+    def from_env_config(cls, config: EnvConfig) -> "ControllerSpec":
+        # A deployed policy runs at the end of the epsilon schedule, where training finished.
+        epsilon = None if math.isinf(config.epsilon_end) else float(config.epsilon_end)
+        return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon, config.basis)
+
+    @property
+    def n_segments(self) -> int:
+        return self.seq_len // self.segment_len
+
+
+class DynamicRankRuntime:
+    """The state of a dynamic-rank model: attention, controller, policy, and the current sequence's statistics.
+
+    Set ``static_rank`` to an int to run every segment after the warm-up at that rank instead of asking the policy
+    (full rank and uniform baselines through the very same code path); it takes effect at the next sequence start.
+    ``rank_history`` holds the (B, num_layers, num_kv_heads) ranks of every segment of the current sequence.
+    ``env_config``, when known, is the environment configuration the policy was trained with (its corpus and
+    splits say which text is held out).
+    """
+
+    def __init__(self, backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None, spec: ControllerSpec,
+                 env_config: EnvConfig | None = None):
+        geometry = backbone.geometry
+        self.model, self.tokenizer, self.geometry, self.spec = backbone.model, backbone.tokenizer, geometry, spec
+        self.env_config = env_config
+        self.controller = RankController(geometry, spec.rank_choices, spec.granularity, spec.segment_len, spec.n_segments)
+        expected = PolicyArch(self.controller.n_tokens, len(self.controller.feature_names), len(spec.rank_choices))
+        got = (policy.arch.n_tokens, policy.arch.n_features, policy.arch.n_choices)
+        if got != (expected.n_tokens, expected.n_features, expected.n_choices):
+            raise ValueError(f"the policy expects (n_tokens, n_features, n_choices)={got} but this model and controller "
+                             f"give {(expected.n_tokens, expected.n_features, expected.n_choices)}. Fix: export the "
+                             "policy with the environment settings (model, rank_choices, granularity) it was trained on.")
+        # The policy stays on CPU: it is tiny, and the observation is built on CPU from the statistics anyway.
+        self.policy = policy.cpu().eval().requires_grad_(False)
+        basis = None if basis is None else basis.to(backbone.device)
+        self.attention = DynamicRankAttention(geometry, basis, spec.basis_mode)
+        self.static_rank: int | None = None
+        self.rank_history: list[torch.Tensor] = []
+        self._position, self._batch = 0, 0
+
+    # --------------------------------------------------------------------------------------- installation
+    def install(self) -> PreTrainedModel:
+        """Route the model's attention through the dynamic-rank attention and its forward through the segmenter.
+
+        The forward is wrapped on this instance (as accelerate's hooks do), not patched on the class: other
+        instances of the same architecture are untouched. ``functools.wraps`` keeps the original signature visible
+        to ``generate``'s introspection (e.g. ``logits_to_keep``).
+        """
+        if hasattr(self.model, "drrl"):
+            raise RuntimeError("this model already has a dynamic-rank runtime. Fix: load a fresh backbone for each.")
+        self.attention.attach(self.model)
+        original = self.model.forward
+        self._signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> CausalLMOutputWithPast:
+            return self._segmented_forward(original, *args, **kwargs)
+
+        self.model.forward = forward
+        self.model.drrl = self
+        return self.model
+
+    # -------------------------------------------------------------------------------------------- forward
+    def _segmented_forward(self, original: Any, *args: Any, **kwargs: Any) -> CausalLMOutputWithPast:
+        arguments = self._signature.bind(*args, **kwargs).arguments
+        arguments.update(arguments.pop("kwargs", {}))
+        key = "input_ids" if arguments.get("input_ids") is not None else "inputs_embeds"
+        inputs = arguments.pop(key)
+        arguments.pop("input_ids", None)
+        arguments.pop("inputs_embeds", None)
+        cache = arguments.pop("past_key_values", None)
+        use_cache = arguments.pop("use_cache", None)
+        labels = arguments.pop("labels", None)
+        keep = arguments.pop("logits_to_keep", 0)
+        mask = arguments.pop("attention_mask", None)
+        per_token = {name: arguments.pop(name) for name in ("position_ids", "token_type_ids")
+                     if arguments.get(name) is not None}
+        if arguments.get("output_attentions"):
+            raise NotImplementedError("output_attentions is not supported: the dynamic-rank attention returns no weights.")
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        elif not isinstance(cache, DynamicCache):
+            raise NotImplementedError(f"{type(cache).__name__} is not supported. Fix: use a DynamicCache (the default).")
+        batch, length = inputs.shape[:2]
+        start = cache.get_seq_length()
+        if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
+            raise NotImplementedError("padding is not supported: segment boundaries would differ per row. Fix: run "
+                                      "sequences of equal length without padding (or one at a time).")
+        self._sync(start, batch)
+
+        # Logits are computed only for the last `last` tokens (0: all); an index tensor and the loss need them all.
+        index = keep if isinstance(keep, torch.Tensor) else None
+        last = 0 if index is not None or labels is not None else keep
+        outputs, logits = [], []
+        cuts = [0, *range(-start % self.spec.segment_len or self.spec.segment_len, length, self.spec.segment_len), length]
+        for a, b in zip(cuts, cuts[1:]):
+            if a == b:
+                continue
+            self._begin_piece(start + a)
+            piece = dict(arguments, past_key_values=cache, use_cache=True, **{key: inputs[:, a:b]})
+            piece.update({name: value[..., a:b] for name, value in per_token.items()})
+            if mask is not None:
+                piece["attention_mask"] = mask[:, : start + b]
+            needed = b - a if last == 0 else min(b - a, max(0, b - (length - last)))
+            if needed == 0:  # no logit of this piece is wanted: skip the LM head
+                out = self.model.base_model(**piece)
+            elif "logits_to_keep" in self._signature.parameters:
+                out = original(**piece, logits_to_keep=needed)
+                logits.append(out.logits)
+            else:
+                out = original(**piece)
+                logits.append(out.logits[:, -needed:])
+            outputs.append(out)
+            self._end_piece()
+        self._position = start + length
+
+        logits_all = torch.cat(logits, dim=1)
+        if index is not None:
+            logits_all = logits_all[:, index]
+        loss = None
+        if labels is not None:
+            loss = self.model.loss_function(logits=logits_all, labels=labels, vocab_size=self.model.config.vocab_size)
+        hidden = None
+        if arguments.get("output_hidden_states"):
+            hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*(o.hidden_states for o in outputs)))
+        want_cache = self.model.config.use_cache if use_cache is None else use_cache
+        return CausalLMOutputWithPast(loss=loss, logits=logits_all, past_key_values=cache if want_cache else None,
+                                      hidden_states=hidden)
+
+    def _sync(self, start: int, batch: int) -> None:
+        """Start a new sequence at position 0; otherwise the cache must continue the runtime's sequence."""
+        if start == 0:
+            self._batch, self._position, self.rank_history = batch, 0, []
+            self._static = self.static_rank
+            self._prev_index = np.full((batch, self.controller.n_tokens), len(self.spec.rank_choices) - 1)
+            self._stats: SegmentStats | None = None
+        elif start != self._position or batch != self._batch:
+            raise RuntimeError(
+                f"the KV cache holds {start} tokens of {batch} sequence(s), but the dynamic-rank runtime is at position "
+                f"{self._position} of {self._batch}: its per-segment state no longer matches the cache (a cropped or "
+                "reordered cache, or another sequence's cache). Fix: continue from the cache the last call returned, or "
+                "start a new sequence without past_key_values. Beam search and assisted decoding are not supported."
+            )
+
+    def _begin_piece(self, position: int) -> None:
+        segment, offset = divmod(position, self.spec.segment_len)
+        if offset == 0:
+            if segment == 0:
+                self.attention.set_ranks(self.geometry.head_dim)  # warm-up segment at full rank
+            elif self._static is not None:
+                self.attention.set_ranks(self._static)
+            else:
+                self.attention.set_ranks(self._decide(segment))
+            self._stats = None
+            ranks = self.attention.ranks
+            self.rank_history.append(ranks.expand(self._batch, -1, -1).clone())
+        self.attention.collect_stats = self._static is None
+
+    def _end_piece(self) -> None:
+        if not self.attention.collect_stats:
+            return
+        new = self.attention.stats()
+        if self._stats is None:
+            self._stats = new
+        else:  # query moments add over the segment's pieces; the newest key moment already covers every key
+            old = self._stats
+            self._stats = SegmentStats(old.query_gram + new.query_gram, new.key_gram, old.num_queries + new.num_queries,
+                                       new.num_keys)
+
+    def _decide(self, segment: int) -> torch.Tensor:
+        """(B, num_layers, num_kv_heads) ranks for ``segment`` from the last segment's statistics."""
+        observation, transition = self.controller.observe(self._stats, self._prev_index, segment)
+        epsilon = math.inf if self.spec.epsilon is None else self.spec.epsilon
+        allowed = self.controller.allowed(transition, epsilon)
+        chosen, _ = self.controller.project(self.policy.act(observation, allowed), allowed)
+        self._prev_index = chosen
+        return self.controller.layer_ranks(chosen)
+
+
+def build_dynamic_rank_model(backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None,
+                             spec: ControllerSpec, env_config: EnvConfig | None = None) -> PreTrainedModel:
+    """Turn ``backbone.model`` (in place) into a dynamic-rank model driven by ``policy``; returns the model.
+
+    Use a backbone of its own (``load_backbone``), not one that environments share: its forward is wrapped.
+    """
+    if spec.basis_mode == "calibrated" and basis is None:
+        raise ValueError("basis_mode='calibrated' needs the calibrated basis. "
+                         "Fix: pass the basis the policy was trained with.")
+    return DynamicRankRuntime(backbone, policy, basis, spec, env_config).install()
+
+
+# -------------------------------------------------------------------------------------------- save / load
+def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None,
+                              env_config: EnvConfig, save_backbone: bool = False, overwrite: bool = False) -> Path:
+    """Write the export directory described in the module docstring; returns its path.
+
+    ``backbone`` gives the model spec (its ``name``) and, with ``save_backbone``, the weights to save. The directory
+    is written next to ``path`` and renamed into place, so a crash never leaves a half-written export behind.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists. Fix: choose another path or pass overwrite=True.")
+    spec = ControllerSpec.from_env_config(env_config)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}, tmp / POLICY_FILE)
+    if basis is not None:
+        save_file({"basis": basis.detach().float().cpu().contiguous()}, tmp / BASIS_FILE)
+    if save_backbone:
+        backbone.model.save_pretrained(tmp / BACKBONE_DIR)
+        backbone.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "controller": asdict(spec),
+        "policy": asdict(policy.arch),
+        "backbone": {"spec": BACKBONE_DIR if save_backbone else backbone.name, "saved": save_backbone,
+                     "geometry": asdict(backbone.geometry)},
+        "env_config": asdict(env_config),
+        "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.replace(path)
+    return path
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """``drrl_config.json`` of an export directory, after checking its format, version and every file's SHA-256."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a dynamic-rank export: no {CONFIG_FILE}. Fix: pass a directory written "
+                                "by export_dynamic_rank_model (e.g. RUN_DIR/export).")
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_file}: format {config.get('format')!r} is not {FORMAT!r}. Fix: pass a dynamic-rank export.")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_file}: format version {config.get('format_version')!r}, but this drrl-gym reads version "
+                         f"{FORMAT_VERSION}. Fix: re-export the policy with this version of drrl-gym.")
+    for name, digest in config["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in {CONFIG_FILE} but missing. Fix: copy the whole export directory.")
+        if _sha256(file) != digest:
+            raise ValueError(f"checksum mismatch for {file}: the file was modified or corrupted after export. Fix: "
+                             "re-export, or restore the original file.")
+    return config
+
+
+def load_dynamic_rank_model(path: str | Path, device: str | torch.device = "auto",
+                            dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load an export directory as a dynamic-rank HF model (runtime at ``model.drrl``, tokenizer at
+    ``model.drrl.tokenizer``). ``dtype=None``: bf16 on CUDA, fp32 on CPU (``load_backbone``'s default)."""
+    path = Path(path)
+    config = read_export_config(path)
+    spec = ControllerSpec(**{**config["controller"], "rank_choices": tuple(config["controller"]["rank_choices"])})
+    source = config["backbone"]
+    model_spec = str(path / BACKBONE_DIR) if source["saved"] else source["spec"]
+    backbone = load_backbone(model_spec, resolve_device(device), dtype)
+    if asdict(backbone.geometry) != source["geometry"]:
+        raise ValueError(f"backbone {model_spec!r} has geometry {backbone.geometry}, but the export was made for "
+                         f"{AttentionGeometry(**source['geometry'])}. Fix: load the model the policy was trained on.")
+    policy = RankPolicyNetwork(PolicyArch(**config["policy"]))
+    policy.load_state_dict(load_file(path / POLICY_FILE))
+    basis = load_file(path / BASIS_FILE)["basis"] if (path / BASIS_FILE).is_file() else None
+    return build_dynamic_rank_model(backbone, policy, basis, spec, _env_config(config["env_config"]))
+
+
+def _env_config(values: dict[str, Any]) -> EnvConfig:
+    known = {f.name for f in fields(EnvConfig)}
+    values = {k: v for k, v in values.items() if k in known}
+    # The device it was trained on is provenance, not a requirement: a GPU-trained export loads on CPU.
+    return EnvConfig(**{**values, "rank_choices": tuple(values["rank_choices"]), "device": "auto"})
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

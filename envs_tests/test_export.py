@@ -1,0 +1,179 @@
+"""drrl_gym.export: the dynamic-rank HF model (round trip, integrity checks, same decisions as the environment,
+segment-by-segment semantics in ``model(...)`` and ``generate``). Tiny random Llama, seconds in all."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from drrl_gym.backbone import load_backbone
+from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.export import (
+    CONFIG_FILE,
+    POLICY_FILE,
+    ControllerSpec,
+    PolicyArch,
+    RankPolicyNetwork,
+    build_dynamic_rank_model,
+    export_dynamic_rank_model,
+    load_dynamic_rank_model,
+)
+
+TINY = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16), calibration_sequences=2,
+            eval_sequences=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def env() -> DRRLAttentionEnv:
+    return DRRLAttentionEnv(**TINY)
+
+
+@pytest.fixture(scope="module")
+def basis(env: DRRLAttentionEnv) -> torch.Tensor:
+    return load_or_calibrate_basis(env.backbone, env.corpus.calibration, env.corpus.fingerprint)
+
+
+def random_policy(env: DRRLAttentionEnv, seed: int = 0) -> RankPolicyNetwork:
+    torch.manual_seed(seed)
+    n_tokens, n_features = env.token_shape
+    policy = RankPolicyNetwork(PolicyArch(n_tokens, n_features, len(env.rank_choices), d_model=16, n_heads=2,
+                                          dim_feedforward=32, pi_layers=(32,)))
+    with torch.no_grad():  # larger logits than the default init, so that choices differ between observations
+        policy.action.weight.mul_(20)
+    return policy.eval()
+
+
+def fresh_model(env: DRRLAttentionEnv, basis: torch.Tensor, policy: RankPolicyNetwork):
+    """A dynamic-rank model on a backbone of its own (the runtime wraps its forward; the env's stays untouched)."""
+    return build_dynamic_rank_model(load_backbone("tiny-random-llama", "cpu"), policy, basis,
+                                    ControllerSpec.from_env_config(env.config), env.config)
+
+
+def test_round_trip_is_identical_for_forward_and_generate(env, basis, tmp_path) -> None:
+    policy = random_policy(env)
+    in_memory = fresh_model(env, basis, policy)
+    export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config)
+    loaded = load_dynamic_rank_model(tmp_path / "export", "cpu")
+    tokens = env.corpus.eval[:2]
+    with torch.no_grad():
+        a, b = in_memory(tokens).logits, loaded(tokens).logits
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(in_memory.drrl.rank_history, loaded.drrl.rank_history))
+    assert len(loaded.drrl.rank_history) == 4 and loaded.drrl.rank_history[0].min() == 16  # warm-up at full rank
+    prompt = tokens[:1, :40]
+    generated = [m.generate(prompt, max_new_tokens=60, do_sample=False) for m in (in_memory, loaded)]
+    assert generated[0].shape == (1, 100) and torch.equal(*generated)
+    assert len(loaded.drrl.rank_history) == 4  # decisions at 32, 64 and 96 tokens, as in the env
+
+
+def test_tampered_or_wrong_version_export_is_refused(env, basis, tmp_path) -> None:
+    path = export_dynamic_rank_model(tmp_path / "export", env.backbone, random_policy(env), basis, env.config)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    assert config["controller"]["rank_choices"] == [4, 8, 12, 16] and config["controller"]["epsilon"] == env.config.epsilon_end
+    assert set(config["files"]) == {"policy.safetensors", "basis.safetensors"}
+
+    weights = load_file(path / POLICY_FILE)
+    weights["action.bias"] = weights["action.bias"] + 1
+    save_file(weights, path / POLICY_FILE)
+    with pytest.raises(ValueError, match="checksum mismatch .*policy.safetensors"):
+        load_dynamic_rank_model(path, "cpu")
+
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        load_dynamic_rank_model(path, "cpu")
+    with pytest.raises(FileExistsError):
+        export_dynamic_rank_model(path, env.backbone, random_policy(env), basis, env.config)
+
+
+def test_saved_backbone_loads_from_the_directory(env, basis, tmp_path) -> None:
+    policy = random_policy(env, seed=1)
+    path = export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config, save_backbone=True)
+    assert (path / "backbone" / "config.json").is_file()
+    loaded = load_dynamic_rank_model(path, "cpu")
+    tokens = env.corpus.eval[:1]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, fresh_model(env, basis, policy)(tokens).logits)
+
+
+@pytest.mark.parametrize("seed, epsilon", [(0, None), (2, None), (1, 0.05)])
+def test_model_decides_like_the_environment(env, basis, seed, epsilon) -> None:
+    """Same policy, same sequence: the exported controller picks the ranks the env applies for the same actions."""
+    if epsilon is not None:  # a tight mask, so that masking changes what the policy would pick
+        env = DRRLAttentionEnv(**{**TINY, "epsilon_start": epsilon, "epsilon_end": epsilon})
+    policy = random_policy(env, seed)
+    n_choices = len(env.rank_choices)
+    observation, _ = env.reset(options={"sequence_index": seed})
+    env_ranks, masked, terminated = [], 0, False
+    while not terminated:
+        allowed = env.action_masks().reshape(1, env.n_tokens, n_choices)
+        matrix = observation.reshape(1, *env.token_shape)
+        action = policy.act(matrix, allowed)[0]
+        masked += int((action != policy.act(matrix, np.ones_like(allowed))[0]).any())
+        observation, _, terminated, _, info = env.step(action)
+        env_ranks.append(info["ranks"])
+    model = fresh_model(env, basis, policy)
+    with torch.no_grad():
+        model(env.corpus.train[seed : seed + 1])
+    model_ranks = [r[0, :, 0].numpy() for r in model.drrl.rank_history[1:]]  # layer granularity: KV heads share
+    assert np.array_equal(np.stack(env_ranks), np.stack(model_ranks))
+    assert epsilon is None or masked > 0
+
+
+def test_token_by_token_matches_one_call(env, basis) -> None:
+    model = fresh_model(env, basis, random_policy(env, seed=3))
+    tokens = env.corpus.eval[1:2, :100]
+    with torch.no_grad():
+        whole = model(tokens).logits
+        ranks_whole = [r.clone() for r in model.drrl.rank_history]
+        cache, pieces = DynamicCache(config=model.config), []
+        for chunk in (tokens[:, :20], *tokens[:, 20:].split(1, dim=1)):  # a prompt, then one token at a time
+            pieces.append(model(chunk, past_key_values=cache).logits)
+    assert all(torch.equal(a, b) for a, b in zip(ranks_whole, model.drrl.rank_history))
+    assert torch.allclose(whole, torch.cat(pieces, dim=1), atol=1e-4)
+
+
+def test_static_full_rank_is_the_unmodified_model(env, basis) -> None:
+    model = fresh_model(env, basis, random_policy(env))
+    reference = load_backbone("tiny-random-llama", "cpu").model
+    tokens = env.corpus.eval[:2]
+    model.drrl.static_rank = 16
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-4)
+    model.drrl.static_rank = 4
+    with torch.no_grad():
+        low = model(tokens).logits
+    assert [int(r.max()) for r in model.drrl.rank_history] == [16, 4, 4, 4]
+    assert (low - reference(tokens).logits).abs().max() > 1e-3
+
+
+def test_unsupported_inputs_fail_clearly(env, basis) -> None:
+    model = fresh_model(env, basis, random_policy(env))
+    tokens = env.corpus.eval[:2, :40]
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0
+    with pytest.raises(NotImplementedError, match="padding"):
+        model(tokens, attention_mask=mask)
+    out = model(tokens[:, :20])
+    out.past_key_values.crop(-10)
+    with pytest.raises(RuntimeError, match="no longer matches the cache"):
+        model(tokens[:, 10:20], past_key_values=out.past_key_values)
+
+
+def test_forward_options_logits_to_keep_labels_hidden_states(env, basis) -> None:
+    model = fresh_model(env, basis, random_policy(env, seed=4))
+    tokens = env.corpus.eval[:2, :80]
+    with torch.no_grad():
+        full = model(tokens, output_hidden_states=True)
+        last = model(tokens, logits_to_keep=1).logits
+        with_loss = model(tokens, labels=tokens).loss
+    assert last.shape == (2, 1, full.logits.shape[-1]) and torch.allclose(last[:, 0], full.logits[:, -1], atol=1e-5)
+    vocab = full.logits.shape[-1]
+    expected = torch.nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    assert torch.allclose(with_loss, expected, atol=1e-5)
+    assert len(full.hidden_states) == 3 and all(h.shape == (2, 80, 64) for h in full.hidden_states)
