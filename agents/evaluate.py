@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +52,7 @@ from drrl_gym.backbone import AttentionGeometry, load_backbone, resolve_device
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.env import EnvConfig
+from drrl_gym.evaluation import describe_machine, next_token_nll
 from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
 from drrl_gym.flops import AttentionFlops, layer_flops
 
@@ -111,10 +111,8 @@ def _run(model: PreTrainedModel, tokens: torch.Tensor, static_rank: int | None, 
         if cuda:
             torch.cuda.synchronize()
         tally.latencies.append(time.perf_counter() - start)
-        targets = tokens[:, s * length + 1 : (s + 1) * length + 1]  # the last segment has no target for its last token
-        logits = logits[:, : targets.shape[1]].float()
-        tally.nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        tally.tokens += targets.numel()
+        nll, count = next_token_nll(logits, tokens, s * length)
+        tally.nll, tally.tokens = tally.nll + nll, tally.tokens + count
         layers = list(runtime.attention.outputs)
         if reference is None:
             outputs.append(layers)
@@ -254,11 +252,6 @@ def write_results(rows: list[Row], meta: dict[str, Any], out_dir: Path) -> str:
     return table
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
 
 def _evaluate_and_write(model: PreTrainedModel, source: str, out_dir: Path, eval_sequences: int, batch_size: int) -> list[Row]:
     config = model.drrl.env_config
@@ -270,7 +263,7 @@ def _evaluate_and_write(model: PreTrainedModel, source: str, out_dir: Path, eval
     sequences = splits.eval[:eval_sequences]
     rows = evaluate_model(model, sequences, batch_size)
     device = model.device
-    meta = dict(command="python " + " ".join(sys.argv), source=source, machine=_machine(device), date=date.today().isoformat(),
+    meta = dict(command="python " + " ".join(sys.argv), source=source, machine=describe_machine(device), date=date.today().isoformat(),
                 torch=torch.__version__, transformers=transformers.__version__, dtype=str(model.dtype),
                 model=config.model, corpus=config.corpus, seq_len=config.seq_len, segment_len=config.segment_len,
                 eval_sequences=eval_sequences, eval_tokens=int(sequences.numel()), rank_choices=list(config.rank_choices),

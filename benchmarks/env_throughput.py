@@ -33,9 +33,9 @@ import transformers
 from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL
+from drrl_gym.evaluation import describe_machine
 from drrl_gym.env import DRRLAttentionEnv, capture_cuda_graph, kv_tensors, point_cache
 from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
-from uniform_rank_perplexity import machine
 
 
 def synchronize() -> None:
@@ -226,7 +226,7 @@ def main() -> None:
     n, n_steps = args.num_envs, args.seq_len // args.segment_len - 1
     venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
     backbone = venv.backbone
-    print(f"{machine()}: {args.model} ({backbone.dtype}), {n} envs x {args.seq_len} tokens in segments of "
+    print(f"{describe_machine()}: {args.model} ({backbone.dtype}), {n} envs x {args.seq_len} tokens in segments of "
           f"{args.segment_len}, {venv.n_tokens} tokens x {len(venv.feature_names)} features", flush=True)
 
     # Warm up every path once (kernels, allocator, CUDA graph capture), then measure in interleaved rounds, so
@@ -304,7 +304,7 @@ def main() -> None:
         peak_gpu_memory_gb=peak_gb,
         timing="medians over interleaved rounds (raw: every timed step and reset, seconds)",
         raw=dict(times=times, dummy=dummy),
-        machine=machine(), torch=torch.__version__, transformers=transformers.__version__,
+        machine=describe_machine(), torch=torch.__version__, transformers=transformers.__version__,
         date=date.today().isoformat(),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

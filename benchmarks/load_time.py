@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
-from uniform_rank_perplexity import machine
+from drrl_gym.evaluation import describe_machine
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         start = time.perf_counter()
         load_backbone(DEFAULT_MODEL, device=args.device)
         seconds.append(time.perf_counter() - start)
-    result = dict(first_load_s=seconds[0], second_load_s=seconds[1], machine=machine(), date=date.today().isoformat())
+    result = dict(first_load_s=seconds[0], second_load_s=seconds[1], machine=describe_machine(), date=date.today().isoformat())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -20,14 +20,9 @@ import transformers
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
 from drrl_gym.bases import BASIS_MODES, load_or_calibrate_basis
 from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
-from drrl_gym.evaluation import segmented_perplexity
+from drrl_gym.evaluation import describe_machine, segmented_perplexity
 from drrl_gym.lowrank import DynamicRankAttention
 
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA), {platform.machine()}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -65,7 +60,7 @@ def main() -> None:
         reference = full.get((row["corpus"], row["basis"]))
         row["increase_pct"] = None if reference is None else 100 * (row["perplexity"] / reference - 1)
     meta = dict(
-        command="python " + " ".join(__import__("sys").argv), machine=machine(), date=date.today().isoformat(),
+        command="python " + " ".join(sys.argv), machine=describe_machine(), date=date.today().isoformat(),
         torch=torch.__version__, transformers=transformers.__version__, dtype=str(backbone.dtype),
         model=args.model, seq_len=args.seq_len, segment_len=args.segment_len, eval_tokens=args.eval_sequences * args.seq_len,
     )

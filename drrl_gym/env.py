@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL, AttentionGeometry, Backbone, load_backbone, resolve_device
 from drrl_gym.bases import BASIS_MODES, load_or_calibrate_basis
-from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, CorpusSplits, load_corpus
+from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, CorpusSplits, load_corpus, looks_like_path
 from drrl_gym.lowrank import DynamicRankAttention, validate_rank_choices
 from drrl_gym.observation import GRANULARITIES, RankController, StatsSummary
 from drrl_gym.reward import FIDELITY, FIDELITY_METRICS, RewardWeights, attention_cosine_per_head, flops_fractions
@@ -53,11 +53,6 @@ def _is_int(value: Any) -> bool:
 def _is_real(value: Any) -> bool:
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     return real and not math.isnan(value)
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Hub dataset names look like "owner/name"; file paths start like one or name a .txt file."""
-    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".txt")
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class EnvConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 _fail(name, value, "must be a non-empty string", f"pass e.g. {name}={getattr(EnvConfig, name)!r}")
-        missing = _looks_like_path(self.corpus) and not Path(self.corpus).expanduser().exists()
+        missing = looks_like_path(self.corpus) and not Path(self.corpus).expanduser().exists()
         if self.corpus not in EMBEDDED_CORPORA and missing:
             _fail("corpus", self.corpus, "no such file or directory",
                   f"point at an existing .txt file or directory, or use one of {EMBEDDED_CORPORA}")

@@ -7,6 +7,7 @@ runs them; with ``exact`` bases the basis of each segment is computed from that 
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,23 @@ def segmented_perplexity(
         cache = DynamicCache(config=backbone.model.config)
         for s in range(0, tokens.shape[1] - 1, segment_len):
             segment = tokens[:, s : s + segment_len]
-            logits = backbone.model(segment, past_key_values=cache, use_cache=True).logits.float()
-            targets = tokens[:, s + 1 : s + 1 + segment_len]
-            logits = logits[:, : targets.shape[1]]  # the last segment has no target for its final token
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-            count += targets.numel()
+            logits = backbone.model(segment, past_key_values=cache, use_cache=True).logits
+            segment_nll, segment_count = next_token_nll(logits, tokens, s)
+            nll, count = nll + segment_nll, count + segment_count
     return math.exp(nll / count)
+
+
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> tuple[float, int]:
+    """Summed NLL of the tokens that a segment's logits (B, T, V), starting at position ``start`` of ``tokens`` (B, L),
+    predict, and how many there are; the last segment of a sequence has no target for its final token."""
+    targets = tokens[:, start + 1 : start + 1 + logits.shape[1]]
+    logits = logits[:, : targets.shape[1]].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+    return nll, targets.numel()
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """The machine a measurement ran on, for the records results carry (GPU name, or CPU and its thread count)."""
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

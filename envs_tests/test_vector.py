@@ -210,7 +210,7 @@ def test_cuda_graphs_match_the_eager_forward(fidelity: str) -> None:
     for step in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
         assert np.array_equal(graphed.action_masks(), eager.action_masks())
         actions = rng.integers(0, 4, size=(N, graphed.n_tokens))
-        (obs_g, reward_g, *_, info_g), (obs_e, reward_e, *_, info_e) = graphed.step(actions), eager.step(actions)
+        (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)
         np.testing.assert_allclose(obs_g, obs_e, atol=1e-4)
         np.testing.assert_allclose(reward_g, reward_e, atol=1e-4)
     assert graphed.batch._graphs is not None and sorted(graphed.batch._graphs.graphs) == [1, 2, 3]
