@@ -1,0 +1,453 @@
+"""Train a rank policy for DRRL-Attention-v0 with Ray RLlib PPO: parallel env runners, each with its own frozen model.
+
+    pip install -e ".[rllib]"                                          # Ray RLlib, an optional extra
+    python agents/train_rllib.py --iterations 3 --num-env-runners 2 --num-cpus 2 \\
+        --env-kwargs model=tiny-random-llama "rank_choices=[4, 8, 12, 16]" seq_len=64 segment_len=16
+    python agents/train_rllib.py --env-kwargs env.yaml --num-env-runners 4 --num-gpus-per-env-runner 1   # 4 GPUs
+    python agents/train_rllib.py --resume runs/rllib-X/checkpoints/iter_000004 --iterations 8            # continue
+
+How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through :func:`make_rllib_env`,
+i.e. ``gymnasium.make("DRRL-Attention-v0", **env_kwargs)``, so each runner process loads its own frozen model (the
+envs of one runner share it). With ``--num-gpus-per-env-runner 1`` Ray gives every runner its own GPU and restricts
+the runner's ``CUDA_VISIBLE_DEVICES`` to it; ``device="auto"`` (the default) then means that GPU. In a Ray process
+"auto" means "the GPU Ray assigned, else the CPU": a runner never takes a GPU that Ray did not give it. The PPO
+learner runs in this (driver) process unless ``--num-learners`` > 0 makes it Ray actors of their own.
+
+The safety mask: RLlib's default PPO module samples the whole ``MultiDiscrete`` action and ignores
+``env.action_masks()``. That is allowed: the env projects each disallowed sub-action to the closest allowed rank and
+reports it (``info["mask_rejections"]``, logged below). The cost is that PPO's log-probabilities are those of the
+sampled action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and
+``--env-kwargs epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
+
+Options: ``--env-kwargs`` takes KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding a mapping of
+DRRLAttentionEnv arguments, applied in order; every key and value is checked (``drrl_gym.env.EnvConfig``) before Ray
+starts, as are the other options. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by default):
+
+    config.json            the resolved settings (what --resume reads back)
+    metrics.csv            one row per iteration: env steps, episodes, episode return mean, the env's rank metrics
+                           (mean over each runner's last 256 steps), PPO losses, time (also printed)
+    checkpoints/iter_N/    RLlib checkpoints (``Algorithm.restore_from_path``; the policy alone:
+                           ``RLModule.from_checkpoint(CKPT/learner_group/learner/rl_module/default_policy)``)
+
+``--resume CKPT`` continues that run in its directory with its settings up to ``--iterations``; only the resources
+(runners, GPUs, CPUs, address) and ``--checkpoint-every`` may change. Checkpoints are pickles: load only your own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python agents/train_rllib.py`: make the `agents` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gymnasium as gym
+import numpy as np
+
+from agents.train_ppo import ConfigError, _parse_yaml, read_yaml
+from drrl_gym.env import EnvConfig
+
+ENV_ID = "DRRL-Attention-v0"
+RLLIB_ENV = "drrl-attention-rllib"  # the name the creator is registered under with Ray
+INFO_METRICS = ("fidelity", "flops_saved_scores", "rank_fraction", "mask_rejections")
+INFO_WINDOW = 256  # env steps per runner that the logged rank metrics average over
+FORWARDED_ENV_VARS = ("DRRL_GYM_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+METRIC_COLUMNS = ("iteration", "env_steps", "episodes", "episode_return_mean", "episode_len_mean", *INFO_METRICS,
+                  "total_loss", "entropy", "iteration_time_s", "total_time_s")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs. The first group defines the learning problem and is fixed for a run; the second
+    (resources and length) may change on ``--resume``."""
+
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    train_batch_size: int = 256
+    minibatch_size: int = 64
+    num_epochs: int = 4
+    lr: float = 3e-4
+    gamma: float = 0.99
+    hidden: tuple[int, ...] = (64, 64)
+
+    iterations: int = 10
+    checkpoint_every: int = 5
+    num_env_runners: int = 1
+    num_envs_per_env_runner: int = 1
+    num_gpus_per_env_runner: float = 0.0
+    num_learners: int = 0
+    num_gpus_per_learner: float = 0.0
+    num_cpus: int | None = None
+    ray_address: str | None = None
+
+
+RESUMABLE = frozenset({"iterations", "checkpoint_every", "num_env_runners", "num_envs_per_env_runner",
+                       "num_gpus_per_env_runner", "num_learners", "num_gpus_per_learner", "num_cpus", "ray_address"})
+
+
+def check_env_kwargs(env_kwargs: Mapping[str, Any]) -> None:
+    """Every key must be a DRRLAttentionEnv argument and every value valid, before any process loads a model."""
+    known = [f.name for f in fields(EnvConfig)]
+    for key in env_kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"use one of {known}"
+            raise ConfigError(f"--env-kwargs: {key!r} is not a DRRL-Attention-v0 argument. Fix: {hint}")
+    device = env_kwargs.get("device", "auto")
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"--env-kwargs device={device!r}: not a device. "
+                          "Fix: pass auto (default), cpu, cuda or cuda:N.")
+    try:  # the device is checked where the env is built (a runner's GPU is not visible here)
+        EnvConfig(**{**env_kwargs, "device": "cpu"})
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"--env-kwargs: {error}") from error
+
+
+def check_settings(settings: Settings) -> None:
+    """Checks across options (each option's own range is checked by the parser)."""
+    s = settings
+    if s.minibatch_size > s.train_batch_size:
+        raise ConfigError(f"--minibatch-size {s.minibatch_size} > --train-batch-size {s.train_batch_size}. "
+                          "Fix: pass a minibatch size <= the train batch size.")
+    if s.num_learners > 1 and s.train_batch_size % s.num_learners:
+        multiple = s.train_batch_size // s.num_learners * s.num_learners
+        raise ConfigError(f"--train-batch-size {s.train_batch_size} does not split over {s.num_learners} learners. "
+                          f"Fix: pass a multiple of --num-learners, e.g. {multiple}.")
+    if s.num_env_runners == 0 and s.num_gpus_per_env_runner > 0:
+        raise ConfigError("--num-gpus-per-env-runner > 0 with --num-env-runners 0: the driver samples and Ray assigns "
+                          "it no GPU. Fix: pass --num-env-runners >= 1, or --env-kwargs device=cuda.")
+    if s.num_learners == 0 and s.num_gpus_per_learner > 1:
+        raise ConfigError(f"--num-gpus-per-learner {s.num_gpus_per_learner} with --num-learners 0: the local learner "
+                          "uses at most one GPU. Fix: pass --num-learners N --num-gpus-per-learner 1 for N GPUs.")
+    if s.num_cpus is not None and s.ray_address is not None:
+        raise ConfigError("--num-cpus and --ray-address together: an existing cluster has its own CPUs. "
+                          "Fix: drop --num-cpus (set it in `ray start --num-cpus`).")
+    check_env_kwargs(s.env_kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def _number(kind: type, minimum: float, exclusive: bool = False, maximum: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float), finite, >= minimum (> if exclusive), <= maximum if given."""
+    bound = f"{'>' if exclusive else '>='} {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+    noun = "an int" if kind is int else "a float"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; pass {noun} {bound}")
+        below = value <= minimum if exclusive else value < minimum
+        if not math.isfinite(value) or below or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; pass {noun} {bound}")
+        return value
+
+    return parse
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass comma-separated positive layer sizes, e.g. 64,64")
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Every option defaults to None ("not given"): the defaults are :class:`Settings`' (or a resumed run's)."""
+    d = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--env-kwargs", nargs="+", action="extend", metavar="KEY=VALUE|FILE",
+        help="DRRLAttentionEnv arguments: KEY=VALUE (YAML value) or a YAML/JSON file of them, applied in order")
+    add("--iterations", type=_number(int, 1), help=f"train until this iteration (default {d.iterations})")
+    add("--checkpoint-every", type=_number(int, 0),
+        help=f"checkpoint every N iterations and at the end; 0: at the end only (default {d.checkpoint_every})")
+    add("--seed", type=_number(int, 0), help=f"default {d.seed}")
+    add("--train-batch-size", type=_number(int, 1), help=f"env steps per iteration (default {d.train_batch_size})")
+    add("--minibatch-size", type=_number(int, 1), help=f"default {d.minibatch_size}")
+    add("--num-epochs", type=_number(int, 1), help=f"passes over each train batch (default {d.num_epochs})")
+    add("--lr", type=_number(float, 0, exclusive=True), help=f"learning rate (default {d.lr})")
+    add("--gamma", type=_number(float, 0, exclusive=True, maximum=1), help=f"RL discount (default {d.gamma})")
+    add("--hidden", type=_hidden, help=f"MLP sizes of policy and value nets (default {','.join(map(str, d.hidden))})")
+    add("--num-env-runners", type=_number(int, 0),
+        help=f"env runner processes, each with its own model; 0: sample in this process (default {d.num_env_runners})")
+    add("--num-envs-per-env-runner", type=_number(int, 1), help="envs per runner, sharing its model (default 1)")
+    add("--num-gpus-per-env-runner", type=_number(float, 0),
+        help="GPUs Ray gives each runner, e.g. 1 or 0.5 (default 0)")
+    add("--num-learners", type=_number(int, 0), help="learner actors; 0: learn in this process (default 0)")
+    add("--num-gpus-per-learner", type=_number(float, 0), help="GPUs per learner (default 0)")
+    add("--num-cpus", type=_number(int, 1), help="CPUs of the local Ray instance (default: all)")
+    add("--ray-address", help="join an existing cluster (`ray start`), e.g. auto or HOST:6379 (default: start locally)")
+    add("--run-dir", type=Path, help="default runs/rllib-<date>-<time>")
+    add("--resume", type=Path, metavar="CHECKPOINT", help="RUN/checkpoints/iter_N written by this script")
+    return parser.parse_args(argv)
+
+
+def env_kwargs_from(items: list[str]) -> dict[str, Any]:
+    """``--env-kwargs`` items in order: KEY=VALUE sets one key (YAML value), anything else is a YAML/JSON file."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if sep and key.isidentifier():
+            kwargs[key] = _parse_yaml(text, f"--env-kwargs {item}") if text.strip() else None
+        elif Path(item).is_file():
+            kwargs.update(read_yaml(Path(item)))
+        else:
+            raise ConfigError(f"--env-kwargs {item!r}: neither KEY=VALUE nor an existing YAML/JSON file. "
+                              "Fix: pass e.g. seq_len=256, or the path of a file holding a mapping.")
+    return kwargs
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields given on the command line."""
+    names = {f.name for f in fields(Settings)}
+    given = {key: value for key, value in vars(args).items() if key in names and value is not None}
+    if args.env_kwargs is not None:
+        given["env_kwargs"] = env_kwargs_from(args.env_kwargs)
+    return given
+
+
+def check_checkpoint(path: Path) -> Path:
+    """``--resume`` must name RUN/checkpoints/iter_N written by this script; returns RUN."""
+    fix = "Fix: pass RUN_DIR/checkpoints/iter_<N> written by agents/train_rllib.py."
+    if not (path / "rllib_checkpoint.json").is_file():
+        raise ConfigError(f"--resume {path}: not an RLlib checkpoint directory (no rllib_checkpoint.json). {fix}")
+    run_dir = path.resolve().parent.parent
+    if path.resolve().parent.name != "checkpoints" or not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {path}: no config.json two levels up, so the run's settings are unknown. {fix}")
+    return run_dir
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """The settings (defaults < resumed run's < command line) and the run directory; writes config.json."""
+    given = given_options(args)
+    if args.resume is None:
+        settings = Settings(**given)
+        run_dir = args.run_dir or Path("runs") / f"rllib-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        run_dir = check_checkpoint(args.resume)
+        fixed = sorted(set(given) - RESUMABLE)
+        if fixed:
+            options = ", ".join("--" + key.replace("_", "-") for key in fixed)
+            raise ConfigError(f"--resume with {options}: these define the run's learning problem and come from its "
+                              "config.json. Fix: drop them, or start a new run.")
+        if args.run_dir is not None and args.run_dir.resolve() != run_dir:
+            raise ConfigError(f"--resume continues in {run_dir}, not --run-dir {args.run_dir}. Fix: drop --run-dir.")
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved["hidden"] = tuple(saved["hidden"])
+        if "ray_address" in given and "num_cpus" not in given:  # joining a cluster: its CPUs, not the saved count
+            given["num_cpus"] = None
+        settings = Settings(**{**saved, **given})
+    check_settings(settings)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    return settings, run_dir
+
+
+# ------------------------------------------------------------------------------------------------ Ray pieces
+def runner_device(requested: str) -> str:
+    """``"auto"`` in a Ray process: the GPU Ray assigned (the only one it sees, so ``"cuda"``), else the CPU."""
+    import ray
+
+    if requested != "auto":
+        return requested
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def make_rllib_env(context: Mapping[str, Any]) -> gym.Env:
+    """RLlib's env creator: ``gymnasium.make("DRRL-Attention-v0", **env_kwargs)`` in the calling env runner.
+
+    ``context`` is RLlib's EnvContext (the ``env_kwargs`` plus the runner's ``worker_index``). Envs built by name
+    share one frozen model per process, so each env runner holds exactly one model, on its own device.
+    """
+    import drrl_gym  # noqa: F401  (registers the id in this process)
+
+    kwargs = {**context, "device": runner_device(context.get("device", "auto"))}
+    env = gym.make(ENV_ID, **kwargs)
+    backbone = env.unwrapped.backbone
+    print(f"env runner {getattr(context, 'worker_index', 0)} (pid {os.getpid()}): {ENV_ID} with "
+          f"{kwargs.get('model', EnvConfig.model)} on {backbone.device} "
+          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})", flush=True)
+    return env
+
+
+def log_rank_metrics(*, episode: Any, metrics_logger: Any, **_: Any) -> None:
+    """``on_episode_step`` callback: the env's rank info of each step as env-runner metrics ``drrl/<key>``."""
+    info = episode.get_infos(-1)
+    for key in INFO_METRICS:
+        if key in info:
+            metrics_logger.log_value(("drrl", key), float(np.mean(info[key])), window=INFO_WINDOW)
+
+
+def build_config(settings: Settings) -> Any:
+    """The RLlib ``PPOConfig`` (new API stack: RLModule, Learner, EnvRunner) for these settings."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    s = settings
+    return (
+        PPOConfig()
+        .environment(RLLIB_ENV, env_config=dict(s.env_kwargs))
+        .env_runners(num_env_runners=s.num_env_runners, num_envs_per_env_runner=s.num_envs_per_env_runner,
+                     num_gpus_per_env_runner=s.num_gpus_per_env_runner, num_cpus_per_env_runner=1)
+        .learners(num_learners=s.num_learners, num_gpus_per_learner=s.num_gpus_per_learner)
+        .training(train_batch_size_per_learner=s.train_batch_size // max(1, s.num_learners),
+                  minibatch_size=s.minibatch_size, num_epochs=s.num_epochs, lr=s.lr, gamma=s.gamma)
+        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(s.hidden)))
+        .callbacks(on_episode_step=log_rank_metrics)
+        .debugging(seed=s.seed)
+    )
+
+
+def start_ray(settings: Settings) -> None:
+    """Start Ray locally (or join ``ray_address``); runners get this process' cache and offline settings."""
+    import ray
+
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ}
+    ray.init(address=settings.ray_address, num_cpus=settings.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env_vars}, logging_level="warning")
+
+
+def check_resources(settings: Settings) -> None:
+    """Fail now, not hang: Ray waits forever for resources the cluster does not have."""
+    import ray
+
+    s, available = settings, ray.cluster_resources()
+    cpus_per_learner = 0 if s.num_gpus_per_learner else 1  # RLlib's "auto"
+    needed = {"CPU": s.num_env_runners + s.num_learners * cpus_per_learner,
+              "GPU": s.num_env_runners * s.num_gpus_per_env_runner + s.num_learners * s.num_gpus_per_learner}
+    for resource, amount in needed.items():
+        if amount > available.get(resource, 0):
+            raise ConfigError(f"the run needs {amount:g} {resource}(s) (runners and learner actors) but the Ray "
+                              f"cluster has {available.get(resource, 0):g}. Fix: fewer --num-env-runners or "
+                              f"--num-learners, fewer {resource}s per actor, or more {resource}s (--num-cpus, or "
+                              "nodes added by `ray start`).")
+
+
+# ---------------------------------------------------------------------------------------------- metrics, ckpts
+def metrics_row(result: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of metrics.csv from an ``Algorithm.train()`` result (NaN where a metric is not there yet)."""
+    runners = result.get("env_runners", {})
+    learner = result.get("learners", {}).get("default_policy", {})
+    drrl = runners.get("drrl", {})
+    row = {"iteration": result["training_iteration"], "env_steps": result.get("num_env_steps_sampled_lifetime"),
+           "episodes": runners.get("num_episodes_lifetime"), "episode_return_mean": runners.get("episode_return_mean"),
+           "episode_len_mean": runners.get("episode_len_mean"), **{key: drrl.get(key) for key in INFO_METRICS},
+           "total_loss": learner.get("total_loss"), "entropy": learner.get("entropy"),
+           "iteration_time_s": result.get("time_this_iter_s"), "total_time_s": result.get("time_total_s")}
+    return {key: math.nan if value is None else value for key, value in row.items()}
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    return (f"iter {row['iteration']:>3} | env steps {row['env_steps']:>7.0f} | episodes {row['episodes']:>5.0f} | "
+            f"return {row['episode_return_mean']:8.4f} | fidelity {row['fidelity']:.4f} | "
+            f"FLOPs saved {row['flops_saved_scores']:.3f} | rank {row['rank_fraction']:.3f} | "
+            f"mask rejections {row['mask_rejections']:.2f} | loss {row['total_loss']:.4f} | "
+            f"entropy {row['entropy']:.3f} | {row['iteration_time_s']:.1f} s (total {row['total_time_s']:.1f} s)")
+
+
+def keep_metrics_until(path: Path, iteration: int) -> None:
+    """Drop the rows after ``iteration`` (a resumed run redoes them)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as file:
+        rows = [row for row in csv.DictReader(file) if int(row["iteration"]) <= iteration]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_metrics(path: Path, row: Mapping[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, METRIC_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def save_checkpoint(algorithm: Any, run_dir: Path) -> Path:
+    """RUN/checkpoints/iter_<N>, written to a temporary directory first and renamed (never half written)."""
+    final = run_dir / "checkpoints" / f"iter_{algorithm.iteration:06d}"
+    partial = final.with_name(f".{final.name}.partial")
+    for stale in (partial, final):
+        shutil.rmtree(stale, ignore_errors=True)
+    algorithm.save_to_path(str(partial.resolve()))
+    partial.rename(final)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def train(settings: Settings, run_dir: Path, resume: Path | None = None) -> None:
+    """Train up to ``settings.iterations`` (from the checkpoint ``resume`` if given), logging and checkpointing."""
+    import ray
+    from ray.tune.registry import register_env
+
+    start_ray(settings)
+    try:
+        check_resources(settings)
+        register_env(RLLIB_ENV, make_rllib_env)
+        algorithm = build_config(settings).build_algo()
+        try:
+            if resume is not None:
+                algorithm.restore_from_path(str(resume.resolve()))
+                print(f"resumed from {resume} at iteration {algorithm.iteration}", flush=True)
+            _iterate(algorithm, settings, run_dir)
+        finally:
+            algorithm.stop()
+    finally:
+        ray.shutdown()
+
+
+def _iterate(algorithm: Any, settings: Settings, run_dir: Path) -> None:
+    metrics = run_dir / "metrics.csv"
+    keep_metrics_until(metrics, algorithm.iteration)
+    if algorithm.iteration >= settings.iterations:
+        print(f"nothing to do: iteration {algorithm.iteration} >= --iterations {settings.iterations}", flush=True)
+    while algorithm.iteration < settings.iterations:
+        row = metrics_row(algorithm.train())
+        append_metrics(metrics, row)
+        print(format_row(row), flush=True)
+        every, done = settings.checkpoint_every, algorithm.iteration == settings.iterations
+        if done or (every and algorithm.iteration % every == 0):
+            print(f"checkpoint: {save_checkpoint(algorithm, run_dir)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse, check, train; returns the run directory."""
+    args = parse_args(argv)
+    try:
+        import ray  # noqa: F401
+    except ImportError as error:
+        raise ConfigError('Ray RLlib is not installed. Fix: pip install -e ".[rllib]" (the optional extra).') from error
+    settings, run_dir = resolve_run(args)
+    print(f"run directory: {run_dir}\nsettings: {json.dumps(dataclasses.asdict(settings))}", flush=True)
+    train(settings, run_dir, args.resume)
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
