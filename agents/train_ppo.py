@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -86,7 +87,8 @@ def _parse_yaml(text: str, where: str) -> Any:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist. Fix: pass an existing file, e.g. {CONFIG_DIR / 'gpu.yaml'}.")
+        raise ConfigError(f"config file {path} does not exist or is not a file. Fix: pass an existing YAML file, e.g. "
+                          f"{CONFIG_DIR / 'gpu.yaml'}.")
     value = _parse_yaml(path.read_text(), str(path))
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(value).__name__}.")
@@ -179,6 +181,42 @@ def _set(assignment: str) -> dict[str, Any]:
     return override
 
 
+def _finite(value: Any) -> bool:
+    """A real number other than NaN and +-inf (YAML reads .nan and .inf as floats), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Keys of the open ppo block that SB3 takes without a check (or with a bare assert after the model loads); _validate
+# adds ppo.batch_size, whose bound depends on ppo.normalize_advantage. A key the config leaves out keeps SB3's default
+# and is not checked.
+PPO_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("ppo.n_steps", lambda v: _whole(v) and v >= 1, "an int >= 1"),
+    ("ppo.n_epochs", lambda v: _whole(v) and v >= 1, "an int >= 1"),
+    ("ppo.learning_rate", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("ppo.gamma", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("ppo.gae_lambda", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("ppo.clip_range", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("ppo.ent_coef", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("ppo.vf_coef", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("ppo.max_grad_norm", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+]
+_ABSENT = object()
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` (e.g. "bc.epochs"), or _ABSENT where an open block leaves the key out."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
 def _validate(config: dict[str, Any]) -> None:
     """Ranges and cross-field rules; EnvConfig checks the env block itself."""
     eval_sequences = env_config(config).eval_sequences
@@ -188,6 +226,8 @@ def _validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"ppo.{wrong[0]} is not an argument of {ALGORITHMS[algorithm].__name__} (algorithm={algorithm}). "
                           "Fix: drop it, or choose the algorithm that has it.")
     checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("seed", lambda v: 0 <= v < 2**31, "in [0, 2**31) (numpy seeds are 32-bit)"),
+        ("run_dir", lambda v: v is None or (isinstance(v, str) and v != ""), "null or a directory path"),
         ("n_envs", lambda v: v >= 1, ">= 1"),
         ("total_timesteps", lambda v: v >= 0, ">= 0"),
         ("eval_freq", lambda v: v >= 0, ">= 0 (0: no evaluation)"),
@@ -199,19 +239,21 @@ def _validate(config: dict[str, Any]) -> None:
         ("bc.fidelity_target", lambda v: 0 < v <= 1, "in (0, 1]"),
         ("bc.epochs", lambda v: v >= 0, ">= 0"),
         ("bc.batch_size", lambda v: v >= 1, ">= 1"),
-        ("bc.learning_rate", lambda v: v > 0, "> 0"),
-        ("bc.value_coef", lambda v: v >= 0, ">= 0"),
+        ("bc.learning_rate", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("bc.value_coef", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
         ("evaluate.eval_sequences", lambda v: 1 <= v <= eval_sequences or not config["evaluate"]["enabled"],
          f"in [1, env.eval_sequences={eval_sequences}] (the eval split's size)"),
         ("evaluate.batch_size", lambda v: v >= 1, ">= 1"),
         ("policy_kwargs.activation_fn", lambda v: v in ACTIVATIONS, f"one of {tuple(ACTIVATIONS)} (exportable)"),
+        ("ppo.batch_size", lambda v: _whole(v) and v >= (2 if config["ppo"].get("normalize_advantage", True) else 1),
+         "an int >= 2 (SB3 normalises advantages over a batch; >= 1 with ppo.normalize_advantage=false)"),
+        *PPO_CHECKS,
     ]
     for dotted, ok, rule in checks:
-        value = config
-        for part in dotted.split("."):
-            value = value[part]
-        if not ok(value):
-            raise ConfigError(f"{dotted}={value!r}: must be {rule}.")
+        value = _lookup(config, dotted)
+        if value is not _ABSENT and not ok(value):
+            raise ConfigError(f"{dotted}={value!r}: must be {rule}. Fix: change it in the config file or with "
+                              f"--set {dotted}=VALUE.")
     if config["evaluate"]["enabled"] and not config["export"]["enabled"]:
         raise ConfigError("evaluate.enabled needs export.enabled (the evaluation loads the exported model). "
                           "Fix: --set export.enabled=true, or --set evaluate.enabled=false.")
@@ -276,10 +318,12 @@ def vecnormalize_path(model_path: Path) -> Path:
 
 
 def save_model(model: BaseAlgorithm, path: Path) -> None:
-    save_atomically(path, model.save)
+    # Statistics first: a kill between the two files leaves statistics without a model (ignored), never a model
+    # that would resume with fresh statistics.
     normalizer = model.get_vec_normalize_env()
     if normalizer is not None:
         save_atomically(vecnormalize_path(path), normalizer.save)
+    save_atomically(path, model.save)
 
 
 class CheckpointCallback(BaseCallback):
@@ -347,11 +391,24 @@ def _format(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
 
 
+def check_checkpoint(path: Path) -> None:
+    """``--resume`` must name a checkpoint this script wrote: an SB3 zip, whose "data" entry holds the step count."""
+    fix = "Fix: pass RUN_DIR/checkpoints/ppo_<steps>_steps.zip."
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint. {fix}")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "data" in archive.namelist():
+                return
+    raise ConfigError(f"--resume {path}: not an SB3 checkpoint (a zip with a 'data' entry): the file is truncated, "
+                      f"corrupt or of another kind. {fix}")
+
+
 def _resolve_run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """The configuration and the run directory (a resumed run continues in its own, with its own config)."""
     resume: Path | None = args.resume
-    if resume is not None and not resume.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint. Fix: pass RUN_DIR/checkpoints/ppo_<steps>_steps.zip.")
+    if resume is not None:
+        check_checkpoint(resume)
     resumed_run = resume.resolve().parent.parent if resume is not None and resume.parent.name == "checkpoints" else None
     config_path = args.config
     if config_path is None and resumed_run is not None and (resumed_run / "config.yaml").is_file():
@@ -360,8 +417,11 @@ def _resolve_run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     name = DEFAULT_CONFIG.stem if config_path is None else config_path.stem
     run_dir = args.run_dir or (Path(config["run_dir"]) if config["run_dir"] else None) or resumed_run \
         or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "run_dir": str(run_dir)}, sort_keys=False))
+    resolved = yaml.safe_dump({**config, "run_dir": str(run_dir)}, sort_keys=False)
+    save_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(resolved))  # what --resume reads back
     return config, run_dir
 
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +56,7 @@ def load_or_calibrate_basis(backbone: "Backbone", sequences: torch.Tensor, corpu
         return load_file(path)["basis"]
     basis = calibrate_basis(backbone, sequences)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel runners may calibrate at once
     save_file({"basis": basis.contiguous()}, tmp)
     tmp.replace(path)
     return basis

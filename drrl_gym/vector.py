@@ -31,7 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from drrl_gym.backbone import Backbone
-from drrl_gym.env import BatchAttributes, EpisodeBatch, config_for, info_row
+from drrl_gym.env import BatchAttributes, EpisodeBatch, check_reset_options, config_for, info_row
 
 # Batched values with one row per sub-env: ``call``/``get_attr`` hand sub-env i its row. Anything else is shared.
 PER_ENV = frozenset({"action_masks", "transition_bounds", "probe_layer_fidelity"})
@@ -87,7 +87,11 @@ class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
         for i, env_seed in enumerate(seeds):
             if env_seed is not None or self._rngs[i] is None:
                 self._rngs[i] = seeding.np_random(env_seed)[0]
-        requested = (options or {}).get("sequence_index")
+        requested = check_reset_options(options).get("sequence_index")
+        if requested is not None and (isinstance(requested, (str, bytes)) or not hasattr(requested, "__len__")
+                                      or len(requested) != self.num_envs):
+            raise ValueError(f"options['sequence_index']={requested!r}: the vector env needs one entry (an index or "
+                             f"None) per env. Fix: pass a list of {self.num_envs} entries.")
         requested = [None] * self.num_envs if requested is None else list(requested)
         return self._reset(requested)
 

@@ -14,6 +14,16 @@ import torch  # noqa: E402
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's forwards (tiny models never gain from two; the CI's 2 cores are shared).
+    Use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> Backbone:
     return load_backbone("tiny-random-llama", device="cpu")
