@@ -15,13 +15,10 @@ with a KV cache, segment 0 at full rank (the policy's warm-up), then
   the whole attention, statistics included, where it is full rank if the policy costs that much). This is the
   headline comparison; each row's note says which case applies.
 
-Columns: perplexity over every token (segmented as ``drrl_gym.evaluation.segmented_perplexity``); fidelity, the
-mean cosine of attention outputs (per layer, token and head) against the full-rank run over the decision segments
-(1..n-1; errors compound through each method's own cache); FLOPs reductions of the QK^T scores and of the whole
-attention (``drrl_gym.flops``; the policy pays for its statistics, the static ranks do not need any) summed over all
-segments and layers; latency, the median wall time of one segment's forward pass (the policy's decision included;
-CUDA synchronised; after an untimed pass of each method over the first batch, so that kernel selection and cuDNN
-plan building stay out of it). Writes results.csv, results.json, results.png and results.md; prints the table.
+Columns (measured by ``drrl_gym.measure``, which documents them): perplexity over every token; fidelity, the mean
+cosine of attention outputs against the full-rank run over the decision segments; FLOPs reductions of the QK^T
+scores and of the whole attention, each method charged for what it runs (the policy for its statistics, every
+low-rank method for its projected-key cache); latency, the median wall time of one segment's forward pass. Writes results.csv, results.json, results.png and results.md; prints the table.
 """
 
 from __future__ import annotations
@@ -31,30 +28,27 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python agents/evaluate.py`: make the `agents` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 import yaml
-from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from drrl_gym.backbone import AttentionGeometry, load_backbone, resolve_device
+from drrl_gym.backbone import load_backbone, resolve_device
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.env import EnvConfig
-from drrl_gym.evaluation import describe_machine, next_token_nll
+from drrl_gym.evaluation import describe_machine
 from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
-from drrl_gym.flops import AttentionFlops, layer_flops
+from drrl_gym.measure import measure_policies
+from drrl_gym.policies import FullRank, RankPolicy, UniformRank
 
 FIELDS = ("method", "rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction",
           "scores_flops_reduction_pct", "attention_flops_reduction_pct", "latency_ms", "note")
@@ -77,91 +71,21 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-class _Tally:
-    """Sums over the eval set for one method."""
-
-    def __init__(self) -> None:
-        self.nll = self.tokens = self.cosine = self.vectors = 0.0
-        self.flops, self.baseline = np.zeros(2), np.zeros(2)  # (scores, total)
-        self.latencies: list[float] = []
-
-
-@lru_cache(maxsize=None)
-def _flops(geometry: AttentionGeometry, new_tokens: int, keys: int, ranks: tuple[int, ...] | None, statistics: bool,
-           basis_mode: str) -> AttentionFlops:
-    return layer_flops(geometry, new_tokens, keys, None if ranks is None else list(ranks), statistics, basis_mode)
-
-
-@torch.inference_mode()
-def _run(model: PreTrainedModel, tokens: torch.Tensor, static_rank: int | None, tally: _Tally,
-         reference: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
-    """One method on one batch; returns the attention outputs of every segment (the reference run keeps them)."""
-    runtime, spec = model.drrl, model.drrl.spec
-    runtime.static_rank = static_rank
-    runtime.attention.capture_outputs = True
-    cache, outputs = DynamicCache(config=model.config), []
-    cuda = tokens.device.type == "cuda"
-    length = spec.segment_len
-    for s in range(tokens.shape[1] // length):
-        segment = tokens[:, s * length : (s + 1) * length]
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = model(segment, past_key_values=cache, use_cache=True).logits
-        if cuda:
-            torch.cuda.synchronize()
-        tally.latencies.append(time.perf_counter() - start)
-        nll, count = next_token_nll(logits, tokens, s * length)
-        tally.nll, tally.tokens = tally.nll + nll, tally.tokens + count
-        layers = list(runtime.attention.outputs)
-        if reference is None:
-            outputs.append(layers)
-        elif s > 0:
-            cosine = F.cosine_similarity(torch.stack(layers).float(), torch.stack(reference[s]).float(), dim=-1)
-            tally.cosine += cosine.sum().item()
-            tally.vectors += cosine.numel()
-    runtime.attention.capture_outputs = False
-    statistics = static_rank is None  # the policy records statistics on every segment, warm-up included
-    for s, ranks in enumerate(runtime.rank_history):
-        for row in ranks.tolist():  # (num_layers, num_kv_heads) per sequence
-            for layer in row:
-                args = (runtime.geometry, length, (s + 1) * length)
-                chosen = _flops(*args, tuple(layer), statistics, spec.basis_mode)
-                full = _flops(*args, None, False, spec.basis_mode)
-                tally.flops += (chosen.scores, chosen.total)
-                tally.baseline += (full.scores, full.total)
-    return outputs
-
-
 def evaluate_model(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int, progress: bool = True) -> list[Row]:
-    """Every method on ``sequences`` (n, seq_len) with a dynamic-rank model (``model.drrl``)."""
+    """Full rank, every uniform rank choice and the model's own policy on ``sequences`` (n, seq_len), measured
+    by ``drrl_gym.measure`` through the model's runtime (``model.drrl``)."""
     runtime = model.drrl
+    spec, learned = runtime.spec, runtime.policy
+    baseline_spec = replace(spec, epsilon=None)  # baselines run unmasked; the policy keeps its training mask
+    controller = baseline_spec.controller(runtime.geometry)
     d = runtime.geometry.head_dim
-    methods: list[tuple[str, int | None]] = [("full rank", d)]
-    methods += [(f"uniform r={r}", r) for r in runtime.spec.rank_choices if r < d]
-    methods.append(("learned policy", None))
-    tallies = {name: _Tally() for name, _ in methods}
-    device = model.device
-    batches = list(sequences.split(batch_size))
-    # Untimed pass over the first batch: first calls of a shape (batch, key length, rank width) pick kernels and
-    # build plans (cuDNN attention: tens of ms each), which would otherwise land in the timings.
-    for _, rank in methods:
-        _run(model, batches[0].to(device), rank, _Tally(), None)
-    with tqdm(total=len(batches) * len(methods), desc="evaluating", disable=not progress) as bar:
-        for batch in batches:
-            batch = batch.to(device)
-            reference = None
-            for name, rank in methods:  # full rank first: it is the reference of the others
-                outputs = _run(model, batch, rank, tallies[name], reference)
-                reference = reference or outputs
-                bar.update()
-    rows = []
-    for name, rank in methods:
-        tally = tallies[name]
-        fidelity = tally.cosine / tally.vectors if tally.vectors else 1.0  # the reference against itself
-        fractions = tally.flops / tally.baseline
-        rows.append(Row(name, rank, float(np.exp(tally.nll / tally.tokens)), fidelity, fractions[0], fractions[1],
-                        1000 * float(np.median(tally.latencies))))
+    methods: dict[str, tuple[RankPolicy, ControllerSpec]] = {"full rank": (FullRank(controller), baseline_spec)}
+    methods.update({f"uniform r={r}": (UniformRank(controller, r), baseline_spec) for r in spec.rank_choices if r < d})
+    methods["learned policy"] = (learned, spec)
+    results = measure_policies(model, methods, sequences, batch_size, fidelity=True, progress=progress)
+    ranks = {"full rank": d, **{f"uniform r={r}": r for r in spec.rank_choices if r < d}}
+    rows = [Row(name, ranks.get(name), m.perplexity, m.fidelity, m.scores_flops_fraction, m.attention_flops_fraction,
+                m.latency_ms) for name, m in results.items()]
     return rows + _equal_flops_rows(rows)
 
 

@@ -3,7 +3,7 @@
     policy_kwargs = dict(features_extractor_class=TransformerFeaturesExtractor,
                          features_extractor_kwargs=dict(token_shape=env.token_shape, d_model=64, n_heads=4))
 
-The network itself (:class:`drrl_gym.export.TokenTransformer`) lives in the package, because an exported model
+The network itself (:class:`drrl_gym.policies.TokenTransformer`) lives in the package, because an exported model
 embeds it without SB3 or this directory; here it is wrapped as an SB3 ``BaseFeaturesExtractor``.
 """
 
@@ -16,7 +16,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from drrl_gym.export import ACTIVATIONS, PolicyArch, RankPolicyNetwork, TokenTransformer
+from drrl_gym.policies import ACTIVATIONS, PolicyArch, RankPolicyNetwork, TokenTransformer
 
 
 class TransformerFeaturesExtractor(BaseFeaturesExtractor):

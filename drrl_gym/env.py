@@ -41,7 +41,7 @@ def _fail(argument: str, value: Any, problem: str, fix: str) -> NoReturn:
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
     """Canonical name of a supported dtype ("float32", ...), accepting the torch.dtype itself."""
     name = next((key for key, value in DTYPES.items() if value == dtype), dtype)
-    if name is not None and name not in DTYPES:
+    if name is not None and (not isinstance(name, str) or name not in DTYPES):  # (lists, dicts: unhashable)
         _fail("dtype", dtype, "unsupported dtype", f"pass None (bf16 on CUDA, fp32 on CPU) or one of {tuple(DTYPES)}")
     return name
 
@@ -50,9 +50,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return real and not math.isnan(value)
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number other than NaN (bools are not), else None.
+
+    An int beyond the float range becomes +-inf, so range checks reject it as the infinity it would be in the
+    reward instead of failing with an OverflowError.
+    """
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf if value > 0 else -math.inf
+    return None if math.isnan(number) else number
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ class EnvConfig:
             if not _is_int(value) or value < 1:
                 _fail(name, value, "must be a positive integer",
                       f"pass an int >= 1 (default {getattr(EnvConfig, name)})")
+            object.__setattr__(self, name, int(value))  # numpy ints would overflow in the arithmetic below
         seq_len, segment_len = self.seq_len, self.segment_len
         if seq_len % segment_len:
             _fail("seq_len", seq_len, f"is not a multiple of segment_len={segment_len}",
@@ -127,32 +138,43 @@ class EnvConfig:
 
     def _check_reward_and_mask(self) -> None:
         for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0 <= value < math.inf:
-                _fail(name, value, "reward weights must be finite and >= 0",
+            value = _real(getattr(self, name))
+            if value is None or not 0 <= value < math.inf:
+                _fail(name, getattr(self, name), "reward weights must be finite and >= 0",
                       f"pass a float >= 0 (default {getattr(EnvConfig, name)})")
+            object.__setattr__(self, name, value)
         if self.fidelity not in FIDELITY_METRICS:
             _fail("fidelity", self.fidelity, "unknown fidelity metric", f"choose one of {FIDELITY_METRICS}")
         for name in ("epsilon_start", "epsilon_end"):
-            value = getattr(self, name)
-            if not _is_real(value) or value < 0:
-                _fail(name, value, "the mask threshold must be >= 0 (math.inf disables the mask)", "pass a float >= 0")
+            value = _real(getattr(self, name))
+            if value is None or value < 0:
+                _fail(name, getattr(self, name), "the mask threshold must be >= 0 (math.inf disables the mask)",
+                      "pass a float >= 0")
+            object.__setattr__(self, name, value)
         steps = self.epsilon_anneal_steps
         if not _is_int(steps) or steps < 0:
             _fail("epsilon_anneal_steps", steps, "must be an int >= 0", "pass 0 for a constant epsilon")
+        object.__setattr__(self, "epsilon_anneal_steps", int(steps))
         if steps == 0 and self.epsilon_start != self.epsilon_end:
             _fail("epsilon_anneal_steps", steps,
                   f"epsilon_start={self.epsilon_start} != epsilon_end={self.epsilon_end} needs a schedule length",
                   "pass epsilon_anneal_steps > 0, or equal epsilon_start and epsilon_end")
+        infinite = [name for name in ("epsilon_start", "epsilon_end") if math.isinf(getattr(self, name))]
+        if steps > 0 and infinite:  # the linear schedule would compute inf - inf = NaN: a mask allowing nothing
+            _fail(infinite[0], math.inf, f"a schedule (epsilon_anneal_steps={steps}) interpolates linearly between "
+                  "finite thresholds", "pass a large finite threshold instead (1e6 allows every switch), or "
+                  "epsilon_anneal_steps=0 for a constant epsilon")
 
     def _check_runtime(self) -> None:
         if self.basis not in BASIS_MODES:
             _fail("basis", self.basis, "unknown basis mode", f"choose one of {BASIS_MODES}")
+        fix = "pass 'auto', 'cpu' or 'cuda' (on a CUDA machine)"
         try:
-            resolve_device(self.device)
+            device = resolve_device(self.device)
         except (RuntimeError, TypeError) as error:  # TypeError: not a str/device; RuntimeError: unparsable or no CUDA
-            _fail("device", self.device, str(error).split(". Fix")[0],
-                  "pass 'auto', 'cpu' or 'cuda' (on a CUDA machine)")
+            _fail("device", self.device, str(error).split(". Fix")[0], fix)
+        if device.type not in ("cpu", "cuda"):  # e.g. "meta" parses, but the env needs real tensors it can read
+            _fail("device", self.device, f"device type {device.type!r} is not supported", fix)
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if not isinstance(self.cuda_graphs, (bool, np.bool_)):
             _fail("cuda_graphs", self.cuda_graphs, "must be a bool", "pass True (default) or False")
@@ -384,8 +406,12 @@ class EpisodeBatch:
 
     def check_indices(self, values: Any, shape: tuple[int | None, ...], what: str, fix: str) -> np.ndarray:
         """``values`` as int64 choice indices of ``shape`` (None: any positive length), or a ValueError."""
-        array, n = np.asarray(values), len(self.rank_choices)
-        well_formed = (
+        n = len(self.rank_choices)
+        try:
+            array = np.asarray(values)
+        except ValueError:  # ragged nesting: numpy's own message would not say what an action must be
+            array = None
+        well_formed = array is not None and (
             array.ndim == len(shape) and array.size > 0 and np.issubdtype(array.dtype, np.integer)
             and all(want is None or want == got for want, got in zip(shape, array.shape))
         )
@@ -705,7 +731,7 @@ class DRRLAttentionEnv(BatchAttributes, gym.Env[np.ndarray, np.ndarray]):
     move 64 <-> 48 over 1024 tokens and blocks jumps such as 64 -> 16 (b ~6 to 14).
 
     ## Observation space
-    ``Box(0, 1, (n_tokens * n_features,), float32)`` with ``n_features = 6 + 6 * len(rank_choices)``: the row-major
+    ``Box(0, 1, (n_tokens * n_features,), float32)`` with ``n_features = 8 + 6 * len(rank_choices)``: the row-major
     flattening of a (tokens, features) matrix, whose view is ``obs.reshape(env.token_shape)`` (``token_shape ==
     (n_tokens, n_features)``; for a batch, ``obs.reshape(-1, *env.token_shape)``). Flat because that is the
     convention of Stable-Baselines3 (its ``check_env`` warns about any Box that is neither 1-D nor an image, and its
@@ -719,6 +745,9 @@ class DRRLAttentionEnv(BatchAttributes, gym.Env[np.ndarray, np.ndarray]):
     |---------------------|-------------------------------------------------------------------------------|
     | query_log_energy    | log1p(mean squared norm of a query vector) / 12 (h_t: activation scale)      |
     | key_log_energy      | same for the visible key vectors                                              |
+    | query_stable_rank   | stable rank tr(G) / lambda_max(G) of the queries' Gram, / d (ALRT's signal;   |
+    |                     | a layer token: its KV heads' mean)                                            |
+    | key_stable_rank     | same for the visible keys                                                     |
     | query_ner@r         | NER(r) = energy in the first r basis directions / total energy, queries      |
     | key_ner@r           | same for keys                                                                 |
     | query_log_tail@r    | log1p(energy beyond direction r per query vector) / 12 (absolute tail)       |
@@ -810,8 +839,9 @@ class DRRLAttentionEnv(BatchAttributes, gym.Env[np.ndarray, np.ndarray]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        options = check_reset_options(options)
         super().reset(seed=seed)
-        indices = self.batch.sequence_indices([self.np_random], [(options or {}).get("sequence_index")])
+        indices = self.batch.sequence_indices([self.np_random], [options.get("sequence_index")])
         observation, info = self.batch.reset(indices)
         self._last_info = {}
         return observation[0].reshape(-1), info_row(info, 0)
@@ -872,6 +902,21 @@ class DRRLAttentionEnv(BatchAttributes, gym.Env[np.ndarray, np.ndarray]):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+RESET_OPTIONS = ("sequence_index",)
+
+
+def check_reset_options(options: Any) -> dict[str, Any]:
+    """``reset``'s options: None or a dict of known keys (a misspelt key would otherwise be ignored silently)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        _fail("options", options, "must be a dict or None", "pass e.g. options={'sequence_index': 0}")
+    unknown = [key for key in options if key not in RESET_OPTIONS]
+    if unknown:
+        _fail("options", options, f"unknown key {unknown[0]!r}", f"use only the keys {RESET_OPTIONS}")
+    return options
+
+
 def config_for(backbone: Backbone | None, kwargs: dict[str, Any]) -> EnvConfig:
     """EnvConfig from keyword arguments; a passed backbone fixes model, device and dtype."""
     unknown = set(kwargs) - {f.name for f in fields(EnvConfig)}

@@ -2,11 +2,14 @@
 
 An exported directory holds
 
-* ``policy.safetensors``: the actor of the trained policy as a plain torch module (:class:`RankPolicyNetwork`: the
+* ``policy.safetensors``: for a learned policy, its actor as a plain torch module (:class:`RankPolicyNetwork`: the
   token transformer the agent's features extractor uses, its policy MLP and action head; no value head, no SB3);
+  rule-based policies (``drrl_gym.policies``: uniform, static allocation, NER rule, ALRT controller...) need no
+  weights, only their kind and parameters in ``drrl_config.json``;
 * ``basis.safetensors``: the calibrated rank basis, (num_layers, num_kv_heads, d, d) (absent for ``basis="exact"``);
 * ``drrl_config.json``: format and version, the controller's settings (rank choices, granularity, segment_len,
-  seq_len for the position feature, epsilon of the mask, basis mode), the policy's architecture, the backbone spec,
+  seq_len for the position feature, epsilon of the mask, basis mode), the policy's kind and architecture or
+  parameters, the backbone spec,
   the environment config it was trained with, and a SHA-256 of every file;
 * optionally ``backbone/``: the frozen model itself (``save_pretrained``), so the directory loads offline; by default
   the backbone is referenced by name (``load_backbone`` spec, e.g. ``"smollm2-135m"``).
@@ -30,9 +33,10 @@ An exported directory holds
 * Beyond ``seq_len`` the controller keeps deciding every segment; the position feature saturates at 1 (the
   observation is clipped to [0, 1]), which is outside what the policy saw in training.
 
-Statistics are recorded on every call (the observation needs them), which costs a full-width basis product and
-the Gram matrices of the visible keys per layer (``drrl_gym.flops``, "statistics"); during token-by-token decoding
-that is paid per token. Unsupported (clear error): padding (an ``attention_mask`` with zeros: segment boundaries
+When the policy reads statistics (or a mask is set) they are recorded on every call: the queries at full width
+and their Gram; keys are projected once, when they enter, into a cache of projected keys with a running Gram
+(``DynamicRankAttention(cache_projected_keys=True)``), so a call costs work proportional to its new tokens, not to
+the keys visible (``drrl_gym.flops``, ``key_cache=True``). Unsupported (clear error): padding (an ``attention_mask`` with zeros: segment boundaries
 would differ per row), a cache that does not continue the runtime's sequence (e.g. beam search reordering rows or
 a cropped cache), compilable (static) caches.
 """
@@ -52,7 +56,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -60,94 +63,22 @@ from drrl_gym.backbone import AttentionGeometry, Backbone, load_backbone, resolv
 from drrl_gym.env import EnvConfig
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import RankController
+from drrl_gym.policies import (
+    ACTIVATIONS,
+    FullRank,
+    NetworkPolicy,
+    PolicyArch,
+    RankPolicy,
+    RankPolicyNetwork,
+    policy_from_config,
+)
+
+__all__ = ["ACTIVATIONS", "PolicyArch", "RankPolicyNetwork", "ControllerSpec", "DynamicRankRuntime",
+           "build_dynamic_rank_model", "export_dynamic_rank_model", "load_dynamic_rank_model", "read_export_config"]
 
 FORMAT = "drrl-gym/dynamic-rank-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the policy block names its kind (rule-based policies need no weights); 1 held networks only
 CONFIG_FILE, POLICY_FILE, BASIS_FILE, BACKBONE_DIR = "drrl_config.json", "policy.safetensors", "basis.safetensors", "backbone"
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
-
-
-# ---------------------------------------------------------------------------------------------- policy network
-class TokenTransformer(nn.Module):
-    """(B, n_tokens, n_features) observations -> (B, n_tokens * d_model) features.
-
-    Each token (a layer, or a (layer, KV head)) is embedded by a Linear, gets a learned embedding of its index (the
-    observation's tokens have fixed roles), and a small pre-norm transformer encoder lets every token attend to all
-    others: a layer's best rank depends on what the other layers do, since truncation errors compound. The output is
-    flattened, not pooled, so a MultiDiscrete head can address each token.
-    """
-
-    def __init__(self, n_tokens: int, n_features: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
-                 dim_feedforward: int = 128, dropout: float = 0.0) -> None:
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not a multiple of n_heads={n_heads}. Fix: e.g. d_model=64, n_heads=4.")
-        self.n_tokens, self.d_model = n_tokens, d_model
-        self.embed = nn.Linear(n_features, d_model)
-        self.position = nn.Parameter(torch.randn(n_tokens, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
-        # Pre-norm layers leave the residual stream unnormalised: a final LayerNorm is part of the architecture.
-        # Nested tensors only help with padding masks, which token sets of fixed size never have.
-        self.encoder = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
-
-    @property
-    def output_dim(self) -> int:
-        return self.n_tokens * self.d_model
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embed(observation) + self.position).flatten(1)
-
-
-@dataclass(frozen=True)
-class PolicyArch:
-    """Everything needed to rebuild a :class:`RankPolicyNetwork` (stored in ``drrl_config.json``)."""
-
-    n_tokens: int
-    n_features: int
-    n_choices: int
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    dim_feedforward: int = 128
-    pi_layers: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "pi_layers", tuple(int(w) for w in self.pi_layers))
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not exportable. Fix: use one of {tuple(ACTIVATIONS)}.")
-
-
-class RankPolicyNetwork(nn.Module):
-    """The actor of a rank policy: observation (B, n_tokens, n_features) -> logits (B, n_tokens, n_choices).
-
-    Same layout as SB3's ActorCriticPolicy actor path (features extractor -> ``mlp_extractor.policy_net`` ->
-    ``action_net``), so its weights copy over module by module.
-    """
-
-    def __init__(self, arch: PolicyArch) -> None:
-        super().__init__()
-        self.arch = arch
-        self.encoder = TokenTransformer(arch.n_tokens, arch.n_features, arch.d_model, arch.n_heads, arch.n_layers,
-                                        arch.dim_feedforward)
-        layers: list[nn.Module] = []
-        width = self.encoder.output_dim
-        for size in arch.pi_layers:
-            layers += [nn.Linear(width, size), ACTIVATIONS[arch.activation]()]
-            width = size
-        self.pi = nn.Sequential(*layers)
-        self.action = nn.Linear(width, arch.n_tokens * arch.n_choices)
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        logits = self.action(self.pi(self.encoder(observation)))
-        return logits.view(-1, self.arch.n_tokens, self.arch.n_choices)
-
-    @torch.no_grad()
-    def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Deterministic choice indices (B, n_tokens): argmax of the logits over the allowed choices."""
-        logits = self.forward(torch.as_tensor(observation, dtype=torch.float32))
-        logits = logits.masked_fill(~torch.as_tensor(allowed), -math.inf)
-        return logits.argmax(-1).numpy()
 
 
 # ------------------------------------------------------------------------------------------------- runtime
@@ -172,36 +103,59 @@ class ControllerSpec:
     def n_segments(self) -> int:
         return self.seq_len // self.segment_len
 
+    def controller(self, geometry: AttentionGeometry) -> RankController:
+        """The rank controller this spec describes, for ``geometry`` (build policies with it)."""
+        return RankController(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments)
+
 
 class DynamicRankRuntime:
     """The state of a dynamic-rank model: attention, controller, policy, and the current sequence's statistics.
 
-    Set ``static_rank`` to an int to run every segment after the warm-up at that rank instead of asking the policy
-    (full rank and uniform baselines through the very same code path); it takes effect at the next sequence start.
+    ``policy`` is any :class:`~drrl_gym.policies.RankPolicy` built on this runtime's ``controller`` (a learned
+    actor, or a baseline: full rank, uniform, static allocation, NER rule, ALRT controller, random), so baselines
+    and the learned policy run through the very same code path; :meth:`use` swaps it (and the spec) between
+    sequences. Statistics are recorded only when the policy reads them or the mask needs them
+    (``recording_statistics``); a :class:`~drrl_gym.policies.FullRank` policy without a mask runs the unmodified
+    attention (no basis work at all). Otherwise the calibrated basis runs with the projected-key cache
+    (``DynamicRankAttention(cache_projected_keys=True)``): each segment projects only its new keys.
     ``rank_history`` holds the (B, num_layers, num_kv_heads) ranks of every segment of the current sequence.
     ``env_config``, when known, is the environment configuration the policy was trained with (its corpus and
     splits say which text is held out).
     """
 
-    def __init__(self, backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None, spec: ControllerSpec,
+    def __init__(self, backbone: Backbone, policy: RankPolicy, basis: torch.Tensor | None, spec: ControllerSpec,
                  env_config: EnvConfig | None = None):
-        geometry = backbone.geometry
-        self.model, self.tokenizer, self.geometry, self.spec = backbone.model, backbone.tokenizer, geometry, spec
+        self.model, self.tokenizer, self.geometry = backbone.model, backbone.tokenizer, backbone.geometry
         self.env_config = env_config
-        self.controller = RankController(geometry, spec.rank_choices, spec.granularity, spec.segment_len, spec.n_segments)
-        expected = PolicyArch(self.controller.n_tokens, len(self.controller.feature_names), len(spec.rank_choices))
-        got = (policy.arch.n_tokens, policy.arch.n_features, policy.arch.n_choices)
-        if got != (expected.n_tokens, expected.n_features, expected.n_choices):
-            raise ValueError(f"the policy expects (n_tokens, n_features, n_choices)={got} but this model and controller "
-                             f"give {(expected.n_tokens, expected.n_features, expected.n_choices)}. Fix: export the "
-                             "policy with the environment settings (model, rank_choices, granularity) it was trained on.")
-        # The policy stays on CPU: it is tiny, and the observation is built on CPU from the statistics anyway.
-        self.policy = policy.cpu().eval().requires_grad_(False)
-        basis = None if basis is None else basis.to(backbone.device)
-        self.attention = DynamicRankAttention(geometry, basis, spec.basis_mode)
-        self.static_rank: int | None = None
+        self.basis = None if basis is None else basis.to(backbone.device)
         self.rank_history: list[torch.Tensor] = []
         self._position, self._batch = 0, 0
+        self.attention: DynamicRankAttention | None = None
+        self.use(policy, spec)
+
+    def use(self, policy: RankPolicy, spec: ControllerSpec | None = None) -> None:
+        """Decide with ``policy`` (and ``spec``, default: the current one) from the next sequence on."""
+        spec = spec or self.spec
+        if spec.basis_mode == "calibrated" and self.basis is None:
+            raise ValueError("basis_mode='calibrated' needs the calibrated basis. Fix: pass the basis the policy was "
+                             "trained with.")
+        controller = spec.controller(self.geometry)
+        if not isinstance(policy, RankPolicy):
+            raise TypeError(f"{type(policy).__name__} is not a RankPolicy. Fix: wrap a RankPolicyNetwork as "
+                            "NetworkPolicy(controller, network), or use a policy of drrl_gym.policies.")
+        theirs = policy.controller
+        if (theirs.rank_choices, theirs.granularity, theirs.n_tokens) != (spec.rank_choices, spec.granularity, controller.n_tokens):
+            raise ValueError(f"the policy was built for rank_choices={theirs.rank_choices}, granularity={theirs.granularity!r} "
+                             f"but the spec says {spec.rank_choices}, {spec.granularity!r}. Fix: build the policy with "
+                             "spec.controller(geometry).")
+        self.spec, self.controller, self.policy = spec, controller, policy
+        self.recording_statistics = policy.needs_statistics or spec.epsilon is not None
+        self.unmodified = isinstance(policy, FullRank) and not self.recording_statistics
+        self._position = self._batch = 0  # a call continuing the old sequence now fails clearly (_sync)
+        self.attention = DynamicRankAttention(self.geometry, self.basis, spec.basis_mode,
+                                              cache_projected_keys=spec.basis_mode == "calibrated" and not self.unmodified)
+        if hasattr(self.model, "drrl"):  # installed: route the model to the new attention object
+            self.attention.attach(self.model)
 
     # --------------------------------------------------------------------------------------- installation
     def install(self) -> PreTrainedModel:
@@ -296,9 +250,10 @@ class DynamicRankRuntime:
         """Start a new sequence at position 0; otherwise the cache must continue the runtime's sequence."""
         if start == 0:
             self._batch, self._position, self.rank_history = batch, 0, []
-            self._static = self.static_rank
             self._prev_index = np.full((batch, self.controller.n_tokens), len(self.spec.rank_choices) - 1)
             self._stats: SegmentStats | None = None
+            self.policy.reset(batch)
+            self.attention.start_sequence()
         elif start != self._position or batch != self._batch:
             raise RuntimeError(
                 f"the KV cache holds {start} tokens of {batch} sequence(s), but the dynamic-rank runtime is at position "
@@ -312,14 +267,12 @@ class DynamicRankRuntime:
         if offset == 0:
             if segment == 0:
                 self.attention.set_ranks(self.geometry.head_dim)  # warm-up segment at full rank
-            elif self._static is not None:
-                self.attention.set_ranks(self._static)
             else:
                 self.attention.set_ranks(self._decide(segment))
             self._stats = None
             ranks = self.attention.ranks
             self.rank_history.append(ranks.expand(self._batch, -1, -1).clone())
-        self.attention.collect_stats = self._static is None
+        self.attention.collect_stats = self.recording_statistics
 
     def _end_piece(self) -> None:
         if not self.attention.collect_stats:
@@ -334,31 +287,40 @@ class DynamicRankRuntime:
 
     def _decide(self, segment: int) -> torch.Tensor:
         """(B, num_layers, num_kv_heads) ranks for ``segment`` from the last segment's statistics."""
-        observation, transition = self.controller.observe(self._stats, self._prev_index, segment)
-        epsilon = math.inf if self.spec.epsilon is None else self.spec.epsilon
-        allowed = self.controller.allowed(transition, epsilon)
-        chosen, _ = self.controller.project(self.policy.act(observation, allowed), allowed)
+        controller = self.controller
+        if self.recording_statistics:
+            observation, transition = controller.observe(self._stats, self._prev_index, segment)
+            epsilon = math.inf if self.spec.epsilon is None else self.spec.epsilon
+            allowed = controller.allowed(transition, epsilon)
+        else:  # the policy ignores the observation and there is no mask
+            observation = np.zeros((self._batch, controller.n_tokens, len(controller.feature_names)), dtype=np.float32)
+            allowed = np.ones((self._batch, controller.n_tokens, len(controller.rank_choices)), dtype=bool)
+        chosen, _ = controller.project(self.policy.act(observation, allowed), allowed)
         self._prev_index = chosen
         return self.controller.layer_ranks(chosen)
 
 
-def build_dynamic_rank_model(backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None,
+def build_dynamic_rank_model(backbone: Backbone, policy: RankPolicy | RankPolicyNetwork, basis: torch.Tensor | None,
                              spec: ControllerSpec, env_config: EnvConfig | None = None) -> PreTrainedModel:
     """Turn ``backbone.model`` (in place) into a dynamic-rank model driven by ``policy``; returns the model.
 
-    Use a backbone of its own (``load_backbone``), not one that environments share: its forward is wrapped.
+    ``policy``: a :class:`~drrl_gym.policies.RankPolicy` built on ``spec.controller(backbone.geometry)``, or a bare
+    :class:`RankPolicyNetwork` (wrapped as a :class:`~drrl_gym.policies.NetworkPolicy`). Use a backbone of its own
+    (``load_backbone``), not one that environments share: its forward is wrapped.
     """
-    if spec.basis_mode == "calibrated" and basis is None:
-        raise ValueError("basis_mode='calibrated' needs the calibrated basis. "
-                         "Fix: pass the basis the policy was trained with.")
+    if isinstance(policy, RankPolicyNetwork):
+        policy = NetworkPolicy(spec.controller(backbone.geometry), policy)
     return DynamicRankRuntime(backbone, policy, basis, spec, env_config).install()
 
 
 # -------------------------------------------------------------------------------------------- save / load
-def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: RankPolicyNetwork, basis: torch.Tensor | None,
-                              env_config: EnvConfig, save_backbone: bool = False, overwrite: bool = False) -> Path:
+def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: RankPolicy | RankPolicyNetwork,
+                              basis: torch.Tensor | None, env_config: EnvConfig, save_backbone: bool = False,
+                              overwrite: bool = False) -> Path:
     """Write the export directory described in the module docstring; returns its path.
 
+    ``policy``: a learned network (its weights go to ``policy.safetensors``) or any rule-based
+    :class:`~drrl_gym.policies.RankPolicy` (its ``kind`` and ``config()`` go to ``drrl_config.json``).
     ``backbone`` gives the model spec (its ``name``) and, with ``save_backbone``, the weights to save. The directory
     is written next to ``path`` and renamed into place, so a crash never leaves a half-written export behind.
     """
@@ -369,7 +331,12 @@ def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: Rank
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}, tmp / POLICY_FILE)
+    network = policy if isinstance(policy, RankPolicyNetwork) else getattr(policy, "network", None)
+    if network is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp / POLICY_FILE)
+        policy_block = {"kind": NetworkPolicy.kind, "arch": asdict(network.arch)}
+    else:
+        policy_block = {"kind": policy.kind, "params": policy.config()}
     if basis is not None:
         save_file({"basis": basis.detach().float().cpu().contiguous()}, tmp / BASIS_FILE)
     if save_backbone:
@@ -379,7 +346,7 @@ def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: Rank
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "controller": asdict(spec),
-        "policy": asdict(policy.arch),
+        "policy": policy_block,
         "backbone": {"spec": BACKBONE_DIR if save_backbone else backbone.name, "saved": save_backbone,
                      "geometry": asdict(backbone.geometry)},
         "env_config": asdict(env_config),
@@ -399,9 +366,14 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a dynamic-rank export: no {CONFIG_FILE}. Fix: pass a directory written "
                                 "by export_dynamic_rank_model (e.g. RUN_DIR/export).")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: format {config.get('format')!r} is not {FORMAT!r}. Fix: pass a dynamic-rank export.")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}): the export is damaged. Fix: re-export, or restore "
+                         "the original file.") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file}: format {found!r} is not {FORMAT!r}. Fix: pass a dynamic-rank export.")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_file}: format version {config.get('format_version')!r}, but this drrl-gym reads version "
                          f"{FORMAT_VERSION}. Fix: re-export the policy with this version of drrl-gym.")
@@ -428,8 +400,13 @@ def load_dynamic_rank_model(path: str | Path, device: str | torch.device = "auto
     if asdict(backbone.geometry) != source["geometry"]:
         raise ValueError(f"backbone {model_spec!r} has geometry {backbone.geometry}, but the export was made for "
                          f"{AttentionGeometry(**source['geometry'])}. Fix: load the model the policy was trained on.")
-    policy = RankPolicyNetwork(PolicyArch(**config["policy"]))
-    policy.load_state_dict(load_file(path / POLICY_FILE))
+    block = config["policy"]
+    if block["kind"] == NetworkPolicy.kind:
+        network = RankPolicyNetwork(PolicyArch(**block["arch"]))
+        network.load_state_dict(load_file(path / POLICY_FILE))
+        policy = NetworkPolicy(spec.controller(backbone.geometry), network)
+    else:
+        policy = policy_from_config(spec.controller(backbone.geometry), block["kind"], block["params"])
     basis = load_file(path / BASIS_FILE)["basis"] if (path / BASIS_FILE).is_file() else None
     return build_dynamic_rank_model(backbone, policy, basis, spec, _env_config(config["env_config"]))
 

@@ -13,6 +13,11 @@ block is a triangle). With H query heads, H_kv KV heads, head width d, model wid
                                                                                  keys are re-projected every segment)
     statistics   (only when spectra are recorded) the basis product at full width d instead of r_max, plus the
                  Grams 2 T H d^2 + 2 L H_kv d^2
+    key cache    (``key_cache=True``: ``DynamicRankAttention(cache_projected_keys=True)``, what deployed models
+                 run) only the T new keys are projected, at full width, and added to a running key Gram, on every
+                 segment whatever the ranks: basis 2 T H d r_max (queries; none when every rank is d and no
+                 statistics are recorded) + 2 T H_kv d^2 (new keys), statistics 2 T H_kv d^2 (running key Gram)
+                 plus, when recorded, the query Gram 2 T H d^2 and the queries at full width
     exact basis  (mode "exact") Grams as above plus one symmetric eigendecomposition per KV head, ~9 d^3
                  (Golub & Van Loan's count for eigenvalues and vectors; the only estimate in this module)
 
@@ -65,11 +70,14 @@ def layer_flops(
     ranks: Sequence[int] | int | None = None,
     statistics: bool = False,
     basis_mode: str = "calibrated",
+    key_cache: bool = False,
 ) -> AttentionFlops:
     """FLOPs of one layer. ``ranks``: one per KV head, an int for all, or None for the unmodified model
     (full width, no basis work at all: the baseline every reduction is measured against)."""
     if basis_mode not in BASIS_MODES:
         raise ValueError(f"unknown basis_mode {basis_mode!r}; choose one of {BASIS_MODES}")
+    if key_cache and basis_mode != "calibrated":
+        raise ValueError("key_cache needs basis_mode='calibrated' (an exact basis changes every segment)")
     g, t, n_keys = geometry, new_tokens, keys
     d, heads, kv_heads = g.head_dim, g.num_heads, g.num_kv_heads
     pairs = causal_pairs(t, n_keys)
@@ -81,6 +89,12 @@ def layer_flops(
     if len(per_head) != kv_heads or not all(1 <= r <= d for r in per_head):
         raise ValueError(f"ranks must be {kv_heads} values in [1, {d}], got {ranks}")
     scores = sum(g.group_size * 2 * pairs * r for r in per_head)
+    if key_cache:
+        width = d if statistics else max(per_head)
+        queries = 0 if not statistics and min(per_head) == d else 2 * t * heads * d * width
+        query_gram = 2 * t * heads * d * d if statistics else 0
+        new_keys = 2 * t * kv_heads * d * d  # projection of the new keys, and again for their running Gram
+        return AttentionFlops(projections, scores, softmax, values, queries + new_keys, query_gram + new_keys)
     exact = basis_mode == "exact"
     if not statistics and min(per_head) == d:
         return AttentionFlops(projections, scores, softmax, values, 0, 0)  # full rank skips the basis (a rotation)

@@ -5,7 +5,10 @@ For layer l and KV head g with orthonormal basis P (d x d, columns ordered by en
     S_r = (Q P_r)(K P_r)^T * scaling            (DESIGN-NOTES sec. 1; scaling stays the model's 1/sqrt(d))
 
 so a rank is a prefix of the basis: changing it is slicing, and the QK^T work falls from 2*T*L*d to 2*T*L*r per
-head. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
+head. With ``cache_projected_keys`` (deployed models, ``drrl_gym.export``) the keys are projected once, at full
+width, when they enter, and kept beside the KV cache together with a running key Gram, so a segment projects and
+accumulates only its T new keys instead of all L visible ones (DESIGN-NOTES sec. 1, "keys can be cached already
+projected"); without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
 across KV heads or batch rows, the prefix is taken at the largest of them and the extra columns of q are zeroed: the
 result is the same as slicing each head separately; FLOPs are accounted per head (``drrl_gym.flops``).
 
@@ -79,11 +82,18 @@ class DynamicRankAttention:
         basis: (num_layers, num_kv_heads, d, d) orthonormal columns, for ``mode="calibrated"``; ignored for ``"exact"``.
         mode: ``"calibrated"`` (fixed basis, default) or ``"exact"`` (eigenbasis of this segment's Q^T Q + K^T K,
             recomputed every forward: the paper's online SVD, kept for comparison since it costs an eigh per head).
+        cache_projected_keys: keep the keys projected onto the basis (full width) and their running Gram across the
+            forwards of one sequence (calibrated mode only). Call :meth:`start_sequence` before each new sequence;
+            a forward whose keys do not continue the cached ones raises. Costs one more copy of the keys in memory.
     """
 
-    def __init__(self, geometry: AttentionGeometry, basis: torch.Tensor | None = None, mode: str = "calibrated"):
+    def __init__(self, geometry: AttentionGeometry, basis: torch.Tensor | None = None, mode: str = "calibrated",
+                 cache_projected_keys: bool = False):
         if mode not in BASIS_MODES:
             raise ValueError(f"unknown basis mode {mode!r}; choose one of {BASIS_MODES}")
+        if cache_projected_keys and mode != "calibrated":
+            raise ValueError("cache_projected_keys needs the calibrated basis: an exact basis changes every segment, so "
+                             "projected keys cannot be reused. Fix: pass cache_projected_keys=False with mode='exact'.")
         d = geometry.head_dim
         if mode == "calibrated":
             expected = (geometry.num_layers, geometry.num_kv_heads, d, d)
@@ -101,6 +111,8 @@ class DynamicRankAttention:
         self._shape = (0, 0)
         self._cast_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, its copy in the model's dtype)
         self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
+        self.cache_projected_keys = cache_projected_keys
+        self.start_sequence()
         self.set_ranks(torch.full((1, geometry.num_layers, geometry.num_kv_heads), d, dtype=torch.long))
 
     # ----------------------------------------------------------------------------------------------- ranks
@@ -153,11 +165,12 @@ class DynamicRankAttention:
             )
         for module in layers:
             module.drrl_attention = self
-        self._previous = model.config._attn_implementation
+        if model.config._attn_implementation != ATTENTION_NAME:  # re-attaching (another object) keeps the original
+            model.drrl_previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
 
     def detach(self, model: PreTrainedModel) -> None:
-        model.set_attn_implementation(self._previous)
+        model.set_attn_implementation(model.drrl_previous_attention)
         for module in model.modules():
             if getattr(module, "drrl_attention", None) is self:
                 del module.drrl_attention
@@ -171,6 +184,11 @@ class DynamicRankAttention:
             self.detach(model)
 
     # ------------------------------------------------------------------------------------------- statistics
+    def start_sequence(self) -> None:
+        """Forget the projected keys of the last sequence (``cache_projected_keys``)."""
+        self._projected_keys: list[torch.Tensor | None] = [None] * self.geometry.num_layers  # (B, kv_heads, L, d)
+        self._running_key_gram: list[torch.Tensor | None] = [None] * self.geometry.num_layers  # (B, kv_heads, d, d)
+
     def stats(self) -> SegmentStats:
         """Second moments of the last forward pass (needs ``collect_stats = True`` during it)."""
         if any(g is None for g in self._query_gram):
@@ -184,6 +202,7 @@ class DynamicRankAttention:
         kv_heads, n_keys = key.shape[1], key.shape[2]
         scaling = d**-0.5 if scaling is None else scaling  # never 1/sqrt(r): the rank must not change the temperature
         r_max, uniform = self._layer_max[layer], self._layer_uniform[layer]
+        cached_keys = self._extend_projected_keys(layer, key) if self.cache_projected_keys else None
         if r_max == d and uniform and not self.collect_stats:
             # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -196,11 +215,14 @@ class DynamicRankAttention:
             basis = self._basis_like(query)[layer]  # (kv_heads, d, d)
         if not self.collect_stats:
             basis = basis[..., :r_max]  # only the prefix is needed: 2*T*d*r per head instead of 2*T*d*d
-        q_proj, k_proj = grouped @ basis, key @ basis
+        q_proj = grouped @ basis
+        k_proj = key @ basis if cached_keys is None else cached_keys
         if self.collect_stats:
-            self._query_gram[layer], self._key_gram[layer] = _gram(q_proj), _gram(k_proj)
+            key_gram = _gram(k_proj) if cached_keys is None else self._running_key_gram[layer]
+            self._query_gram[layer], self._key_gram[layer] = _gram(q_proj), key_gram
             self._shape = (n_queries, n_keys)
-            q_proj, k_proj = q_proj[..., :r_max], k_proj[..., :r_max]
+            q_proj = q_proj[..., :r_max]
+        k_proj = k_proj[..., :r_max]
         if not uniform:
             # Zeroing q's columns r..r_max of a head removes exactly those terms from its scores.
             keep = torch.arange(r_max, device=query.device) < self._ranks_on(query.device)[:, layer, :, None]
@@ -208,6 +230,25 @@ class DynamicRankAttention:
         q_low = q_proj.reshape(batch, heads, n_queries, r_max)
         out, _ = sdpa_attention_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return self._keep(layer, out), None
+
+    def _extend_projected_keys(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """Project the keys not seen yet onto the full basis, append them and add their Gram to the running one."""
+        cached = self._projected_keys[layer]
+        seen = 0 if cached is None else cached.shape[2]
+        if cached is not None and (cached.shape[0] != key.shape[0] or seen > key.shape[2]):
+            raise RuntimeError(
+                f"layer {layer}: {seen} projected keys of {cached.shape[0]} sequence(s) are cached, but this forward "
+                f"has {key.shape[2]} keys of {key.shape[0]}: not a continuation of the cached sequence. Fix: call "
+                "DynamicRankAttention.start_sequence() before running a new sequence."
+            )
+        new = key[:, :, seen:] @ self._basis_like(key)[layer]  # (B, kv_heads, new keys, d): 2 * d^2 per new key
+        new_gram = _gram(new)
+        if cached is None:
+            self._projected_keys[layer], self._running_key_gram[layer] = new, new_gram
+        else:
+            self._projected_keys[layer] = torch.cat([cached, new], dim=2)
+            self._running_key_gram[layer] = self._running_key_gram[layer] + new_gram
+        return self._projected_keys[layer]
 
     def _basis_like(self, query: torch.Tensor) -> torch.Tensor:
         """The basis on query's device and in its dtype, converted once rather than per layer and forward."""

@@ -23,7 +23,7 @@ import torch
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bounds import attention_change_bound
 from drrl_gym.lowrank import SegmentStats
-from drrl_gym.spectra import energies, normalized_energy_ratio, tail_energy
+from drrl_gym.spectra import energies, normalized_energy_ratio, stable_rank, tail_energy
 
 GRANULARITIES = ("layer", "kv_head")
 
@@ -32,6 +32,8 @@ GRANULARITIES = ("layer", "kv_head")
 OBSERVATION_FEATURES = (
     "query_log_energy",
     "key_log_energy",
+    "query_stable_rank",
+    "key_stable_rank",
     "query_ner@r",
     "key_ner@r",
     "query_log_tail@r",
@@ -57,12 +59,12 @@ _Array = TypeVar("_Array", np.ndarray, torch.Tensor)
 class StatsSummary:
     """What the observation needs from one segment's statistics, reduced on their device (see summarize)."""
 
-    columns: torch.Tensor  # (B, n_tokens, 2 + 5 * n_choices) float32: the features before transition_bound@r
+    columns: torch.Tensor  # (B, n_tokens, 4 + 5 * n_choices) float32: the features before transition_bound@r
     bound: torch.Tensor  # (B, n_tokens, m, m) float64 normalised bounds between the choices (and full rank, last)
 
 
 def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
-    """Column names of the observation for these rank choices: 6 + 6 * len(rank_choices) features."""
+    """Column names of the observation for these rank choices: 8 + 6 * len(rank_choices) features."""
     names: list[str] = []
     for feature in OBSERVATION_FEATURES:
         stem, per_choice, _ = feature.partition("@")
@@ -119,16 +121,21 @@ class RankController:
         query_gram, key_gram = stats.query_gram, stats.key_gram  # (B, layers, kv_heads, d, d)
         bound = attention_change_bound(query_gram, key_gram, self._bound_ranks, g.head_dim**-0.5)  # (..., m, m)
         e_query, e_key = energies(query_gram), energies(key_gram)  # (B, layers, kv_heads, d)
+        s_query, s_key = stable_rank(query_gram) / g.head_dim, stable_rank(key_gram) / g.head_dim  # (B, layers, kv_heads)
         if self.per_layer:  # a layer token: energies add over KV heads, bounds add in quadrature (Frobenius norms)
             e_query, e_key, bound = e_query.sum(2), e_key.sum(2), bound.square().sum(2).sqrt()
+            s_query, s_key = s_query.mean(2), s_key.mean(2)  # stable ranks do not add: a layer takes its heads' mean
         else:
             e_query, e_key, bound = e_query.flatten(1, 2), e_key.flatten(1, 2), bound.flatten(1, 2)
+            s_query, s_key = s_query.flatten(1, 2), s_key.flatten(1, 2)
         heads = g.num_heads if self.per_layer else g.group_size
         n_queries, n_keys = heads * stats.num_queries, self.kv_heads_per_token * stats.num_keys
         bound = bound / math.sqrt(n_queries)  # RMS per query row, (B, n_tokens, m, m)
         columns = [
             _log_scaled(e_query.sum(-1, keepdim=True) / n_queries, LOG_ENERGY_SCALE),
             _log_scaled(e_key.sum(-1, keepdim=True) / n_keys, LOG_ENERGY_SCALE),
+            s_query[..., None],
+            s_key[..., None],
             normalized_energy_ratio(e_query, choices),
             normalized_energy_ratio(e_key, choices),
             _log_scaled(tail_energy(e_query, choices) / n_queries, LOG_ENERGY_SCALE),

@@ -112,7 +112,7 @@ def test_env_checkers_pass_without_warnings_on_smollm2() -> None:
 def test_spaces_and_episode_structure(granularity: str, tokens: int) -> None:
     env = tiny_env(granularity=granularity)
     n_features = len(observation_feature_names(env.rank_choices))
-    assert n_features == 6 + 6 * 4 == len(env.feature_names)
+    assert n_features == 8 + 6 * 4 == len(env.feature_names)
     # Flat (SB3's convention); token_shape gives the documented (tokens, features) matrix view.
     assert env.observation_space.shape == (tokens * n_features,) and env.observation_space.dtype == np.float32
     assert env.token_shape == (tokens, n_features)

@@ -4,6 +4,9 @@ segment-by-segment semantics in ``model(...)`` and ``generate``). Tiny random Ll
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +18,9 @@ from drrl_gym.backbone import load_backbone
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import (
+    BASIS_FILE,
     CONFIG_FILE,
+    FORMAT_VERSION,
     POLICY_FILE,
     ControllerSpec,
     PolicyArch,
@@ -24,6 +29,7 @@ from drrl_gym.export import (
     export_dynamic_rank_model,
     load_dynamic_rank_model,
 )
+from drrl_gym.policies import FullRank, UniformRank
 
 TINY = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16), calibration_sequences=2,
             eval_sequences=2, device="cpu")
@@ -91,6 +97,52 @@ def test_tampered_or_wrong_version_export_is_refused(env, basis, tmp_path) -> No
         export_dynamic_rank_model(path, env.backbone, random_policy(env), basis, env.config)
 
 
+def edit_config(path: Path, change: Callable[[dict], object]) -> None:
+    """Change drrl_config.json in place (it holds the checksums, so it is not checksummed itself)."""
+    config = json.loads((path / CONFIG_FILE).read_text())
+    change(config)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+# Each way an export can be damaged or mismatched after it was written: (damage, error, what the message says).
+TAMPERING: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "config missing": (lambda p: (p / CONFIG_FILE).unlink(), FileNotFoundError,
+                       r"is not a dynamic-rank export: no drrl_config.json. Fix"),
+    "listed file missing": (lambda p: (p / BASIS_FILE).unlink(), FileNotFoundError,
+                            r"basis.safetensors is listed in drrl_config.json but missing. Fix"),
+    "basis byte flipped": (lambda p: flip_last_byte(p / BASIS_FILE), ValueError,
+                           r"checksum mismatch for .*basis.safetensors.*Fix"),
+    "policy truncated": (lambda p: truncate(p / POLICY_FILE), ValueError, r"checksum mismatch for .*policy.safetensors.*Fix"),
+    "wrong format": (lambda p: edit_config(p, lambda c: c.update(format="other/format")), ValueError,
+                     r"format 'other/format' is not 'drrl-gym/dynamic-rank-model'. Fix"),
+    "older version": (lambda p: edit_config(p, lambda c: c.update(format_version=FORMAT_VERSION - 1)), ValueError,
+                      rf"format version {FORMAT_VERSION - 1}, but this drrl-gym reads version {FORMAT_VERSION}. Fix"),
+    "no version": (lambda p: edit_config(p, lambda c: c.pop("format_version")), ValueError, r"format version None.*Fix"),
+    "other geometry": (lambda p: edit_config(p, lambda c: c["backbone"].update(spec="tiny-random-gpt2")), ValueError,
+                       r"backbone 'tiny-random-gpt2' has geometry .*num_kv_heads=4.* but the export was made for "
+                       r".*num_kv_heads=2.*Fix"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(TAMPERING))
+def test_damaged_or_mismatched_export_is_refused_with_a_clear_error(env, basis, tmp_path, damage: str) -> None:
+    path = export_dynamic_rank_model(tmp_path / "export", env.backbone, random_policy(env), basis, env.config)
+    change, error, message = TAMPERING[damage]
+    change(path)
+    with pytest.raises(error, match=message):
+        load_dynamic_rank_model(path, "cpu")
+
+
 def test_saved_backbone_loads_from_the_directory(env, basis, tmp_path) -> None:
     policy = random_policy(env, seed=1)
     path = export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config, save_backbone=True)
@@ -108,6 +160,9 @@ def test_model_decides_like_the_environment(env, basis, seed, epsilon) -> None:
         env = DRRLAttentionEnv(**{**TINY, "epsilon_start": epsilon, "epsilon_end": epsilon})
     policy = random_policy(env, seed)
     n_choices = len(env.rank_choices)
+    if epsilon is not None:  # push the policy towards the lowest rank, which the tight mask forbids from full rank
+        with torch.no_grad():
+            policy.action.bias.view(env.n_tokens, n_choices)[:, 0] += 50
     observation, _ = env.reset(options={"sequence_index": seed})
     env_ranks, masked, terminated = [], 0, False
     while not terminated:
@@ -138,14 +193,16 @@ def test_token_by_token_matches_one_call(env, basis) -> None:
     assert torch.allclose(whole, torch.cat(pieces, dim=1), atol=1e-4)
 
 
-def test_static_full_rank_is_the_unmodified_model(env, basis) -> None:
+def test_full_rank_policy_is_the_unmodified_model(env, basis) -> None:
     model = fresh_model(env, basis, random_policy(env))
     reference = load_backbone("tiny-random-llama", "cpu").model
     tokens = env.corpus.eval[:2]
-    model.drrl.static_rank = 16
+    controller, unmasked = model.drrl.controller, replace(model.drrl.spec, epsilon=None)
+    model.drrl.use(FullRank(controller), unmasked)
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-4)
-    model.drrl.static_rank = 4
+    assert model.drrl.unmodified and not model.drrl.attention.cache_projected_keys
+    model.drrl.use(UniformRank(controller, 4), unmasked)
     with torch.no_grad():
         low = model(tokens).logits
     assert [int(r.max()) for r in model.drrl.rank_history] == [16, 4, 4, 4]

@@ -46,7 +46,8 @@ def test_full_rank_reproduces_logits_smollm2(smollm2):
             projected = smollm2.model(tokens).logits
             attention.set_ranks(32)
             truncated = smollm2.model(tokens).logits
-    assert (projected - reference).abs().max() <= 1e-4
+    # fp32 rounding only: logits reach ~30, and the model's own eager and SDPA paths differ by ~1e-4 at this size
+    assert (projected - reference).abs().max() <= 2e-4
     assert (truncated - reference).abs().max() > 1e-2  # a real truncation changes the output
 
 

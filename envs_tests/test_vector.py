@@ -25,12 +25,7 @@ N = 3
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_info_matches(batched: dict, row: int, single: dict) -> None:
@@ -53,7 +48,7 @@ def test_make_vec_builds_the_batched_env() -> None:
     assert venv.single_observation_space == single.observation_space
     assert venv.single_action_space == single.action_space
     assert venv.observation_space.shape == (N, single.observation_space.shape[0])
-    assert venv.token_shape == single.token_shape == (2, 30)
+    assert venv.token_shape == single.token_shape == (2, 32)
     observation, info = venv.reset(seed=0)
     assert venv.observation_space.contains(observation) and info["segment"].tolist() == [0] * N
     assert venv.action_masks().shape == (N, 2 * 4)
@@ -152,7 +147,7 @@ def test_sb3_adapter_attributes_and_methods() -> None:
     assert np.array_equal(np.stack(masks), env.venv.action_masks())
     assert [m.shape for m in env.env_method("action_masks", indices=[0, 2])] == [(8,), (8,)]
     assert env.has_attr("action_masks") and env.has_attr("transition_bounds") and not env.has_attr("no_such_thing")
-    assert env.get_attr("token_shape") == [(2, 30)] * N and env.token_shape == (2, 30)
+    assert env.get_attr("token_shape") == [(2, 32)] * N and env.token_shape == (2, 32)
     assert env.get_attr("transition_bounds", indices=1)[0].shape == (2, 4)
     assert env.env_is_wrapped(gym.Wrapper) == [False] * N
     env.set_attr("custom_flag", 3)
