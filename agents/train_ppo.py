@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> Path:
         model = algorithm.load(args.resume, env=env, device=config["ppo"].get("device", "auto"))
         if config["normalize_reward"] and vecnormalize_path(args.resume).is_file():
             model.set_env(VecNormalize.load(str(vecnormalize_path(args.resume)), env.venv))
+        env.env_method("continue_schedule", model.num_timesteps // config["n_envs"])  # epsilon goes on, not over
         phase = f"resume-{model.num_timesteps}"
         print(f"resumed {algorithm_name} from {args.resume} at step {model.num_timesteps}", flush=True)
     else:

@@ -683,6 +683,13 @@ class BatchAttributes:
         """(n_tokens, n_features): ``obs.reshape(token_shape)`` is the observation matrix of one env."""
         return self.batch.token_shape
 
+    def continue_schedule(self, steps: int) -> None:
+        """Put the epsilon schedule at ``steps`` env steps (per env), e.g. when training resumes from a checkpoint:
+        the schedule counts this object's steps, which a fresh env starts at 0."""
+        if not _is_int(steps) or steps < 0:
+            _fail("steps", steps, "must be an int >= 0", "pass the number of steps each env has taken")
+        self.batch.total_steps = int(steps)
+
 
 # ---------------------------------------------------------------------------------------------- environment
 class DRRLAttentionEnv(BatchAttributes, gym.Env[np.ndarray, np.ndarray]):

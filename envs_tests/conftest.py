@@ -14,6 +14,11 @@ import torch  # noqa: E402
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone  # noqa: E402
 
 
+# The tiny environment most tests share: 4 segments of 32 tokens on the tiny random Llama (head_dim 16).
+TINY_ENV = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
+                calibration_sequences=2, eval_sequences=2, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's forwards (tiny models never gain from two; the CI's 2 cores are shared).

@@ -203,6 +203,11 @@ def test_epsilon_schedule_is_linear_over_env_steps() -> None:
     epsilons = [info["epsilon"] for *_, info in run_episode(env, seed=0)[1:]]
     epsilons += [info["epsilon"] for *_, info in run_episode(env, seed=1)[1:]]  # continues across episodes
     assert epsilons == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    resumed = tiny_env(epsilon_start=1.0, epsilon_end=0.0, epsilon_anneal_steps=4)
+    resumed.continue_schedule(3)  # what train_ppo.py --resume does: the schedule goes on from the checkpoint's step
+    assert [info["epsilon"] for *_, info in run_episode(resumed, seed=0)[1:]] == [0.25, 0.0, 0.0]
+    with pytest.raises(ValueError, match="steps=-1"):
+        resumed.continue_schedule(-1)
 
 
 def test_masked_actions_are_projected_and_reported() -> None:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
+from conftest import TINY_ENV as TINY
 from drrl_gym.backbone import load_backbone
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.env import DRRLAttentionEnv
@@ -31,8 +32,6 @@ from drrl_gym.export import (
 )
 from drrl_gym.policies import FullRank, UniformRank
 
-TINY = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16), calibration_sequences=2,
-            eval_sequences=2, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import TINY_ENV as TINY
 from conftest import random_basis
 from drrl_gym.backbone import AttentionGeometry, load_backbone
 from drrl_gym.bases import load_or_calibrate_basis
@@ -44,8 +45,6 @@ from drrl_gym.policies import (
 )
 from drrl_gym.spectra import stable_rank
 
-TINY = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16), calibration_sequences=2,
-            eval_sequences=2, device="cpu")
 GEOMETRY = AttentionGeometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64)
 CHOICES = (4, 8, 12, 16)
 

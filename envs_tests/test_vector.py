@@ -15,12 +15,12 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
+from conftest import TINY_ENV
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
 
 # Epsilon near the tiny model's median transition bound, so that masks both allow and reject (checked below).
-TINY = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
-            calibration_sequences=2, eval_sequences=2, device="cpu", epsilon_start=0.05, epsilon_end=0.05)
+TINY = dict(TINY_ENV, epsilon_start=0.05, epsilon_end=0.05)
 N = 3
 TOLERANCE = 1e-5
 
