@@ -19,6 +19,7 @@ disjoint token ranges for a given ``seq_len``; a different ``seq_len`` deals dif
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def load_corpus(tokenizer, config: CorpusConfig = CorpusConfig()) -> CorpusSplit
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         if embedded:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cache, tokens)
+            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")  # then rename: a crash never leaves half a file
+            np.save(tmp, tokens)
+            os.replace(tmp, cache)
     n_blocks = len(tokens) // config.seq_len
     needed = config.calibration_sequences + config.eval_sequences + 1
     if n_blocks < needed:
