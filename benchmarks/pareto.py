@@ -46,7 +46,7 @@ from drrl_gym.backbone import DEFAULT_MODEL, load_backbone, resolve_device
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.evaluation import describe_machine
-from drrl_gym.export import BASIS_FILE, ControllerSpec, DynamicRankRuntime, load_dynamic_rank_model
+from drrl_gym.export import ControllerSpec, DynamicRankRuntime, load_exported_policy
 from drrl_gym.measure import Measurement, measure_policies
 from drrl_gym.policies import (
     FullRank,
@@ -109,16 +109,15 @@ def learned_methods(exports: list[Path], basis: torch.Tensor) -> dict[str, Any]:
     """Each export's policy (with its mask) and the same network with the mask off at inference."""
     methods = {}
     for path in exports:
-        model = load_dynamic_rank_model(path, "cpu")  # the policy only; the benchmark's model runs it
-        theirs = model.drrl
-        if theirs.basis is not None and not torch.allclose(theirs.basis.float().cpu(), basis.float().cpu(), atol=1e-5):
+        exported = load_exported_policy(path)  # the policy only; the benchmark's model runs it
+        if exported.basis is not None and not torch.allclose(exported.basis.float().cpu(), basis.float().cpu(), atol=1e-5):
             raise ValueError(f"{path} was trained with another basis than the benchmark's. Fix: train it with "
                              "env.corpus set to --fit-corpus and the same calibration settings.")
         name = path.parent.name if path.name == "export" else path.name
-        methods[f"learned {name}"] = ("learned", None, theirs.policy, theirs.spec)
-        if theirs.spec.epsilon is not None:
-            methods[f"learned {name}, mask off"] = ("learned, mask off", None, theirs.policy,
-                                                    replace(theirs.spec, epsilon=None))
+        methods[f"learned {name}"] = ("learned", None, exported.policy, exported.spec)
+        if exported.spec.epsilon is not None:
+            methods[f"learned {name}, mask off"] = ("learned, mask off", None, exported.policy,
+                                                    replace(exported.spec, epsilon=None))
     return methods
 
 
@@ -305,10 +304,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     d = backbone.geometry.head_dim
     fit = load_corpus(backbone.tokenizer, CorpusConfig(args.fit_corpus, 1024, args.calibration_sequences, 1))
     basis = load_or_calibrate_basis(backbone, fit.calibration, fit.fingerprint)
-    if args.learned:  # the learned policies carry the basis they were trained with: all methods share it
-        from safetensors.torch import load_file
-
-        basis = load_file(args.learned[0] / BASIS_FILE)["basis"]
+    trained_with = load_exported_policy(args.learned[0]).basis if args.learned else None
+    if trained_with is not None:  # the learned policies carry the basis they were trained with: all methods share it
+        basis = trained_with
     grid = tuple(d * k // 8 for k in range(1, 9))
     if args.allocation:
         allocation = AllocationPath.load(args.allocation)

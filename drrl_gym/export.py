@@ -74,7 +74,8 @@ from drrl_gym.policies import (
 )
 
 __all__ = ["ACTIVATIONS", "PolicyArch", "RankPolicyNetwork", "ControllerSpec", "DynamicRankRuntime",
-           "build_dynamic_rank_model", "export_dynamic_rank_model", "load_dynamic_rank_model", "read_export_config"]
+           "ExportedPolicy", "build_dynamic_rank_model", "export_dynamic_rank_model", "load_dynamic_rank_model",
+           "load_exported_policy", "read_export_config"]
 
 FORMAT = "drrl-gym/dynamic-rank-model"
 FORMAT_VERSION = 2  # 2: the policy block names its kind (rule-based policies need no weights); 1 held networks only
@@ -387,28 +388,48 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_dynamic_rank_model(path: str | Path, device: str | torch.device = "auto",
-                            dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load an export directory as a dynamic-rank HF model (runtime at ``model.drrl``, tokenizer at
-    ``model.drrl.tokenizer``). ``dtype=None``: bf16 on CUDA, fp32 on CPU (``load_backbone``'s default)."""
+@dataclass
+class ExportedPolicy:
+    """What an export directory holds besides the backbone: the policy, its controller spec and basis, its provenance."""
+
+    policy: RankPolicy
+    spec: ControllerSpec
+    basis: torch.Tensor | None
+    geometry: AttentionGeometry  # of the model it was made for
+    env_config: EnvConfig
+    backbone_spec: str  # what load_backbone loads it from
+
+
+def load_exported_policy(path: str | Path) -> ExportedPolicy:
+    """The policy of an export directory (checked like :func:`load_dynamic_rank_model`) without loading its model:
+    e.g. to run several exported policies through one model (``benchmarks/pareto.py``)."""
     path = Path(path)
     config = read_export_config(path)
     spec = ControllerSpec(**{**config["controller"], "rank_choices": tuple(config["controller"]["rank_choices"])})
     source = config["backbone"]
-    model_spec = str(path / BACKBONE_DIR) if source["saved"] else source["spec"]
-    backbone = load_backbone(model_spec, resolve_device(device), dtype)
-    if asdict(backbone.geometry) != source["geometry"]:
-        raise ValueError(f"backbone {model_spec!r} has geometry {backbone.geometry}, but the export was made for "
-                         f"{AttentionGeometry(**source['geometry'])}. Fix: load the model the policy was trained on.")
-    block = config["policy"]
+    geometry = AttentionGeometry(**source["geometry"])
+    controller, block = spec.controller(geometry), config["policy"]
     if block["kind"] == NetworkPolicy.kind:
         network = RankPolicyNetwork(PolicyArch(**block["arch"]))
         network.load_state_dict(load_file(path / POLICY_FILE))
-        policy = NetworkPolicy(spec.controller(backbone.geometry), network)
+        policy: RankPolicy = NetworkPolicy(controller, network)
     else:
-        policy = policy_from_config(spec.controller(backbone.geometry), block["kind"], block["params"])
+        policy = policy_from_config(controller, block["kind"], block["params"])
     basis = load_file(path / BASIS_FILE)["basis"] if (path / BASIS_FILE).is_file() else None
-    return build_dynamic_rank_model(backbone, policy, basis, spec, _env_config(config["env_config"]))
+    backbone_spec = str(path / BACKBONE_DIR) if source["saved"] else source["spec"]
+    return ExportedPolicy(policy, spec, basis, geometry, _env_config(config["env_config"]), backbone_spec)
+
+
+def load_dynamic_rank_model(path: str | Path, device: str | torch.device = "auto",
+                            dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load an export directory as a dynamic-rank HF model (runtime at ``model.drrl``, tokenizer at
+    ``model.drrl.tokenizer``). ``dtype=None``: bf16 on CUDA, fp32 on CPU (``load_backbone``'s default)."""
+    exported = load_exported_policy(path)
+    backbone = load_backbone(exported.backbone_spec, resolve_device(device), dtype)
+    if backbone.geometry != exported.geometry:
+        raise ValueError(f"backbone {exported.backbone_spec!r} has geometry {backbone.geometry}, but the export was made "
+                         f"for {exported.geometry}. Fix: load the model the policy was trained on.")
+    return build_dynamic_rank_model(backbone, exported.policy, exported.basis, exported.spec, exported.env_config)
 
 
 def _env_config(values: dict[str, Any]) -> EnvConfig:

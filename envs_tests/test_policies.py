@@ -26,6 +26,7 @@ from drrl_gym.export import (
     build_dynamic_rank_model,
     export_dynamic_rank_model,
     load_dynamic_rank_model,
+    load_exported_policy,
 )
 from drrl_gym.flops import causal_pairs, layer_flops
 from drrl_gym.lowrank import DynamicRankAttention
@@ -479,6 +480,23 @@ def test_measure_policies(env, basis) -> None:
     assert without["uniform4"].perplexity == pytest.approx(low.perplexity, rel=1e-5)
     with pytest.raises(ValueError, match="multiple of segment_len"):
         measure_policies(model, methods, sequences[:, :100], fidelity=True, progress=False)
+
+
+def test_exported_policy_loads_without_its_model_for_the_pareto_benchmark(env, basis, tmp_path) -> None:
+    from benchmarks.pareto import learned_methods
+
+    spec = replace(ControllerSpec.from_env_config(env.config), epsilon=2.0)
+    policy = NERThreshold(spec.controller(env.geometry), 0.3)
+    config = replace(env.config, epsilon_start=2.0, epsilon_end=2.0)
+    export_dynamic_rank_model(tmp_path / "run" / "export", env.backbone, policy, basis, config)
+    exported = load_exported_policy(tmp_path / "run" / "export")
+    assert exported.spec == spec and exported.geometry == env.geometry and torch.equal(exported.basis, basis)
+    assert isinstance(exported.policy, NERThreshold) and exported.policy.config() == policy.config()
+    methods = learned_methods([tmp_path / "run" / "export"], basis)
+    assert list(methods) == ["learned run", "learned run, mask off"]
+    assert methods["learned run"][3].epsilon == 2.0 and methods["learned run, mask off"][3].epsilon is None
+    with pytest.raises(ValueError, match="another basis"):
+        learned_methods([tmp_path / "run" / "export"], basis + 1)
 
 
 # ------------------------------------------------------------------------------------------ benchmark arguments
