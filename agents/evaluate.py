@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
