@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for name, measurement in measured.items():
             if methods[name][0] == "learned" or name == "static greedy <= 60%":
                 mean_ranks[(length, name)] = measurement.mean_ranks
-        _uninstall(model)
+        runtime.uninstall()  # the next length installs a fresh runtime on the same backbone
         markdown = write_results(results, meta, mean_ranks, args.out)  # after every length: nothing lost on a crash
     print(markdown)
     return results
@@ -356,12 +356,6 @@ def _results(length: int, methods: dict[str, Any], measured: dict[str, Measureme
     return [Result(length, methods[name][0], name, methods[name][1], m.perplexity, 100 * (m.perplexity / full - 1),
                    m.fidelity, 100 * (1 - m.scores_flops_fraction), 100 * (1 - m.attention_flops_fraction),
                    m.latency_ms, m.rank_fraction) for name, m in measured.items()]
-
-
-def _uninstall(model) -> None:
-    """Undo ``install`` so the next length installs a fresh runtime on the same backbone."""
-    model.drrl.attention.detach(model)
-    del model.forward, model.drrl
 
 
 if __name__ == "__main__":

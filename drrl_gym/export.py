@@ -180,6 +180,14 @@ class DynamicRankRuntime:
         self.model.drrl = self
         return self.model
 
+    def uninstall(self) -> PreTrainedModel:
+        """Undo :meth:`install`: the model's own attention and forward again (e.g. to install another runtime)."""
+        if getattr(self.model, "drrl", None) is not self:
+            raise RuntimeError("this runtime is not installed on its model. Fix: call install() first.")
+        self.attention.detach(self.model)
+        del self.model.forward, self.model.drrl  # the instance attributes install() set; the class's forward is back
+        return self.model
+
     # -------------------------------------------------------------------------------------------- forward
     def _segmented_forward(self, original: Any, *args: Any, **kwargs: Any) -> CausalLMOutputWithPast:
         arguments = self._signature.bind(*args, **kwargs).arguments

@@ -206,6 +206,10 @@ def test_full_rank_policy_is_the_unmodified_model(env, basis) -> None:
         low = model(tokens).logits
     assert [int(r.max()) for r in model.drrl.rank_history] == [16, 4, 4, 4]
     assert (low - reference(tokens).logits).abs().max() > 1e-3
+    plain = model.drrl.uninstall()
+    assert not hasattr(plain, "drrl") and plain.config._attn_implementation != "drrl_dynamic_rank"
+    with torch.no_grad():
+        assert torch.allclose(plain(tokens).logits, reference(tokens).logits, atol=1e-4)
 
 
 def test_unsupported_inputs_fail_clearly(env, basis) -> None:
