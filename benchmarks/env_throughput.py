@@ -5,7 +5,7 @@
 Measures, on the same train sequences (SmolLM2-135M, 64 sequences of 1024 tokens in segments of 128 by default):
 
 1. plain HF forward: the unmodified model (its own attention, e.g. SDPA) running each segment with a DynamicCache,
-   as ``model(tokens, past_key_values=cache)`` (with the LM head) and as ``model.base_model`` (without it); the
+   as ``model(tokens, cache=cache)`` (with the LM head) and as ``model.base_model`` (without it); the
    time per segment of segments 1 .. n-1, i.e. per env step.
 2. the batched env (``DRRLAttentionVecEnv``, one forward per step for all N episodes): the step alone, the reset
    (warm-up segment + the full-rank reference of every remaining segment), and the step with the reset amortised
@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL
 from drrl_gym.evaluation import describe_machine
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.env import DRRLAttentionEnv, capture_cuda_graph, kv_tensors, point_cache
 from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
 
@@ -59,7 +60,7 @@ def plain_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int
     with torch.inference_mode():
         for start in range(0, tokens.shape[1], segment_len):
             segment = tokens[:, start : start + segment_len]
-            _, elapsed = timed(lambda: run(segment, past_key_values=cache, use_cache=True))
+            _, elapsed = timed(lambda: run(segment, **cache_argument(cache), use_cache=True))
             seconds.append(elapsed)
     return seconds
 
@@ -188,12 +189,12 @@ def plain_forward_graphed(model: torch.nn.Module, tokens: torch.Tensor, segment_
     with torch.inference_mode():
         for t in range(1, tokens.shape[1] // segment_len):
             cache = DynamicCache(config=model.config)
-            model.base_model(tokens[:, : t * segment_len], past_key_values=cache, use_cache=True)
+            model.base_model(tokens[:, : t * segment_len], **cache_argument(cache), use_cache=True)
             inputs, segment = kv_tensors(cache), tokens[:, t * segment_len : (t + 1) * segment_len]
 
             def run() -> None:
                 point_cache(cache, inputs)  # (the segment's forward grows the cache; each run starts from the prefix)
-                model.base_model(segment, past_key_values=cache, use_cache=True)
+                model.base_model(segment, **cache_argument(cache), use_cache=True)
 
             graph, _ = capture_cuda_graph(run)
             graph.replay()

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from drrl_gym.backbone import DEFAULT_MODEL, AttentionGeometry, Backbone, load_backbone, resolve_device
 from drrl_gym.bases import BASIS_MODES, load_or_calibrate_basis
 from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, CorpusSplits, load_corpus, looks_like_path
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import DynamicRankAttention, validate_rank_choices
 from drrl_gym.observation import GRANULARITIES, RankController, StatsSummary
 from drrl_gym.reward import FIDELITY, FIDELITY_METRICS, RewardWeights, attention_cosine_per_head, flops_fractions
@@ -493,7 +494,7 @@ class EpisodeBatch:
         attention.collect_stats = collect_stats
         attention.capture_outputs = capture_attention
         with attention.attached(self.backbone.model):
-            hidden = self.backbone.model.base_model(tokens, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(attention.outputs) if capture_attention else None)
         attention.outputs = [None] * self.geometry.num_layers  # the Captured holds them, the attention object not
         return captured

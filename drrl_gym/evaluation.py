@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from drrl_gym.backbone import Backbone
+from drrl_gym.hf_compat import cache_argument
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def segmented_perplexity(
         cache = DynamicCache(config=backbone.model.config)
         for s in range(0, tokens.shape[1] - 1, segment_len):
             segment = tokens[:, s : s + segment_len]
-            logits = backbone.model(segment, past_key_values=cache, use_cache=True).logits
+            logits = backbone.model(segment, **cache_argument(cache), use_cache=True).logits
             segment_nll, segment_count = next_token_nll(logits, tokens, s)
             nll, count = nll + segment_nll, count + segment_count
     return math.exp(nll / count)

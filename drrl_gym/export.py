@@ -61,6 +61,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from drrl_gym.backbone import AttentionGeometry, Backbone, load_backbone, resolve_device
 from drrl_gym.env import EnvConfig
+from drrl_gym.hf_compat import cache_argument, pop_cache
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import RankController
 from drrl_gym.policies import (
@@ -196,7 +197,7 @@ class DynamicRankRuntime:
         inputs = arguments.pop(key)
         arguments.pop("input_ids", None)
         arguments.pop("inputs_embeds", None)
-        cache = arguments.pop("past_key_values", None)
+        cache = pop_cache(arguments)
         use_cache = arguments.pop("use_cache", None)
         labels = arguments.pop("labels", None)
         keep = arguments.pop("logits_to_keep", 0)
@@ -225,7 +226,7 @@ class DynamicRankRuntime:
             if a == b:
                 continue
             self._begin_piece(start + a)
-            piece = dict(arguments, past_key_values=cache, use_cache=True, **{key: inputs[:, a:b]})
+            piece = dict(arguments, **cache_argument(cache), use_cache=True, **{key: inputs[:, a:b]})
             piece.update({name: value[..., a:b] for name, value in per_token.items()})
             if mask is not None:
                 piece["attention_mask"] = mask[:, : start + b]
@@ -252,7 +253,7 @@ class DynamicRankRuntime:
         if arguments.get("output_hidden_states"):
             hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*(o.hidden_states for o in outputs)))
         want_cache = self.model.config.use_cache if use_cache is None else use_cache
-        return CausalLMOutputWithPast(loss=loss, logits=logits_all, past_key_values=cache if want_cache else None,
+        return CausalLMOutputWithPast(loss=loss, logits=logits_all, **cache_argument(cache if want_cache else None),
                                       hidden_states=hidden)
 
     def _sync(self, start: int, batch: int) -> None:
@@ -268,7 +269,7 @@ class DynamicRankRuntime:
                 f"the KV cache holds {start} tokens of {batch} sequence(s), but the dynamic-rank runtime is at position "
                 f"{self._position} of {self._batch}: its per-segment state no longer matches the cache (a cropped or "
                 "reordered cache, or another sequence's cache). Fix: continue from the cache the last call returned, or "
-                "start a new sequence without past_key_values. Beam search and assisted decoding are not supported."
+                "start a new sequence without a cache. Beam search and assisted decoding are not supported."
             )
 
     def _begin_piece(self, position: int) -> None:

@@ -37,6 +37,7 @@ from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.evaluation import next_token_nll
 from drrl_gym.export import ControllerSpec
 from drrl_gym.flops import AttentionFlops, layer_flops
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.policies import FullRank, RankPolicy
 
 
@@ -90,7 +91,7 @@ def _run(model: PreTrainedModel, tokens: torch.Tensor, tally: _Tally, reference:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logits = model(tokens[:, s * length : (s + 1) * length], past_key_values=cache, use_cache=True).logits
+        logits = model(tokens[:, s * length : (s + 1) * length], **cache_argument(cache), use_cache=True).logits
         if cuda:
             torch.cuda.synchronize()
         tally.latencies.append(time.perf_counter() - start)

@@ -19,6 +19,7 @@ import torch
 
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.bounds import attention_change_bound, score_change_norm
+from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.lowrank import DynamicRankAttention
 
@@ -256,7 +257,7 @@ def _check_real_model(backbone, rank_choices: tuple[int, ...], seq_len: int, exp
         segments.append(("no cache", seq_len, controller.stats(), dict(controller.captured)))
         prefix = seq_len // 2
         out = model(splits.eval[1:2, :prefix], use_cache=True)
-        model(splits.eval[1:2, prefix:], past_key_values=out.past_key_values, use_cache=True)
+        model(splits.eval[1:2, prefix:], **cache_argument(output_cache(out)), use_cache=True)
         segments.append(("kv cache", seq_len - prefix, controller.stats(), dict(controller.captured)))
 
     group, n = g.group_size, len(rank_choices)

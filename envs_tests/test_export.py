@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from conftest import TINY_ENV as TINY
 from drrl_gym.backbone import load_backbone
 from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import (
     BASIS_FILE,
@@ -187,7 +188,7 @@ def test_token_by_token_matches_one_call(env, basis) -> None:
         ranks_whole = [r.clone() for r in model.drrl.rank_history]
         cache, pieces = DynamicCache(config=model.config), []
         for chunk in (tokens[:, :20], *tokens[:, 20:].split(1, dim=1)):  # a prompt, then one token at a time
-            pieces.append(model(chunk, past_key_values=cache).logits)
+            pieces.append(model(chunk, **cache_argument(cache)).logits)
     assert all(torch.equal(a, b) for a, b in zip(ranks_whole, model.drrl.rank_history))
     assert torch.allclose(whole, torch.cat(pieces, dim=1), atol=1e-4)
 
@@ -220,9 +221,9 @@ def test_unsupported_inputs_fail_clearly(env, basis) -> None:
     with pytest.raises(NotImplementedError, match="padding"):
         model(tokens, attention_mask=mask)
     out = model(tokens[:, :20])
-    out.past_key_values.crop(-10)
+    output_cache(out).crop(-10)
     with pytest.raises(RuntimeError, match="no longer matches the cache"):
-        model(tokens[:, 10:20], past_key_values=out.past_key_values)
+        model(tokens[:, 10:20], **cache_argument(output_cache(out)))
 
 
 def test_forward_options_logits_to_keep_labels_hidden_states(env, basis) -> None:

@@ -29,6 +29,7 @@ from drrl_gym.export import (
     load_exported_policy,
 )
 from drrl_gym.flops import causal_pairs, layer_flops
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import DynamicRankAttention
 from drrl_gym.measure import measure_policies
 from drrl_gym.observation import RankController
@@ -340,7 +341,7 @@ def run_segments(model, attention: DynamicRankAttention, tokens: torch.Tensor, r
     cache, logits, stats = DynamicCache(config=model.config), [], []
     for s, r in enumerate(ranks):
         attention.set_ranks(r)
-        logits.append(model(tokens[:, s * segment : (s + 1) * segment], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(tokens[:, s * segment : (s + 1) * segment], **cache_argument(cache), use_cache=True).logits)
         stats.append(attention.stats())
     return torch.cat(logits, 1), stats
 
@@ -370,11 +371,11 @@ def test_projected_key_cache_matches_reprojection() -> None:
     with torch.no_grad(), cached.attached(model):
         cached.set_ranks(8)
         with pytest.raises(RuntimeError, match="start_sequence"):  # a new sequence without start_sequence()
-            model(tokens[:, :12], past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(tokens[:, :12], **cache_argument(DynamicCache(config=model.config)), use_cache=True)
         cached.start_sequence()
         with pytest.raises(RuntimeError, match="start_sequence"):  # another batch size than the cached one
-            model(tokens[:, :12], past_key_values=DynamicCache(config=model.config), use_cache=True)
-            model(tokens[:1, :12], past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(tokens[:, :12], **cache_argument(DynamicCache(config=model.config)), use_cache=True)
+            model(tokens[:1, :12], **cache_argument(DynamicCache(config=model.config)), use_cache=True)
         cached.start_sequence()
         again = model(tokens[:, :12], use_cache=False).logits
     with torch.no_grad(), plain.attached(model):
