@@ -15,7 +15,7 @@ with a KV cache, segment 0 at full rank (the policy's warm-up), then
   the whole attention, statistics included, where it is full rank if the policy costs that much). This is the
   headline comparison; each row's note says which case applies.
 
-Columns (measured by ``drrl_gym.measure``, which documents them): perplexity over every token; fidelity, the mean
+Columns (measured by ``drrl_gym.policy_metrics``, which documents them): perplexity over every token; fidelity, the mean
 cosine of attention outputs against the full-rank run over the decision segments; FLOPs reductions of the QK^T
 scores and of the whole attention, each method charged for what it runs (the policy for its statistics, every
 low-rank method for its projected-key cache); latency, the median wall time of one segment's forward pass. Writes results.csv, results.json, results.png and results.md; prints the table.
@@ -44,9 +44,9 @@ from drrl_gym.backbone import load_backbone, resolve_device
 from drrl_gym.bases import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.env import EnvConfig
-from drrl_gym.evaluation import describe_machine
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
-from drrl_gym.measure import measure_policies
+from drrl_gym.policy_metrics import measure_policies
 from drrl_gym.policies import FullRank, RankPolicy, UniformRank
 
 FIELDS = ("method", "rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction",
@@ -72,7 +72,7 @@ class Row:
 # ---------------------------------------------------------------------------------------------- measuring
 def evaluate_model(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int, progress: bool = True) -> list[Row]:
     """Full rank, every uniform rank choice and the model's own policy on ``sequences`` (n, seq_len), measured
-    by ``drrl_gym.measure`` through the model's runtime (``model.drrl``)."""
+    by ``drrl_gym.policy_metrics`` through the model's runtime (``model.drrl``)."""
     runtime = model.drrl
     spec, learned = runtime.spec, runtime.policy
     baseline_spec = replace(spec, epsilon=None)  # baselines run unmasked; the policy keeps its training mask

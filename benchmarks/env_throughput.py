@@ -33,10 +33,13 @@ import transformers
 from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL
-from drrl_gym.evaluation import describe_machine
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.hf_compat import cache_argument
-from drrl_gym.env import DRRLAttentionEnv, capture_cuda_graph, kv_tensors, point_cache
-from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
+from drrl_gym.cuda_graphs import capture_cuda_graph
+from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.kv_cache import kv_tensors, point_cache
+from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
+from drrl_gym.vector import DRRLAttentionVecEnv
 
 
 def synchronize() -> None:
@@ -65,9 +68,9 @@ def plain_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int
     return seconds
 
 
-def random_actions(rng: np.random.Generator, masks: np.ndarray, n_tokens: int) -> np.ndarray:
-    """A uniformly random *allowed* choice per token (as a masked policy acts), for (N, n_tokens * n_choices) masks."""
-    allowed = masks.reshape(len(masks), n_tokens, -1)
+def random_actions(rng: np.random.Generator, masks: np.ndarray, n_units: int) -> np.ndarray:
+    """A uniformly random *allowed* choice per token (as a masked policy acts), for (N, n_units * n_choices) masks."""
+    allowed = masks.reshape(len(masks), n_units, -1)
     scores = rng.random(allowed.shape) * allowed  # disallowed choices score 0, allowed ones > 0 almost surely
     return scores.argmax(-1)
 
@@ -79,7 +82,7 @@ def core_episode(venv: DRRLAttentionVecEnv, rng: np.random.Generator) -> tuple[f
     _, reset = timed(lambda: batch.reset(indices))
     steps = []
     for _ in range(venv.config.n_segments - 1):
-        actions = random_actions(rng, venv.action_masks(), venv.n_tokens)
+        actions = random_actions(rng, venv.action_masks(), venv.n_units)
         steps.append(timed(lambda: batch.step(actions))[1])
     return reset, steps
 
@@ -91,7 +94,7 @@ def gymnasium_api(venv: DRRLAttentionVecEnv, episodes: int, seed: int) -> float:
     synchronize()
     start = time.perf_counter()
     for _ in range(total):
-        venv.step(random_actions(rng, venv.action_masks(), venv.n_tokens))
+        venv.step(random_actions(rng, venv.action_masks(), venv.n_units))
     synchronize()
     return (time.perf_counter() - start) / total
 
@@ -104,7 +107,7 @@ def sb3_adapter(env: DRRLAttentionSB3VecEnv, episodes: int, seed: int) -> float:
     synchronize()
     start = time.perf_counter()
     for _ in range(episodes * n_steps):
-        env.step(random_actions(rng, np.stack(env.env_method("action_masks")), env.venv.n_tokens))
+        env.step(random_actions(rng, np.stack(env.env_method("action_masks")), env.venv.n_units))
     synchronize()
     return (time.perf_counter() - start) / (episodes * n_steps)
 
@@ -115,19 +118,19 @@ def dummy_vec_env(kwargs: dict[str, Any], num_envs: int, seed: int) -> dict[str,
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     env = DummyVecEnv([lambda: DRRLAttentionEnv(**kwargs) for _ in range(num_envs)])
-    rng, n_tokens = np.random.default_rng(seed), env.get_attr("n_tokens", 0)[0]
+    rng, n_units = np.random.default_rng(seed), env.get_attr("n_units", 0)[0]
     n_steps = kwargs["seq_len"] // kwargs["segment_len"] - 1
     env.seed(seed)
     env.reset()
     for _ in range(n_steps):  # warm-up episode; its last step autoresets
-        env.step(random_actions(rng, np.stack(env.env_method("action_masks")), n_tokens))
+        env.step(random_actions(rng, np.stack(env.env_method("action_masks")), n_units))
     _, reset = timed(env.reset)
     step_s = []
     for _ in range(n_steps - 1):  # the last step autoresets (a reset inside the step): timed apart below
-        actions = random_actions(rng, np.stack(env.env_method("action_masks")), n_tokens)
+        actions = random_actions(rng, np.stack(env.env_method("action_masks")), n_units)
         _, elapsed = timed(lambda: env.step(actions))
         step_s.append(elapsed)
-    actions = random_actions(rng, np.stack(env.env_method("action_masks")), n_tokens)
+    actions = random_actions(rng, np.stack(env.env_method("action_masks")), n_units)
     _, last = timed(lambda: env.step(actions))
     env.close()
     return dict(reset_s=reset, step_s=float(np.mean(step_s)), last_step_with_autoreset_s=last,
@@ -142,7 +145,7 @@ def graphs_against_eager(graphed: DRRLAttentionVecEnv, eager: DRRLAttentionVecEn
     for _ in range(graphed.config.n_segments - 1):
         masks = graphed.action_masks()
         worst["masks_equal"] &= bool(np.array_equal(masks, eager.action_masks()))
-        actions = random_actions(rng, masks, graphed.n_tokens)
+        actions = random_actions(rng, masks, graphed.n_units)
         results = [env.step(actions) for env in (graphed, eager)]
         # (observation of the step, reward, fidelity); at the episode's end the step's observation is final_obs.
         ends = [(np.stack(i["final_obs"]), r, i["final_info"]["fidelity"]) if d[0] else (o, r, i["fidelity"])
@@ -164,7 +167,7 @@ def profile(venv: DRRLAttentionVecEnv, path: Path, seed: int) -> None:
     batch.reset(indices)
     with torch_profile(activities=activities) as steps:
         for _ in range(venv.config.n_segments - 1):
-            batch.step(random_actions(rng, venv.action_masks(), venv.n_tokens))
+            batch.step(random_actions(rng, venv.action_masks(), venv.n_units))
         synchronize()
     with torch_profile(activities=activities) as reset:
         batch.reset(indices)
@@ -228,7 +231,7 @@ def main() -> None:
     venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
     backbone = venv.backbone
     print(f"{describe_machine()}: {args.model} ({backbone.dtype}), {n} envs x {args.seq_len} tokens in segments of "
-          f"{args.segment_len}, {venv.n_tokens} tokens x {len(venv.feature_names)} features", flush=True)
+          f"{args.segment_len}, {venv.n_units} tokens x {len(venv.feature_names)} features", flush=True)
 
     # Warm up every path once (kernels, allocator, CUDA graph capture), then measure in interleaved rounds, so
     # that drift of the machine (its CPU is shared and slow) hits the baseline and the env alike; medians below.

@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
-from drrl_gym.evaluation import describe_machine
+from drrl_gym.perplexity import describe_machine
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ context lengths, on held-out text.
     python benchmarks/pareto.py --out docs/results/pareto_cpu --seq-lens 1024 --eval-sequences 2     # CPU smoke
     python benchmarks/pareto.py --learned runs/gpu/export --seq-lens 1024 4096 8192 --out docs/results/pareto_h100
 
-Protocol (``drrl_gym.measure``): every method runs through the same dynamic-rank model, segment by segment with a KV
+Protocol (``drrl_gym.policy_metrics``): every method runs through the same dynamic-rank model, segment by segment with a KV
 cache, segment 0 at full rank. What is fitted (the calibrated basis, the greedy static allocation, the learned
 policies: train them with ``env.corpus=shakespeare-plays``) uses ``--fit-corpus``; what is measured is
 ``--eval-corpus``, by default the 1911 Britannica article, which the plays do not contain, so the held-out text is
@@ -43,17 +43,17 @@ import transformers
 
 from drrl_gym.allocation import AllocationPath, greedy_static_allocation
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone, resolve_device
-from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
-from drrl_gym.evaluation import describe_machine
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.export import ControllerSpec, DynamicRankRuntime, load_exported_policy
-from drrl_gym.measure import Measurement, measure_policies
+from drrl_gym.policy_metrics import Measurement, measure_policies
 from drrl_gym.policies import (
     FullRank,
     NERThreshold,
     RandomRanks,
     RankPolicy,
-    StableRankController,
+    StableRankPolicy,
     StaticRanks,
     UniformRank,
 )
@@ -100,7 +100,7 @@ def baseline_methods(spec: ControllerSpec, geometry, allocation: AllocationPath)
     for tau in NER_TAUS:
         methods[f"NER tau={tau}"] = ("NER threshold", tau, NERThreshold(controller, tau), spec)
     for safety in ALRT_SAFETY:
-        methods[f"ALRT safety={safety:g}"] = ("ALRT stable rank", safety, StableRankController(controller, safety), spec)
+        methods[f"ALRT safety={safety:g}"] = ("ALRT stable rank", safety, StableRankPolicy(controller, safety), spec)
     methods["random"] = ("random", None, RandomRanks(controller, seed=0), spec)
     return methods
 

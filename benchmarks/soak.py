@@ -36,7 +36,7 @@ import torch
 import transformers
 
 import drrl_gym
-from drrl_gym.evaluation import describe_machine
+from drrl_gym.perplexity import describe_machine
 
 try:
     import psutil

@@ -7,6 +7,7 @@ for you). The public names below are imported on first use, so importing the pac
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import gymnasium
@@ -24,12 +25,12 @@ if ENV_ID not in gymnasium.registry:  # re-importing (e.g. importlib.reload) mus
 _EXPORTS = {
     "DRRLAttentionEnv": "drrl_gym.env",
     "DRRLAttentionVecEnv": "drrl_gym.vector",
-    "DRRLAttentionSB3VecEnv": "drrl_gym.vector",
-    "EnvConfig": "drrl_gym.env",
-    "shared_backbone": "drrl_gym.env",
+    "EnvConfig": "drrl_gym.config",
+    "shared_backbone": "drrl_gym.resources",
+    "free_shared_resources": "drrl_gym.resources",
     "OBSERVATION_FEATURES": "drrl_gym.observation",
     "observation_feature_names": "drrl_gym.observation",
-    "RankController": "drrl_gym.observation",
+    "DecisionSpace": "drrl_gym.observation",
     "FIDELITY_METRICS": "drrl_gym.reward",
     "Backbone": "drrl_gym.backbone",
     "AttentionGeometry": "drrl_gym.backbone",
@@ -37,22 +38,33 @@ _EXPORTS = {
     "CorpusConfig": "drrl_gym.corpus",
     "load_corpus": "drrl_gym.corpus",
     "DynamicRankAttention": "drrl_gym.lowrank",
-    "segmented_perplexity": "drrl_gym.evaluation",
+    "segmented_perplexity": "drrl_gym.perplexity",
+}
+# Old names, resolved with a DeprecationWarning for one release: name -> (module, new name).
+_DEPRECATED = {
+    "RankController": ("drrl_gym.observation", "DecisionSpace"),
+    "DRRLAttentionSB3VecEnv": ("drrl_gym.training.sb3_vec_env", "DRRLAttentionSB3VecEnv"),
 }
 __all__ = ["ENV_ID", *_EXPORTS]
 
 if TYPE_CHECKING:
     from drrl_gym.backbone import AttentionGeometry, Backbone, load_backbone
+    from drrl_gym.config import EnvConfig
     from drrl_gym.corpus import CorpusConfig, load_corpus
-    from drrl_gym.env import DRRLAttentionEnv, EnvConfig, shared_backbone
-    from drrl_gym.evaluation import segmented_perplexity
+    from drrl_gym.env import DRRLAttentionEnv
     from drrl_gym.lowrank import DynamicRankAttention
-    from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
-    from drrl_gym.observation import OBSERVATION_FEATURES, RankController, observation_feature_names
+    from drrl_gym.observation import OBSERVATION_FEATURES, DecisionSpace, observation_feature_names
+    from drrl_gym.perplexity import segmented_perplexity
+    from drrl_gym.resources import free_shared_resources, shared_backbone
     from drrl_gym.reward import FIDELITY_METRICS
+    from drrl_gym.vector import DRRLAttentionVecEnv
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: import torch and transformers only when a name is used
+    if name in _DEPRECATED:
+        module, new = _DEPRECATED[name]
+        warnings.warn(f"drrl_gym.{name} is deprecated; use {module}.{new}.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), new)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'drrl_gym' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

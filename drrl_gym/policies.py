@@ -1,24 +1,24 @@
 """Rank policies: whatever decides the ranks of a segment, learned or not, behind one call.
 
     act(observation, allowed) -> requested
-        observation (B, n_tokens, n_features) float32: the controller's view of the last segment
-                    (``RankController.observe``; columns named by ``controller.feature_names``)
-        allowed     (B, n_tokens, n_choices) bool: the safety mask
-        requested   (B, n_tokens) int64 choice indices; the caller projects disallowed ones (``controller.project``)
+        observation (B, n_units, n_features) float32: the controller's view of the last segment
+                    (``DecisionSpace.observe``; columns named by ``controller.feature_names``)
+        allowed     (B, n_units, n_choices) bool: the safety mask
+        requested   (B, n_units) int64 choice indices; the caller projects disallowed ones (``controller.project``)
 
 The environment, the vector env and an exported model (``drrl_gym.export``) all build both arrays with the same
-:class:`~drrl_gym.observation.RankController`, so every policy here runs in all three unchanged (for a single env:
+:class:`~drrl_gym.observation.DecisionSpace`, so every policy here runs in all three unchanged (for a single env:
 :func:`act_in_env`). ``reset(batch_size)`` starts new sequences (stateful policies keep per-sequence state).
 ``config()`` returns the constructor arguments that :func:`policy_from_config` rebuilds a policy from, which is how
 an export stores a rule-based policy.
 
 The baselines of the paper's comparison, each a policy:
 
-* :class:`FullRank`, :class:`UniformRank`: every token at the largest choice, or at one fixed rank.
-* :class:`StaticRanks`: a fixed choice per token, e.g. the greedy per-layer allocation of ``drrl_gym.allocation``.
-* :class:`NERThreshold`: per segment and token, the smallest r with NER(r) >= tau for the queries *and* the keys of
-  the last segment (the paper's spectral truncation rule, DESIGN-NOTES sec. 2).
-* :class:`StableRankController`: the ALRT rank controller (``../shared/seeds/alrt-tech-report.md`` sec. 2.3) on the
+* :class:`FullRank`, :class:`UniformRank`: every unit at the largest choice, or at one fixed rank.
+* :class:`StaticRanks`: a fixed choice per decision unit, e.g. the greedy per-layer allocation of ``drrl_gym.allocation``.
+* :class:`NERThreshold`: per segment and unit, the smallest r with NER(r) >= tau for the queries *and* the keys of
+  the last segment (the paper's spectral truncation rule; NER is defined in drrl_gym.spectra).
+* :class:`StableRankPolicy`: the ALRT stable-rank controller (Adaptive Low-Rank Transformer report) on the
   stable rank of the last segment's queries and keys: target = safety x stable rank, EMA, change threshold,
   bounded step.
 * :class:`RandomRanks`: uniform over the allowed choices.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from drrl_gym.observation import RankController
+from drrl_gym.observation import DecisionSpace
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -57,18 +57,18 @@ class RankPolicy(Protocol):
 def act_in_env(policy: RankPolicy, env: Any, observation: np.ndarray) -> np.ndarray:
     """The action of a single ``DRRL-Attention-v0`` env (flat observation, flat mask) from a batch-of-one call."""
     unwrapped = env.unwrapped
-    allowed = unwrapped.action_masks().reshape(1, unwrapped.n_tokens, len(unwrapped.rank_choices))
-    return policy.act(observation.reshape(1, *unwrapped.token_shape), allowed)[0]
+    allowed = unwrapped.action_masks().reshape(1, unwrapped.n_units, len(unwrapped.rank_choices))
+    return policy.act(observation.reshape(1, *unwrapped.unit_shape), allowed)[0]
 
 
-def _choice_index(controller: RankController, rank: int, what: str) -> int:
+def _choice_index(controller: DecisionSpace, rank: int, what: str) -> int:
     if rank not in controller.rank_choices:
         raise ValueError(f"{what}={rank} is not one of the rank choices {controller.rank_choices}. "
                          "Fix: pick one of them, or build the controller with rank_choices that include it.")
     return controller.rank_choices.index(rank)
 
 
-def _columns(controller: RankController, stem: str) -> list[int]:
+def _columns(controller: DecisionSpace, stem: str) -> list[int]:
     """Observation column indices of a per-choice feature (``stem@r`` for every r of the choices)."""
     return [controller.feature_names.index(f"{stem}@{r}") for r in controller.rank_choices]
 
@@ -77,7 +77,7 @@ def _columns(controller: RankController, stem: str) -> list[int]:
 class _Stateless:
     needs_statistics: ClassVar[bool] = False
 
-    def __init__(self, controller: RankController) -> None:
+    def __init__(self, controller: DecisionSpace) -> None:
         self.controller = controller
 
     def reset(self, batch_size: int) -> None:
@@ -85,7 +85,7 @@ class _Stateless:
 
 
 class FullRank(_Stateless):
-    """Every token at the largest rank choice (full rank when it is head_dim): the unmodified model's attention."""
+    """Every unit at the largest rank choice (full rank when it is head_dim): the unmodified model's attention."""
 
     kind = "full_rank"
 
@@ -97,11 +97,11 @@ class FullRank(_Stateless):
 
 
 class UniformRank(_Stateless):
-    """Every token at ``rank`` (one of the controller's rank choices), every segment."""
+    """Every unit at ``rank`` (one of the controller's rank choices), every segment."""
 
     kind = "uniform_rank"
 
-    def __init__(self, controller: RankController, rank: int) -> None:
+    def __init__(self, controller: DecisionSpace, rank: int) -> None:
         super().__init__(controller)
         self.rank, self._index = int(rank), _choice_index(controller, int(rank), "rank")
 
@@ -113,17 +113,17 @@ class UniformRank(_Stateless):
 
 
 class StaticRanks(_Stateless):
-    """A fixed rank per token, every segment: ``ranks`` has one rank choice per token (a layer, or a (layer, KV
+    """A fixed rank per unit, every segment: ``ranks`` has one rank choice per unit (a layer, or a (layer, KV
     head) pair, layer-major), e.g. ``drrl_gym.allocation``'s greedy allocation."""
 
     kind = "static_ranks"
 
-    def __init__(self, controller: RankController, ranks: list[int]) -> None:
+    def __init__(self, controller: DecisionSpace, ranks: list[int]) -> None:
         super().__init__(controller)
         self.ranks = [int(r) for r in np.asarray(ranks).reshape(-1)]
-        if len(self.ranks) != controller.n_tokens:
-            raise ValueError(f"ranks has {len(self.ranks)} entries but the controller has {controller.n_tokens} tokens "
-                             f"({controller.granularity} granularity). Fix: give one rank per token.")
+        if len(self.ranks) != controller.n_units:
+            raise ValueError(f"ranks has {len(self.ranks)} entries but the controller has {controller.n_units} units "
+                             f"({controller.granularity} granularity). Fix: give one rank per unit.")
         self._indices = np.array([_choice_index(controller, r, "ranks entry") for r in self.ranks], dtype=np.int64)
 
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -135,7 +135,7 @@ class StaticRanks(_Stateless):
 
 # ---------------------------------------------------------------------------------------- spectral rules
 class NERThreshold(_Stateless):
-    """Smallest rank r with NER(r) >= ``tau`` for both the queries and the keys of the last segment, per token.
+    """Smallest rank r with NER(r) >= ``tau`` for both the queries and the keys of the last segment, per unit.
 
     NER(r) is the fraction of energy in the first r basis directions (observation columns ``query_ner@r`` and
     ``key_ner@r``; DESIGN-NOTES sec. 2). The largest choice when no choice reaches ``tau``.
@@ -144,7 +144,7 @@ class NERThreshold(_Stateless):
     kind = "ner_threshold"
     needs_statistics = True
 
-    def __init__(self, controller: RankController, tau: float) -> None:
+    def __init__(self, controller: DecisionSpace, tau: float) -> None:
         super().__init__(controller)
         if not 0 < tau <= 1:
             raise ValueError(f"tau={tau!r} must lie in (0, 1]: NER is an energy fraction. Fix: e.g. tau=0.95.")
@@ -152,7 +152,7 @@ class NERThreshold(_Stateless):
         self._query, self._key = _columns(controller, "query_ner"), _columns(controller, "key_ner")
 
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        ner = np.minimum(observation[..., self._query], observation[..., self._key])  # (B, n_tokens, n_choices)
+        ner = np.minimum(observation[..., self._query], observation[..., self._key])  # (B, n_units, n_choices)
         reaches = ner >= self.tau
         return np.where(reaches.any(-1), reaches.argmax(-1), len(self.controller.rank_choices) - 1).astype(np.int64)
 
@@ -160,12 +160,12 @@ class NERThreshold(_Stateless):
         return {"tau": self.tau}
 
 
-class StableRankController:
-    """The ALRT rank controller (alrt-tech-report.md sec. 2.3) on attention activations, one per token.
+class StableRankPolicy:
+    """The ALRT stable-rank controller on attention activations, one per decision unit.
 
     Signal: the stable rank tr(G) / lambda_max(G) of the last segment's queries and of its keys (power iteration,
     ``drrl_gym.spectra.stable_rank``; observation columns ``query_stable_rank``/``key_stable_rank``, as fractions of
-    d), the larger of the two, since the scores need both. Per decision and token:
+    d), the larger of the two, since the scores need both. Per decision and unit:
 
         target_t = safety * d * max(srank_q, srank_k)                      (safety factor, headroom)
         m_t      = ema * m_{t-1} + (1 - ema) * target_t,   m_0 = r_0 = d   (EMA smoothing, from the warm-up rank)
@@ -180,7 +180,7 @@ class StableRankController:
     kind = "stable_rank"
     needs_statistics: ClassVar[bool] = True
 
-    def __init__(self, controller: RankController, safety: float = 1.5, ema: float = 0.8, change_threshold: float = 2.0,
+    def __init__(self, controller: DecisionSpace, safety: float = 1.5, ema: float = 0.8, change_threshold: float = 2.0,
                  max_step: int = 1) -> None:
         checks = {"safety": (safety, safety > 0), "ema": (ema, 0 <= ema < 1),
                   "change_threshold": (change_threshold, change_threshold >= 0),
@@ -198,11 +198,11 @@ class StableRankController:
         self._smoothed: np.ndarray | None = None
 
     def reset(self, batch_size: int) -> None:
-        self._smoothed = np.full((batch_size, self.controller.n_tokens), float(self.controller.geometry.head_dim))
+        self._smoothed = np.full((batch_size, self.controller.n_units), float(self.controller.geometry.head_dim))
 
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         if self._smoothed is None or self._smoothed.shape != observation.shape[:2]:
-            raise RuntimeError("StableRankController.act before reset(batch_size) for this batch. Fix: call reset() at "
+            raise RuntimeError("StableRankPolicy.act before reset(batch_size) for this batch. Fix: call reset() at "
                                "the start of every sequence (the runtime and run_episode do).")
         d, choices = self.controller.geometry.head_dim, self.controller.choices
         target = self.safety * d * observation[..., self._signal].max(-1)
@@ -220,12 +220,12 @@ class StableRankController:
 
 
 class RandomRanks:
-    """Uniformly random allowed choice per token and segment (``seed`` fixes the sequence of draws)."""
+    """Uniformly random allowed choice per unit and segment (``seed`` fixes the sequence of draws)."""
 
     kind = "random"
     needs_statistics: ClassVar[bool] = False
 
-    def __init__(self, controller: RankController, seed: int = 0) -> None:
+    def __init__(self, controller: DecisionSpace, seed: int = 0) -> None:
         self.controller, self.seed = controller, int(seed)
         self._rng = np.random.default_rng(self.seed)
 
@@ -242,30 +242,30 @@ class RandomRanks:
 
 # ------------------------------------------------------------------------------------------ learned policy
 class TokenTransformer(nn.Module):
-    """(B, n_tokens, n_features) observations -> (B, n_tokens * d_model) features.
+    """(B, n_units, n_features) observations -> (B, n_units * d_model) features.
 
-    Each token (a layer, or a (layer, KV head)) is embedded by a Linear, gets a learned embedding of its index (the
-    observation's tokens have fixed roles), and a small pre-norm transformer encoder lets every token attend to all
+    Each decision unit (a layer, or a (layer, KV head)) is embedded by a Linear, gets a learned embedding of its index (the
+    observation's units have fixed roles), and a small pre-norm transformer encoder lets every unit attend to all
     others: a layer's best rank depends on what the other layers do, since truncation errors compound. The output is
-    flattened, not pooled, so a MultiDiscrete head can address each token.
+    flattened, not pooled, so a MultiDiscrete head can address each unit.
     """
 
-    def __init__(self, n_tokens: int, n_features: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
+    def __init__(self, n_units: int, n_features: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
                  dim_feedforward: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not a multiple of n_heads={n_heads}. Fix: e.g. d_model=64, n_heads=4.")
-        self.n_tokens, self.d_model = n_tokens, d_model
+        self.n_units, self.d_model = n_units, d_model
         self.embed = nn.Linear(n_features, d_model)
-        self.position = nn.Parameter(torch.randn(n_tokens, d_model) * 0.02)
+        self.position = nn.Parameter(torch.randn(n_units, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
         # Pre-norm layers leave the residual stream unnormalised: a final LayerNorm is part of the architecture.
-        # Nested tensors only help with padding masks, which token sets of fixed size never have.
+        # Nested tensors only help with padding masks, which unit sets of fixed size never have.
         self.encoder = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
 
     @property
     def output_dim(self) -> int:
-        return self.n_tokens * self.d_model
+        return self.n_units * self.d_model
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.embed(observation) + self.position).flatten(1)
@@ -275,7 +275,7 @@ class TokenTransformer(nn.Module):
 class PolicyArch:
     """Everything needed to rebuild a :class:`RankPolicyNetwork` (stored in ``drrl_config.json``)."""
 
-    n_tokens: int
+    n_units: int
     n_features: int
     n_choices: int
     d_model: int = 64
@@ -292,7 +292,7 @@ class PolicyArch:
 
 
 class RankPolicyNetwork(nn.Module):
-    """The actor of a rank policy: observation (B, n_tokens, n_features) -> logits (B, n_tokens, n_choices).
+    """The actor of a rank policy: observation (B, n_units, n_features) -> logits (B, n_units, n_choices).
 
     Same layout as SB3's ActorCriticPolicy actor path (features extractor -> ``mlp_extractor.policy_net`` ->
     ``action_net``), so its weights copy over module by module.
@@ -301,7 +301,7 @@ class RankPolicyNetwork(nn.Module):
     def __init__(self, arch: PolicyArch) -> None:
         super().__init__()
         self.arch = arch
-        self.encoder = TokenTransformer(arch.n_tokens, arch.n_features, arch.d_model, arch.n_heads, arch.n_layers,
+        self.encoder = TokenTransformer(arch.n_units, arch.n_features, arch.d_model, arch.n_heads, arch.n_layers,
                                         arch.dim_feedforward)
         layers: list[nn.Module] = []
         width = self.encoder.output_dim
@@ -309,15 +309,15 @@ class RankPolicyNetwork(nn.Module):
             layers += [nn.Linear(width, size), ACTIVATIONS[arch.activation]()]
             width = size
         self.pi = nn.Sequential(*layers)
-        self.action = nn.Linear(width, arch.n_tokens * arch.n_choices)
+        self.action = nn.Linear(width, arch.n_units * arch.n_choices)
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         logits = self.action(self.pi(self.encoder(observation)))
-        return logits.view(-1, self.arch.n_tokens, self.arch.n_choices)
+        return logits.view(-1, self.arch.n_units, self.arch.n_choices)
 
     @torch.no_grad()
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Deterministic choice indices (B, n_tokens): argmax of the logits over the allowed choices."""
+        """Deterministic choice indices (B, n_units): argmax of the logits over the allowed choices."""
         logits = self.forward(torch.as_tensor(observation, dtype=torch.float32))
         logits = logits.masked_fill(~torch.as_tensor(allowed), -math.inf)
         return logits.argmax(-1).numpy()
@@ -329,12 +329,12 @@ class NetworkPolicy:
     kind = "network"
     needs_statistics: ClassVar[bool] = True
 
-    def __init__(self, controller: RankController, network: RankPolicyNetwork) -> None:
+    def __init__(self, controller: DecisionSpace, network: RankPolicyNetwork) -> None:
         arch = network.arch
-        expected = (controller.n_tokens, len(controller.feature_names), len(controller.rank_choices))
-        if (arch.n_tokens, arch.n_features, arch.n_choices) != expected:
-            raise ValueError(f"the policy expects (n_tokens, n_features, n_choices)="
-                             f"{(arch.n_tokens, arch.n_features, arch.n_choices)} but this model and controller give "
+        expected = (controller.n_units, len(controller.feature_names), len(controller.rank_choices))
+        if (arch.n_units, arch.n_features, arch.n_choices) != expected:
+            raise ValueError(f"the policy expects (n_units, n_features, n_choices)="
+                             f"{(arch.n_units, arch.n_features, arch.n_choices)} but this model and controller give "
                              f"{expected}. Fix: use the environment settings (model, rank_choices, granularity) the policy "
                              "was trained on.")
         self.controller = controller
@@ -351,10 +351,10 @@ class NetworkPolicy:
 
 
 RULE_POLICIES: dict[str, type] = {cls.kind: cls for cls in (FullRank, UniformRank, StaticRanks, NERThreshold,
-                                                            StableRankController, RandomRanks)}
+                                                            StableRankPolicy, RandomRanks)}
 
 
-def policy_from_config(controller: RankController, kind: str, params: dict[str, Any]) -> RankPolicy:
+def policy_from_config(controller: DecisionSpace, kind: str, params: dict[str, Any]) -> RankPolicy:
     """Rebuild a rule-based policy from ``kind`` and its ``config()`` (learned ones need their weights: export)."""
     if kind not in RULE_POLICIES:
         raise ValueError(f"unknown policy kind {kind!r}. Fix: use one of {tuple(RULE_POLICIES)} (or 'network' with weights).")
@@ -362,3 +362,12 @@ def policy_from_config(controller: RankController, kind: str, params: dict[str, 
         return RULE_POLICIES[kind](controller, **params)
     except TypeError as error:
         raise ValueError(f"bad parameters {params!r} for policy {kind!r}: {error}. Fix: pass what its config() returned.") from error
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the old name, for one release
+    if name == "StableRankController":
+        import warnings
+
+        warnings.warn("drrl_gym.policies.StableRankController is now StableRankPolicy.", DeprecationWarning, stacklevel=2)
+        return StableRankPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

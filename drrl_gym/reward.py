@@ -1,31 +1,55 @@
-"""Fidelity metrics, FLOPs fractions and the reward of one environment step (pure functions, no state).
+"""The reward of one environment step, as one named object: what it needs recorded, and its components.
 
 The reward of a step that runs segment t at ranks r (DR-RL's objective, with the safety term made explicit) is
 
-    R_t = alpha * fidelity_t - beta * FLOPs_scores(r) / FLOPs_scores(full) - gamma * perturbation_t        (R)
+    R_t = w_f * fidelity_t - w_c * FLOPs_scores(r) / FLOPs_scores(full) - w_p * perturbation_t        (R)
 
-* fidelity_t compares the agent's low-rank trajectory with the full-rank reference on the same segment; every
-  metric lies in [-1, 1] (cosines) or (0, 1] (KL), and equals 1 (up to float rounding) when nothing was truncated.
-* the cost is the QK^T ("scores") term that the rank acts on (``drrl_gym.flops``); the whole-attention fraction,
-  including basis and statistics overhead, is reported beside it and never used in its place.
+(``fidelity_weight``, ``cost_weight``, ``perturbation_weight``; DR-RL writes them alpha, beta, gamma).
+
+* fidelity_t compares the agent's low-rank trajectory with the full-rank reference on the same segment, by a
+  :class:`FidelityMetric`; every metric lies in [-1, 1] (cosines) or (0, 1] (KL), and equals 1 (up to float
+  rounding) when nothing was truncated. A metric says whether it needs the attention outputs recorded.
+* the cost is the QK^T ("scores") term that the rank acts on, counted at the chosen ranks
+  (``drrl_gym.flops.flops_fractions``); the whole-attention fraction and the executed fraction are reported beside
+  it in the step's info, never used in its place.
 * perturbation_t is the normalised perturbation bound of the rank switch the agent made (``drrl_gym.observation``).
 
 Everything here is per batch row: a row is one episode (the env is a batch of one, the vector env a batch of N),
-so fidelities, FLOPs fractions and rewards come back as one value per row, never averaged across episodes.
+so fidelities and rewards come back as one value per row, never averaged across episodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drrl_gym.backbone import AttentionGeometry
-from drrl_gym.flops import layer_flops
+
+@dataclass
+class Captured:
+    """What a forward pass keeps for the fidelity metrics, for B rows and T tokens."""
+
+    hidden: torch.Tensor  # (B, T, hidden_size): final (normed) hidden states, what "hidden_cosine" and "kl" use
+    attention: list[torch.Tensor] | None  # per layer (B, T, H, d): attention outputs before o_proj, if recorded
+
+    def tokens(self, start: int, stop: int) -> Captured:
+        """Tokens [start, stop) of every row (views, no copy)."""
+        cut = (slice(None), slice(start, stop))
+        return Captured(self.hidden[cut], None if self.attention is None else [o[cut] for o in self.attention])
+
+    def repeat_rows(self, count: int) -> Captured:
+        """Each row ``count`` times in a row (row b becomes rows b*count .. b*count+count-1)."""
+        def repeat(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(count, dim=0)
+
+        return Captured(repeat(self.hidden), None if self.attention is None else [repeat(o) for o in self.attention])
+
+
+LMHead = Callable[[torch.Tensor], torch.Tensor]  # final hidden states -> next-token logits
 
 
 # ------------------------------------------------------------------------------------------------ fidelity
@@ -63,69 +87,64 @@ def hidden_cosine(agent_hidden: torch.Tensor, reference_hidden: torch.Tensor) ->
     return F.cosine_similarity(agent_hidden.float(), reference_hidden.float(), dim=-1).mean(dim=-1)
 
 
-# Every metric returns one value per batch row (B,): each row is its own episode, with its own reward. What each
-# compares: attention outputs per layer, next-token logits, final hidden states.
-FIDELITY: dict[str, Callable[[Any, Any], torch.Tensor]] = {
-    "attention_cosine": attention_cosine,
-    "kl": kl_fidelity,
-    "hidden_cosine": hidden_cosine,
-}
-FIDELITY_METRICS = tuple(FIDELITY)
+class FidelityMetric(Protocol):
+    """Compares the agent's segment with the reference's, one value per row (B,)."""
+
+    name: ClassVar[str]
+    needs_attention_outputs: ClassVar[bool]
+
+    def __call__(self, agent: Captured, reference: Captured, lm_head: LMHead) -> torch.Tensor: ...
 
 
-# --------------------------------------------------------------------------------------------------- FLOPs
-@dataclass(frozen=True)
-class FlopsFractions:
-    """FLOPs at the chosen ranks relative to the unmodified model, for one segment over all layers, per row."""
+class AttentionCosine:
+    """The paper's fidelity: cosine of attention outputs per layer, token and query head, averaged."""
 
-    scores: np.ndarray  # QK^T term only: the cost in (R)
-    attention: np.ndarray  # whole attention incl. basis projections and the statistics the observation needs
+    name, needs_attention_outputs = "attention_cosine", True
 
-    @property
-    def saved_scores(self) -> np.ndarray:
-        return 1.0 - self.scores
-
-    @property
-    def saved_attention(self) -> np.ndarray:
-        """Can be negative: at full rank the statistics overhead is pure cost."""
-        return 1.0 - self.attention
+    def __call__(self, agent: Captured, reference: Captured, lm_head: LMHead) -> torch.Tensor:
+        return attention_cosine(agent.attention, reference.attention)
 
 
-def flops_fractions(
-    geometry: AttentionGeometry, ranks: np.ndarray, new_tokens: int, keys: int, basis_mode: str = "calibrated"
-) -> FlopsFractions:
-    """Fractions for ``ranks`` of shape (..., num_layers, num_kv_heads), a segment of ``new_tokens`` seeing ``keys``
-    keys: arrays of shape (...), one value per row.
+class NextTokenKL:
+    """exp(-mean KL(p_full || p_lowrank)) of the next-token distributions, in (0, 1]."""
 
-    Each row is accounted on its own ranks, also when a batch runs rows of different ranks through one forward
-    (``DynamicRankAttention`` then zero-masks q's extra columns: the FLOPs a row would cost run alone, which is what
-    a deployed model pays). The statistics (Grams) are always counted: the environment records them every step to
-    build the observation, so a deployed policy pays for them too.
-    """
-    ranks = np.asarray(ranks)
-    # A layer's FLOPs depend only on its tuple of KV-head ranks, and a batch holds few distinct tuples
-    # (len(rank_choices) ** num_kv_heads at most): count each once, then gather.
-    configs, inverse = np.unique(ranks.reshape(-1, ranks.shape[-1]), axis=0, return_inverse=True)
-    per_config = [layer_flops(geometry, new_tokens, keys, [int(r) for r in row], True, basis_mode) for row in configs]
-    # float64 holds these integer counts exactly (they stay far below 2**53), so the sums below are exact too.
-    scores = np.array([f.scores for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
-    total = np.array([f.total for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
-    baseline, layers = layer_flops(geometry, new_tokens, keys, None), ranks.shape[-2]
-    return FlopsFractions(
-        scores=scores.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.scores),
-        attention=total.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.total),
-    )
+    name, needs_attention_outputs = "kl", False
+
+    def __call__(self, agent: Captured, reference: Captured, lm_head: LMHead) -> torch.Tensor:
+        return kl_fidelity(lm_head(agent.hidden), lm_head(reference.hidden))
+
+
+class HiddenCosine:
+    """Cosine of the final hidden states per token, averaged."""
+
+    name, needs_attention_outputs = "hidden_cosine", False
+
+    def __call__(self, agent: Captured, reference: Captured, lm_head: LMHead) -> torch.Tensor:
+        return hidden_cosine(agent.hidden, reference.hidden)
+
+
+FIDELITY_METRICS: dict[str, FidelityMetric] = {m.name: m for m in (AttentionCosine(), NextTokenKL(), HiddenCosine())}
 
 
 # -------------------------------------------------------------------------------------------------- reward
 @dataclass(frozen=True)
-class RewardWeights:
-    """alpha, beta, gamma of (R)."""
+class FidelityMinusCost:
+    """Reward (R): ``components(...)`` returns every term and the reward, per row, for the step's info."""
 
-    alpha: float
-    beta: float
-    gamma: float
+    fidelity: FidelityMetric
+    fidelity_weight: float
+    cost_weight: float
+    perturbation_weight: float
+    name: ClassVar[str] = "fidelity_minus_cost"
 
-    def __call__(self, fidelity: np.ndarray, flops_cost: np.ndarray, perturbation: np.ndarray) -> np.ndarray:
-        """(R) elementwise: per row for arrays, a float for floats."""
-        return self.alpha * fidelity - self.beta * flops_cost - self.gamma * perturbation
+    @property
+    def needs_attention_outputs(self) -> bool:
+        return self.fidelity.needs_attention_outputs
+
+    def components(self, fidelity: np.ndarray, flops_cost: np.ndarray, perturbation: np.ndarray) -> dict[str, np.ndarray]:
+        """(R) elementwise, with its terms: ``fidelity``, ``flops_cost``, ``perturbation`` and ``reward``."""
+        reward = self.fidelity_weight * fidelity - self.cost_weight * flops_cost - self.perturbation_weight * perturbation
+        return {"fidelity": fidelity, "flops_cost": flops_cost, "perturbation": perturbation, "reward": reward}
+
+
+REWARDS = {FidelityMinusCost.name: FidelityMinusCost}

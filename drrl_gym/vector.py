@@ -1,12 +1,12 @@
 """``DRRL-Attention-v0`` as a vector env: N episodes as one batch through the frozen model.
 
 RL needs millions of steps, and N single envs cost N forward passes per step, each too small to fill a GPU. Here
-the N episodes are the rows of one :class:`drrl_gym.env.EpisodeBatch` (the same step path as the single env,
+the N episodes are the rows of one :class:`drrl_gym.episode.EpisodeBatch` (the same step path as the single env,
 which is the batch of one), so a step is one batched forward.
 
-* :class:`DRRLAttentionVecEnv`: a ``gymnasium.vector.VectorEnv``, built by
-  ``gymnasium.make_vec("DRRL-Attention-v0", num_envs=N, vectorization_mode="vector_entry_point", **kwargs)``.
-* :class:`DRRLAttentionSB3VecEnv`: the same env as a Stable-Baselines3 ``VecEnv`` (for PPO, MaskablePPO).
+:class:`DRRLAttentionVecEnv` is a ``gymnasium.vector.VectorEnv``, built by
+``gymnasium.make_vec("DRRL-Attention-v0", num_envs=N, vectorization_mode="vector_entry_point", **kwargs)``. The same
+env as a Stable-Baselines3 ``VecEnv`` is ``drrl_gym.training.sb3_vec_env.DRRLAttentionSB3VecEnv`` (``train`` extra).
 
 Equivalence: sub-env i behaves as a single env reset with seed ``seed + i`` (as gymnasium's and SB3's vector envs
 seed their sub-envs) and given the same actions: same sequences, masks, projections and ranks (exactly), same
@@ -27,14 +27,13 @@ import numpy as np
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
-from stable_baselines3.common.vec_env import VecEnv
-from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from drrl_gym.backbone import Backbone
-from drrl_gym.env import BatchAttributes, EpisodeBatch, check_reset_options, config_for, info_row
+from drrl_gym.config import EnvConfig
+from drrl_gym.episode import EpisodeBatch, EpisodeBatchView, check_reset_options
 
 # Batched values with one row per sub-env: ``call``/``get_attr`` hand sub-env i its row. Anything else is shared.
-PER_ENV = frozenset({"action_masks", "transition_bounds", "probe_layer_fidelity"})
+PER_ENV = frozenset({"action_masks", "transition_bounds", "full_rank_bounds", "probe_layer_fidelity"})
 
 
 def _vector_info(info: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -43,14 +42,14 @@ def _vector_info(info: dict[str, np.ndarray]) -> dict[str, Any]:
     return {**info, **masks}
 
 
-class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
+class DRRLAttentionVecEnv(EpisodeBatchView, VectorEnv):
     """``num_envs`` episodes of ``DRRL-Attention-v0`` stepped as one batch (see the module docstring).
 
     Arguments are those of :class:`drrl_gym.env.DRRLAttentionEnv` (``num_envs`` aside); ``render_mode`` is not
     supported (render a single env). Spaces: ``single_observation_space``/``single_action_space`` are one env's,
-    ``observation_space`` (num_envs, n_tokens * n_features) and ``action_space`` MultiDiscrete (num_envs, n_tokens).
-    ``action_masks()`` returns (num_envs, n_tokens * n_choices); ``transition_bounds`` (num_envs, n_tokens,
-    n_choices); ``probe_layer_fidelity(candidates)`` (num_envs, K, n_tokens). ``call(name)`` and ``get_attr(name)``
+    ``observation_space`` (num_envs, n_units * n_features) and ``action_space`` MultiDiscrete (num_envs, n_units).
+    ``action_masks()`` returns (num_envs, n_units * n_choices); ``transition_bounds`` (num_envs, n_units,
+    n_choices); ``probe_layer_fidelity(candidates)`` (num_envs, K, n_units). ``call(name)`` and ``get_attr(name)``
     return one value per sub-env, as gymnasium's ``SyncVectorEnv`` does.
     """
 
@@ -61,7 +60,7 @@ class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
             raise ValueError(f"render_mode={kwargs['render_mode']!r}: the vector env does not render. Fix: pass "
                              "render_mode=None, or render a single DRRLAttentionEnv.")
         kwargs.pop("render_mode", None)
-        self.batch = EpisodeBatch(config_for(backbone, kwargs), num_envs, backbone)
+        self.batch = EpisodeBatch(EnvConfig.from_kwargs(kwargs, backbone), num_envs, backbone)
         self.num_envs = self.batch.batch_size
         self.single_observation_space = self.batch.observation_space()
         self.single_action_space = self.batch.action_space()
@@ -97,8 +96,8 @@ class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         self.batch.require_running("step()")
-        requested = self.batch.check_indices(actions, (self.num_envs, self.n_tokens), "actions must be (num_envs="
-                                             f"{self.num_envs}, n_tokens={self.n_tokens}) integer indices",
+        requested = self.batch.check_indices(actions, (self.num_envs, self.n_units), "actions must be (num_envs="
+                                             f"{self.num_envs}, n_units={self.n_units}) integer indices",
                                              "sample from env.action_space")
         result = self.batch.step(requested)
         observation, info = self._flat(result.observation), _vector_info(result.info)
@@ -113,16 +112,21 @@ class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
         return observation, result.reward.copy(), terminated, np.zeros(self.num_envs, dtype=bool), info
 
     def action_masks(self) -> np.ndarray:
-        """(num_envs, n_tokens * n_choices) bool: row i is sub-env i's MaskablePPO mask."""
+        """(num_envs, n_units * n_choices) bool: row i is sub-env i's MaskablePPO mask."""
         return self.batch.allowed().reshape(self.num_envs, -1)
 
     @property
     def transition_bounds(self) -> np.ndarray:
-        """(num_envs, n_tokens, n_choices) normalised bounds from each token's r_{t-1} to every choice."""
+        """(num_envs, n_units, n_choices) normalised bounds from each unit's r_{t-1} to every choice."""
         return self.batch.transition_bounds()
 
+    @property
+    def full_rank_bounds(self) -> np.ndarray:
+        """(num_envs, n_units, n_choices) normalised bounds from full rank to every choice: what the mask compares."""
+        return self.batch.full_rank_bounds()
+
     def probe_layer_fidelity(self, candidates: np.ndarray) -> np.ndarray:
-        """(K, n_tokens) candidates -> (num_envs, K, n_tokens): ``DRRLAttentionEnv.probe_layer_fidelity`` per env."""
+        """(K, n_units) candidates -> (num_envs, K, n_units): ``DRRLAttentionEnv.probe_layer_fidelity`` per env."""
         return self.batch.probe_layer_fidelity(candidates)
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -150,79 +154,3 @@ class DRRLAttentionVecEnv(BatchAttributes, VectorEnv):
         if name in PER_ENV and not callable(value):
             return tuple(value)
         return (value,) * self.num_envs
-
-
-class DRRLAttentionSB3VecEnv(VecEnv):
-    """A :class:`DRRLAttentionVecEnv` as a Stable-Baselines3 ``VecEnv`` (batched: one forward per step).
-
-    ``DRRLAttentionSB3VecEnv(DRRLAttentionVecEnv(num_envs=N, **kwargs))`` or ``DRRLAttentionSB3VecEnv.make(N,
-    **kwargs)``. As SB3's ``DummyVecEnv``: a finished episode is reset inside the same ``step_wait``, with its last
-    observation in ``info["terminal_observation"]`` (here all envs finish together); ``seed(s)`` seeds env i with
-    s + i at the next ``reset``; ``env_method("action_masks")`` gives each env's mask (what MaskablePPO asks for).
-    Attributes are shared by all envs, so ``set_attr`` sets one for all of them or fails.
-    """
-
-    def __init__(self, venv: DRRLAttentionVecEnv) -> None:
-        self.venv = venv
-        super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
-        self._actions: np.ndarray | None = None
-
-    @classmethod
-    def make(cls, num_envs: int, **kwargs: Any) -> "DRRLAttentionSB3VecEnv":
-        return cls(DRRLAttentionVecEnv(num_envs, **kwargs))
-
-    def reset(self) -> VecEnvObs:
-        options = {"sequence_index": [o.get("sequence_index") for o in self._options]}
-        observation, info = self.venv.reset(seed=list(self._seeds), options=options)
-        self.reset_infos = [info_row(info, i) for i in range(self.num_envs)]
-        self._reset_seeds()
-        self._reset_options()
-        return observation
-
-    def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions)
-
-    def step_wait(self) -> VecEnvStepReturn:
-        if self._actions is None:
-            raise RuntimeError("step_wait() without step_async(). Fix: call step(actions), or step_async first.")
-        observation, reward, terminated, truncated, info = self.venv.step(self._actions)
-        self._actions = None
-        rows = range(self.num_envs)
-        if not terminated.any():
-            infos = [self._sb3_info(info, i) for i in rows]
-        else:  # all envs ended together and were reset in the same step
-            self.reset_infos = [info_row(info, i) for i in rows]  # the new episodes' reset infos
-            final = info["final_info"]
-            infos = [{**self._sb3_info(final, i), "terminal_observation": info["final_obs"][i]} for i in rows]
-        return observation, reward.astype(np.float32), terminated | truncated, infos
-
-    def close(self) -> None:
-        self.venv.close()
-
-    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        values = self.venv.get_attr(attr_name)
-        return [values[i] for i in self._get_indices(indices)]
-
-    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        if sorted(self._get_indices(indices)) != list(range(self.num_envs)):
-            raise ValueError(f"set_attr({attr_name!r}) for some envs only: the envs of a batch share their attributes. "
-                             "Fix: set it for all envs (indices=None).")
-        setattr(self.venv, attr_name, value)
-
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
-                   **method_kwargs: Any) -> list[Any]:
-        values = self.venv.call(method_name, *method_args, **method_kwargs)
-        return [values[i] for i in self._get_indices(indices)]
-
-    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
-        return [False for _ in self._get_indices(indices)]  # the sub-envs are rows of a batch: nothing wraps them
-
-    def __getattr__(self, name: str) -> Any:
-        # token_shape, n_tokens, controller, config, ...: the batched env's, as VecEnvWrapper forwards them.
-        if name == "venv":  # not set yet (during __init__): avoid recursing
-            raise AttributeError(name)
-        return getattr(self.venv, name)
-
-    @staticmethod
-    def _sb3_info(info: dict[str, Any], row: int) -> dict[str, Any]:
-        return {**info_row(info, row), "TimeLimit.truncated": False}  # episodes end naturally, never by a time limit

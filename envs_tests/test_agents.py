@@ -170,7 +170,7 @@ def test_evaluating_the_sb3_zip_matches_the_export(run_dir: Path, tmp_path: Path
 def test_evaluation_perplexity_matches_segmented_perplexity(run_dir: Path) -> None:
     from agents.evaluate import evaluate_model
     from drrl_gym.backbone import load_backbone
-    from drrl_gym.evaluation import segmented_perplexity
+    from drrl_gym.perplexity import segmented_perplexity
     from drrl_gym.export import load_dynamic_rank_model
 
     model = load_dynamic_rank_model(run_dir / "export", "cpu")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from drrl_gym import allocation
 from drrl_gym.allocation import AllocationPath, greedy_static_allocation, parse_args, static_rank_losses
-from drrl_gym.bases import calibrate_basis
+from drrl_gym.calibration import calibrate_basis
 from drrl_gym.flops import layer_flops
 from drrl_gym.lowrank import DynamicRankAttention
 

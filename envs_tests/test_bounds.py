@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.bounds import attention_change_bound, score_change_norm
 from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.corpus import CorpusConfig, load_corpus
@@ -248,17 +248,16 @@ def _check_real_model(backbone, rank_choices: tuple[int, ...], seq_len: int, exp
     basis = load_or_calibrate_basis(backbone, splits.calibration, splits.fingerprint)
     g, model = backbone.geometry, backbone.model
     controller = CapturingAttention(g, basis)
-    controller.collect_stats = True
     segments = []  # (label, T, stats, captured q/k per layer)
-    with torch.no_grad(), controller.attached(model):
+    with torch.no_grad(), controller.attached(model), controller.recording(statistics=True) as recorded:
         # A whole sequence without a cache (T = L), then the second half of another sequence after its first half
         # went into the KV cache (T < L: queries at absolute positions L - T .. L - 1).
         model(splits.eval[:1], use_cache=False)
-        segments.append(("no cache", seq_len, controller.stats(), dict(controller.captured)))
+        segments.append(("no cache", seq_len, recorded.stats(), dict(controller.captured)))
         prefix = seq_len // 2
         out = model(splits.eval[1:2, :prefix], use_cache=True)
         model(splits.eval[1:2, prefix:], **cache_argument(output_cache(out)), use_cache=True)
-        segments.append(("kv cache", seq_len - prefix, controller.stats(), dict(controller.captured)))
+        segments.append(("kv cache", seq_len - prefix, recorded.stats(), dict(controller.captured)))
 
     group, n = g.group_size, len(rank_choices)
     off = ~torch.eye(n, dtype=torch.bool)

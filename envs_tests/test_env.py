@@ -19,7 +19,10 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from transformers import DynamicCache
 
 import drrl_gym
-from drrl_gym.env import DRRLAttentionEnv, EnvConfig, EpisodeBatch, shared_backbone
+from drrl_gym.config import EnvConfig
+from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.episode import EpisodeBatch
+from drrl_gym.resources import shared_backbone
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import observation_feature_names
 
@@ -103,7 +106,7 @@ def test_env_checkers_pass_without_warnings_on_tiny_models(model: str, granulari
 def test_env_checkers_pass_without_warnings_on_smollm2() -> None:
     env = gym.make("DRRL-Attention-v0", **SMOLLM2)
     unwrapped = env.unwrapped
-    assert unwrapped.rank_choices == (16, 32, 48, 64) and unwrapped.n_tokens == 30
+    assert unwrapped.rank_choices == (16, 32, 48, 64) and unwrapped.n_units == 30
     check_both(unwrapped)
 
 
@@ -113,9 +116,9 @@ def test_spaces_and_episode_structure(granularity: str, tokens: int) -> None:
     env = tiny_env(granularity=granularity)
     n_features = len(observation_feature_names(env.rank_choices))
     assert n_features == 8 + 6 * 4 == len(env.feature_names)
-    # Flat (SB3's convention); token_shape gives the documented (tokens, features) matrix view.
+    # Flat (SB3's convention); unit_shape gives the documented (tokens, features) matrix view.
     assert env.observation_space.shape == (tokens * n_features,) and env.observation_space.dtype == np.float32
-    assert env.token_shape == (tokens, n_features)
+    assert env.unit_shape == (tokens, n_features)
     assert list(env.action_space.nvec) == [4] * tokens
     trace = run_episode(env, seed=3)
     assert len(trace) - 1 == 128 // 32 - 1  # the warm-up segment is not a step
@@ -176,15 +179,15 @@ def test_mask_format_and_at_least_one_choice() -> None:
     env.reset(seed=0)
     for _ in range(3):
         mask = env.action_masks()
-        assert mask.dtype == np.bool_ and mask.shape == (env.n_tokens * 4,)
-        assert mask.reshape(env.n_tokens, 4).any(axis=1).all()
+        assert mask.dtype == np.bool_ and mask.shape == (env.n_units * 4,)
+        assert mask.reshape(env.n_units, 4).any(axis=1).all()
         env.step(env.action_space.sample())
 
 
 def test_mask_follows_epsilon() -> None:
     closed = tiny_env(epsilon_start=0.0, epsilon_end=0.0)
     closed.reset(seed=0)
-    blocks = closed.action_masks().reshape(closed.n_tokens, 4)
+    blocks = closed.action_masks().reshape(closed.n_units, 4)
     assert (blocks.sum(axis=1) == 1).all() and blocks[:, -1].all()  # only r_{t-1} = the largest choice
     open_ = tiny_env(epsilon_start=math.inf, epsilon_end=math.inf)
     open_.reset(seed=0)
@@ -194,7 +197,7 @@ def test_mask_follows_epsilon() -> None:
     epsilon = float(np.median(bounds[bounds > 0]))
     middle = tiny_env(epsilon_start=epsilon, epsilon_end=epsilon)
     middle.reset(seed=0)
-    mask = middle.action_masks().reshape(middle.n_tokens, 4)
+    mask = middle.action_masks().reshape(middle.n_units, 4)
     assert np.array_equal(mask, bounds <= epsilon) and mask.any() and not mask.all()
 
 
@@ -221,7 +224,7 @@ def test_masked_actions_are_projected_and_reported() -> None:
 
 
 def test_projection_picks_the_nearest_allowed_rank_with_ties_to_the_larger() -> None:
-    controller = tiny_env(granularity="kv_head").controller  # 4 tokens, choices (4, 8, 12, 16)
+    controller = tiny_env(granularity="kv_head").decisions  # 4 units, choices (4, 8, 12, 16)
     allowed = np.array([[True, False, True, False], [True, True, False, False], [False, False, False, True],
                         [True, True, True, True]])
     applied, projected = controller.project(np.array([[1, 3, 3, 0]]), allowed[None])
@@ -234,19 +237,19 @@ def test_controller_is_batched_and_matches_the_env() -> None:
     env = tiny_env(granularity="kv_head", epsilon_start=math.inf, epsilon_end=math.inf)
     env.reset(seed=0)
     observation, _, _, _, info = env.step(np.array([0, 1, 2, 3]))
-    stats = env.batch.attention.stats()  # the statistics the env just observed, to replay through the controller
+    stats = env.batch.episode.stats  # the statistics the env just observed, to replay through the decision space
     both = SegmentStats(stats.query_gram.expand(2, -1, -1, -1, -1), stats.key_gram.expand(2, -1, -1, -1, -1),
                         stats.num_queries, stats.num_keys)
     prev = np.array([[0, 1, 2, 3], [3, 3, 3, 3]])
-    matrices, transition = env.controller.observe(both, prev, segment=2)
-    assert matrices.shape == (2, *env.token_shape) and transition.shape == (2, 4, 4)
-    # The env's observation is the controller's matrix flattened row-major; token_shape undoes it.
+    matrices, transition, to_full = env.decisions.observe(both, prev, segment=2)
+    assert matrices.shape == (2, *env.unit_shape) and transition.shape == (2, 4, 4)
+    # The env's observation is the controller's matrix flattened row-major; unit_shape undoes it.
     assert np.array_equal(matrices[0].reshape(-1), observation)
-    assert np.array_equal(observation.reshape(env.token_shape), matrices[0])
+    assert np.array_equal(observation.reshape(env.unit_shape), matrices[0])
     assert all(env.observation_space.contains(m.reshape(-1)) for m in matrices)
     assert np.array_equal(transition[0], env.transition_bounds)
     assert (transition[np.arange(2)[:, None], np.arange(4), prev] == 0).all()  # staying costs nothing
-    ranks = env.controller.layer_ranks(np.array([[0, 1, 2, 3]]))
+    ranks = env.decisions.layer_ranks(np.array([[0, 1, 2, 3]]))
     assert ranks.tolist() == [[[4, 8], [12, 16]]] and np.array_equal(info["ranks"], [4, 8, 12, 16])
 
 
@@ -255,24 +258,24 @@ def test_probe_layer_fidelity_does_not_advance_the_episode(granularity: str) -> 
     probed, plain = tiny_env(granularity=granularity), tiny_env(granularity=granularity)
     probed.reset(seed=2)
     plain.reset(seed=2)
-    candidates = np.repeat(np.arange(4)[:, None], probed.n_tokens, axis=1)
+    candidates = np.repeat(np.arange(4)[:, None], probed.n_units, axis=1)
     cosine = probed.probe_layer_fidelity(candidates)
-    assert cosine.shape == (4, probed.n_tokens)
+    assert cosine.shape == (4, probed.n_units)
     assert np.allclose(cosine[-1], 1.0, atol=1e-5) and (cosine[0] < cosine[-1]).all()
-    action = np.full(probed.n_tokens, 3)
+    action = np.full(probed.n_units, 3)
     observation, reward, *_ = probed.step(action)
     expected, expected_reward, *_ = plain.step(action)
     assert np.array_equal(observation, expected) and reward == expected_reward
     # At one rank everywhere, the per-token cosines average to the env's attention-cosine fidelity.
     probed.reset(seed=2)
-    mean = probed.probe_layer_fidelity(np.zeros((1, probed.n_tokens), dtype=np.int64)).mean()
-    assert mean == pytest.approx(probed.step(np.zeros(probed.n_tokens, dtype=np.int64))[4]["fidelity"], abs=1e-6)
+    mean = probed.probe_layer_fidelity(np.zeros((1, probed.n_units), dtype=np.int64)).mean()
+    assert mean == pytest.approx(probed.step(np.zeros(probed.n_units, dtype=np.int64))[4]["fidelity"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ reward
 @pytest.mark.parametrize("fidelity", ["attention_cosine", "kl", "hidden_cosine"])
 def test_reward_is_the_weighted_sum_of_its_components(fidelity: str) -> None:
-    env = tiny_env(fidelity=fidelity, alpha=2.0, beta=0.3, gamma=0.7, epsilon_start=math.inf, epsilon_end=math.inf)
+    env = tiny_env(fidelity=fidelity, fidelity_weight=2.0, cost_weight=0.3, perturbation_weight=0.7, epsilon_start=math.inf, epsilon_end=math.inf)
     env.reset(seed=0)
     for action in ([0, 2], [3, 1], [1, 1]):
         bounds = env.transition_bounds
@@ -319,7 +322,7 @@ def test_lower_rank_loses_fidelity() -> None:
         (dict(seq_len=32), r"seq_len=32.*1 segment.*Fix: use seq_len >= 64"),
         (dict(segment_len=0), r"segment_len=0.*positive integer.*Fix"),
         (dict(fidelity="mse"), r"fidelity='mse'.*Fix.*attention_cosine"),
-        (dict(alpha=-1.0), r"alpha=-1.0.*>= 0.*Fix"),
+        (dict(fidelity_weight=-1.0), r"fidelity_weight=-1.0.*>= 0.*Fix"),
         (dict(epsilon_start=-0.1, epsilon_end=-0.1), r"epsilon_start=-0.1.*Fix"),
         (dict(epsilon_start=1.0, epsilon_end=0.0), r"epsilon_anneal_steps=0.*Fix"),
         (dict(basis="svd"), r"basis='svd'.*Fix.*calibrated"),

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from conftest import TINY_ENV as TINY
 from drrl_gym.backbone import load_backbone
-from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import (
@@ -47,8 +47,8 @@ def basis(env: DRRLAttentionEnv) -> torch.Tensor:
 
 def random_policy(env: DRRLAttentionEnv, seed: int = 0) -> RankPolicyNetwork:
     torch.manual_seed(seed)
-    n_tokens, n_features = env.token_shape
-    policy = RankPolicyNetwork(PolicyArch(n_tokens, n_features, len(env.rank_choices), d_model=16, n_heads=2,
+    n_units, n_features = env.unit_shape
+    policy = RankPolicyNetwork(PolicyArch(n_units, n_features, len(env.rank_choices), d_model=16, n_heads=2,
                                           dim_feedforward=32, pi_layers=(32,)))
     with torch.no_grad():  # larger logits than the default init, so that choices differ between observations
         policy.action.weight.mul_(20)
@@ -162,12 +162,12 @@ def test_model_decides_like_the_environment(env, basis, seed, epsilon) -> None:
     n_choices = len(env.rank_choices)
     if epsilon is not None:  # push the policy towards the lowest rank, which the tight mask forbids from full rank
         with torch.no_grad():
-            policy.action.bias.view(env.n_tokens, n_choices)[:, 0] += 50
+            policy.action.bias.view(env.n_units, n_choices)[:, 0] += 50
     observation, _ = env.reset(options={"sequence_index": seed})
     env_ranks, masked, terminated = [], 0, False
     while not terminated:
-        allowed = env.action_masks().reshape(1, env.n_tokens, n_choices)
-        matrix = observation.reshape(1, *env.token_shape)
+        allowed = env.action_masks().reshape(1, env.n_units, n_choices)
+        matrix = observation.reshape(1, *env.unit_shape)
         action = policy.act(matrix, allowed)[0]
         masked += int((action != policy.act(matrix, np.ones_like(allowed))[0]).any())
         observation, _, terminated, _, info = env.step(action)

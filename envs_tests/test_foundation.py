@@ -10,7 +10,8 @@ import torch
 
 from conftest import random_basis
 from drrl_gym.backbone import load_backbone, resolve_device
-from drrl_gym.bases import exact_basis, load_or_calibrate_basis
+from drrl_gym.bases import exact_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.lowrank import DynamicRankAttention, validate_rank_choices
 
@@ -22,10 +23,9 @@ def test_full_rank_reproduces_logits_tiny(tiny_backbone, mode):
     with torch.no_grad():
         reference = tiny_backbone.model(tokens).logits
         attention = DynamicRankAttention(tiny_backbone.geometry, random_basis(tiny_backbone), mode=mode)
-        attention.collect_stats = True  # forces the projection path (full rank without stats skips it)
         with attention.attached(tiny_backbone.model):
-            projected = tiny_backbone.model(tokens).logits
-            attention.collect_stats = False
+            with attention.recording(statistics=True):  # forces the projection path (full rank without stats skips it)
+                projected = tiny_backbone.model(tokens).logits
             shortcut = tiny_backbone.model(tokens).logits
         restored = tiny_backbone.model(tokens).logits
     assert (projected - reference).abs().max() <= 1e-4
@@ -41,8 +41,7 @@ def test_full_rank_reproduces_logits_smollm2(smollm2):
     with torch.no_grad():
         reference = smollm2.model(tokens).logits
         attention = DynamicRankAttention(smollm2.geometry, basis)
-        attention.collect_stats = True
-        with attention.attached(smollm2.model):
+        with attention.attached(smollm2.model), attention.recording(statistics=True):
             projected = smollm2.model(tokens).logits
             attention.set_ranks(32)
             truncated = smollm2.model(tokens).logits

@@ -41,7 +41,9 @@ from agents import rollout
 from agents.train_ppo import ConfigError, load_config
 from agents.train_ppo import main as train
 from drrl_gym.bases import BASIS_MODES
-from drrl_gym.env import DTYPES, DRRLAttentionEnv, EnvConfig, RESET_OPTIONS, config_for
+from drrl_gym.config import DTYPES, EnvConfig
+from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.episode import RESET_OPTIONS
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
 from drrl_gym.vector import DRRLAttentionVecEnv
@@ -76,16 +78,16 @@ def assert_valid_step(env: DRRLAttentionEnv, observation: np.ndarray, reward: fl
         if key != "epsilon":  # the mask threshold: math.inf when the mask is off
             assert np.isfinite(np.asarray(value, dtype=np.float64)).all(), key
     assert set(info["ranks"]) <= set(env.rank_choices)
-    assert env.action_masks().reshape(env.n_tokens, -1).any(axis=1).all()  # never an empty block
+    assert env.action_masks().reshape(env.n_units, -1).any(axis=1).all()  # never an empty block
 
 
 ACTION_FORMS = st.sampled_from([list, tuple, np.int8, np.uint8, np.int32, np.int64, np.uint64])
 
 
 @st.composite
-def valid_actions(draw: st.DrawFn, n_tokens: int) -> Any:
+def valid_actions(draw: st.DrawFn, n_units: int) -> Any:
     """A valid action in any of the forms a caller may pass: a list, a tuple or an integer array of any width."""
-    indices = draw(st.lists(st.integers(0, N_CHOICES - 1), min_size=n_tokens, max_size=n_tokens))
+    indices = draw(st.lists(st.integers(0, N_CHOICES - 1), min_size=n_units, max_size=n_units))
     form = draw(ACTION_FORMS)
     return form(indices) if form in (list, tuple) else np.array(indices, dtype=form)
 
@@ -116,7 +118,7 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     return dict(
         segment_len=draw(st.sampled_from([16, 32])), granularity=draw(st.sampled_from(GRANULARITIES)),
         fidelity=draw(st.sampled_from(FIDELITY_METRICS)), basis=draw(st.sampled_from(BASIS_MODES)),
-        alpha=draw(weight), beta=draw(weight), gamma=draw(weight), **epsilon,
+        fidelity_weight=draw(weight), cost_weight=draw(weight), perturbation_weight=draw(weight), **epsilon,
     )
 
 
@@ -136,26 +138,26 @@ def test_random_valid_configurations_give_finite_episodes(env, config, seed) -> 
 
 # ----------------------------------------------------------------------------------------- invalid inputs
 @st.composite
-def out_of_range_actions(draw: st.DrawFn, n_tokens: int) -> list[int]:
-    action = draw(st.lists(st.integers(0, N_CHOICES - 1), min_size=n_tokens, max_size=n_tokens))
-    action[draw(st.integers(0, n_tokens - 1))] = draw(st.integers(max_value=-1) | st.integers(min_value=N_CHOICES))
+def out_of_range_actions(draw: st.DrawFn, n_units: int) -> list[int]:
+    action = draw(st.lists(st.integers(0, N_CHOICES - 1), min_size=n_units, max_size=n_units))
+    action[draw(st.integers(0, n_units - 1))] = draw(st.integers(max_value=-1) | st.integers(min_value=N_CHOICES))
     return action
 
 
-def invalid_actions(n_tokens: int) -> st.SearchStrategy[Any]:
+def invalid_actions(n_units: int) -> st.SearchStrategy[Any]:
     """Everything an action must not be: wrong length or rank, out of range, not integers, not an array at all."""
     index = st.integers(0, N_CHOICES - 1)
     return st.one_of(
-        st.lists(index, max_size=2 * n_tokens + 1).filter(lambda a: len(a) != n_tokens),  # wrong length, empty
-        out_of_range_actions(n_tokens),  # negative, >= len(rank_choices), beyond int64
-        st.lists(st.floats(), min_size=n_tokens, max_size=n_tokens),  # floats, integral ones included
-        st.lists(st.floats(), min_size=n_tokens, max_size=n_tokens).map(np.array),
-        st.lists(st.booleans(), min_size=n_tokens, max_size=n_tokens),
-        st.lists(index, min_size=n_tokens, max_size=n_tokens).map(lambda a: [a]),  # 2-D
+        st.lists(index, max_size=2 * n_units + 1).filter(lambda a: len(a) != n_units),  # wrong length, empty
+        out_of_range_actions(n_units),  # negative, >= len(rank_choices), beyond int64
+        st.lists(st.floats(), min_size=n_units, max_size=n_units),  # floats, integral ones included
+        st.lists(st.floats(), min_size=n_units, max_size=n_units).map(np.array),
+        st.lists(st.booleans(), min_size=n_units, max_size=n_units),
+        st.lists(index, min_size=n_units, max_size=n_units).map(lambda a: [a]),  # 2-D
         st.lists(st.lists(index, max_size=3), min_size=2, max_size=3),  # nested, often ragged
         st.none(), st.text(max_size=4), st.binary(max_size=4),
         st.dictionaries(st.integers(), st.integers(), max_size=2),
-        st.lists(st.one_of(st.none(), st.text(max_size=2), index), min_size=n_tokens, max_size=n_tokens)
+        st.lists(st.one_of(st.none(), st.text(max_size=2), index), min_size=n_units, max_size=n_units)
         .filter(lambda a: not all(isinstance(x, int) for x in a)),  # mixed
     )
 
@@ -269,7 +271,7 @@ UNKNOWN_ARGUMENT = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filte
 def test_invalid_env_arguments_raise_a_value_error_naming_them(case) -> None:
     name, kwargs = case
     with pytest.raises(ValueError, match=re.compile(rf"^{re.escape(name)}=.*Fix: ", re.DOTALL)):
-        config_for(None, {**TINY, **kwargs})  # what DRRLAttentionEnv(**kwargs) and gymnasium.make validate with
+        EnvConfig.from_kwargs({**TINY, **kwargs})  # what DRRLAttentionEnv(**kwargs) and gymnasium.make validate with
 
 
 NUMPY_INTS = st.sampled_from([int, np.int8, np.int16, np.int64, np.uint8])
@@ -285,7 +287,7 @@ def test_valid_arguments_are_normalised_to_plain_python(ints, reals, segments, s
     JSON (``asdict(env_config)`` goes into drrl_config.json)."""
     epsilon = math.inf if math.isinf(epsilon) else reals(epsilon)
     config = EnvConfig(seq_len=ints(segments * segment_len), segment_len=ints(segment_len), rank_choices=np.arange(1, 5,
-                       dtype=np.int64), alpha=reals(weight), epsilon_start=epsilon, epsilon_end=epsilon,
+                       dtype=np.int64), fidelity_weight=reals(weight), epsilon_start=epsilon, epsilon_end=epsilon,
                        calibration_sequences=ints(2), eval_sequences=ints(3))
     assert config.n_segments == segments
     for name in ("seq_len", "segment_len", "calibration_sequences", "eval_sequences", "epsilon_anneal_steps"):

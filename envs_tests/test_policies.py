@@ -1,5 +1,5 @@
 """drrl_gym.policies (rule-based rank policies), drrl_gym.spectra.stable_rank, the projected-key cache of
-DynamicRankAttention, layer_flops(key_cache=True), export of rule policies, drrl_gym.measure and the Pareto
+DynamicRankAttention, layer_flops(key_cache=True), export of rule policies, drrl_gym.policy_metrics and the Pareto
 benchmark's argument checks. Tiny random Llama on CPU, well under a minute in all."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from conftest import TINY_ENV as TINY
 from conftest import random_basis
 from drrl_gym.backbone import AttentionGeometry, load_backbone
-from drrl_gym.bases import load_or_calibrate_basis
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import (
     CONFIG_FILE,
@@ -31,15 +31,15 @@ from drrl_gym.export import (
 from drrl_gym.flops import causal_pairs, layer_flops
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import DynamicRankAttention
-from drrl_gym.measure import measure_policies
-from drrl_gym.observation import RankController
+from drrl_gym.policy_metrics import measure_policies
+from drrl_gym.observation import DecisionSpace
 from drrl_gym.policies import (
     RULE_POLICIES,
     FullRank,
     NERThreshold,
     RandomRanks,
     RankPolicy,
-    StableRankController,
+    StableRankPolicy,
     StaticRanks,
     UniformRank,
     act_in_env,
@@ -51,14 +51,14 @@ GEOMETRY = AttentionGeometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim
 CHOICES = (4, 8, 12, 16)
 
 
-def controller(granularity: str = "layer") -> RankController:
-    return RankController(GEOMETRY, CHOICES, granularity, 32, 4)
+def controller(granularity: str = "layer") -> DecisionSpace:
+    return DecisionSpace(GEOMETRY, CHOICES, granularity, 32, 4)
 
 
-def blank(c: RankController, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def blank(c: DecisionSpace, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """An all-zero observation and an all-allowed mask."""
-    return (np.zeros((batch, c.n_tokens, len(c.feature_names)), dtype=np.float32),
-            np.ones((batch, c.n_tokens, len(c.rank_choices)), dtype=bool))
+    return (np.zeros((batch, c.n_units, len(c.feature_names)), dtype=np.float32),
+            np.ones((batch, c.n_units, len(c.rank_choices)), dtype=bool))
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +129,21 @@ def test_static_rules(granularity: str) -> None:
     c = controller(granularity)
     observation, allowed = blank(c, batch=3)
     full = FullRank(c).act(observation, allowed)
-    assert full.shape == (3, c.n_tokens) and full.dtype == np.int64 and (full == 3).all()
+    assert full.shape == (3, c.n_units) and full.dtype == np.int64 and (full == 3).all()
     uniform = UniformRank(c, 8).act(observation, allowed)
     assert uniform.dtype == np.int64 and (uniform == 1).all()
-    ranks = [CHOICES[i % 4] for i in range(c.n_tokens)]
+    ranks = [CHOICES[i % 4] for i in range(c.n_units)]
     static = StaticRanks(c, ranks).act(observation, allowed)
-    assert static.shape == (3, c.n_tokens) and (c.choices[static] == np.array(ranks)).all()
+    assert static.shape == (3, c.n_units) and (c.choices[static] == np.array(ranks)).all()
     static[0, 0] = 99  # a copy, not a view of the policy's state
     assert StaticRanks(c, ranks).act(observation, allowed)[0, 0] != 99
 
 
 def test_static_rules_reject_bad_ranks() -> None:
-    c = controller("kv_head")  # 4 tokens
+    c = controller("kv_head")  # 4 units
     with pytest.raises(ValueError, match="not one of the rank choices"):
         UniformRank(c, 5)
-    with pytest.raises(ValueError, match="4 tokens"):
+    with pytest.raises(ValueError, match="4 units"):
         StaticRanks(c, [4, 8, 12])
     with pytest.raises(ValueError, match="not one of the rank choices"):
         StaticRanks(c, [4, 8, 12, 7])
@@ -154,7 +154,7 @@ def test_static_rules_reject_bad_ranks() -> None:
 
 
 def test_ner_threshold_takes_the_smallest_rank_where_queries_and_keys_reach_tau() -> None:
-    c = controller("kv_head")  # 4 tokens
+    c = controller("kv_head")  # 4 units
     names = c.feature_names
     observation, allowed = blank(c)
 
@@ -192,7 +192,7 @@ def reference_alrt(signals: np.ndarray, previous: np.ndarray, d: int, choices: t
     return out
 
 
-def alrt_observation(c: RankController, sq: float, sk: float, prev_rank: np.ndarray) -> np.ndarray:
+def alrt_observation(c: DecisionSpace, sq: float, sk: float, prev_rank: np.ndarray) -> np.ndarray:
     observation, _ = blank(c, batch=prev_rank.shape[0])
     observation[..., c.feature_names.index("query_stable_rank")] = sq
     observation[..., c.feature_names.index("key_stable_rank")] = sk
@@ -202,10 +202,10 @@ def alrt_observation(c: RankController, sq: float, sk: float, prev_rank: np.ndar
 
 def test_stable_rank_controller_follows_the_documented_update_by_hand() -> None:
     c = controller()
-    policy = StableRankController(c, safety=1.5, ema=0.5, change_threshold=2.0, max_step=1)
+    policy = StableRankPolicy(c, safety=1.5, ema=0.5, change_threshold=2.0, max_step=1)
     policy.reset(1)
     _, allowed = blank(c)
-    prev, got = np.full((1, c.n_tokens), 16), []
+    prev, got = np.full((1, c.n_units), 16), []
     # m: 11 (->12, one step down), 8.5 (stay 12), 7.25 (->8), 6.625 (|6.6-8| < 2: stay 8),
     # then the signal jumps to full: 15.31 (wants 16, one step: 12), 19.66 (->16)
     for sq, sk in [(0.25, 0.125), (0.25, 0.125), (0.125, 0.25), (0.25, 0.0), (1.0, 0.2), (0.2, 1.0)]:
@@ -220,12 +220,12 @@ def test_stable_rank_controller_follows_the_documented_update_by_hand() -> None:
 def test_stable_rank_controller_matches_a_reference_over_many_steps(max_step, threshold, ema) -> None:
     c = controller("kv_head")
     rng = np.random.default_rng(max_step)
-    policy = StableRankController(c, safety=1.2, ema=ema, change_threshold=threshold, max_step=max_step)
+    policy = StableRankPolicy(c, safety=1.2, ema=ema, change_threshold=threshold, max_step=max_step)
     batch, steps = 3, 12
     policy.reset(batch)
-    signals = rng.random((steps, batch, c.n_tokens, 2)) * 0.8
+    signals = rng.random((steps, batch, c.n_units, 2)) * 0.8
     # r_{t-1} comes from the observation, as if a mask had projected: here a random choice each step
-    previous = c.choices[rng.integers(0, 4, size=(steps, batch, c.n_tokens))]
+    previous = c.choices[rng.integers(0, 4, size=(steps, batch, c.n_units))]
     _, allowed = blank(c, batch)
     actions = []
     for t in range(steps):
@@ -236,7 +236,7 @@ def test_stable_rank_controller_matches_a_reference_over_many_steps(max_step, th
         actions.append(policy.act(observation, allowed))
     actions = np.stack(actions)
     for b in range(batch):
-        for token in range(c.n_tokens):
+        for token in range(c.n_units):
             expected = reference_alrt(signals[:, b, token], previous[:, b, token], 16, CHOICES, 1.2, ema, threshold,
                                       max_step)
             assert actions[:, b, token].tolist() == expected
@@ -248,7 +248,7 @@ def test_stable_rank_controller_matches_a_reference_over_many_steps(max_step, th
 
 def test_stable_rank_controller_state_and_parameter_checks() -> None:
     c = controller()
-    policy = StableRankController(c)
+    policy = StableRankPolicy(c)
     observation, allowed = blank(c, batch=2)
     with pytest.raises(RuntimeError, match="before reset"):
         policy.act(observation, allowed)
@@ -256,17 +256,17 @@ def test_stable_rank_controller_state_and_parameter_checks() -> None:
     with pytest.raises(RuntimeError, match="before reset"):  # another batch size than the reset one
         policy.act(observation, allowed)
     policy.reset(2)
-    assert policy.act(observation, allowed).shape == (2, c.n_tokens)
+    assert policy.act(observation, allowed).shape == (2, c.n_units)
     for bad in ({"safety": 0.0}, {"safety": -1.0}, {"ema": 1.0}, {"ema": -0.1}, {"change_threshold": -1.0},
                 {"max_step": 0}, {"max_step": 1.5}):
         with pytest.raises(ValueError, match="out of range"):
-            StableRankController(c, **bad)
+            StableRankPolicy(c, **bad)
 
 
 def test_random_ranks_allowed_and_reproducible() -> None:
     c = controller("kv_head")
     rng = np.random.default_rng(0)
-    allowed = rng.random((5, c.n_tokens, 4)) < 0.5
+    allowed = rng.random((5, c.n_units, 4)) < 0.5
     allowed[..., 3] |= ~allowed.any(-1)  # at least one allowed per token
     observation, _ = blank(c, batch=5)
     draws = [RandomRanks(c, seed=7).act(observation, allowed) for _ in range(2)]
@@ -274,7 +274,7 @@ def test_random_ranks_allowed_and_reproducible() -> None:
     for _ in range(20):
         draws.append(RandomRanks(c, seed=len(draws)).act(observation, allowed))
     stacked = np.stack(draws)
-    assert allowed[np.arange(5)[:, None], np.arange(c.n_tokens)[None], stacked].all()
+    assert allowed[np.arange(5)[:, None], np.arange(c.n_units)[None], stacked].all()
     everything = np.ones_like(allowed)
     spreader = RandomRanks(c, seed=3)
     spread = np.stack([spreader.act(observation, everything) for _ in range(10)])
@@ -289,7 +289,7 @@ RULE_EXAMPLES = {
     "uniform_rank": lambda c: UniformRank(c, 12),
     "static_ranks": lambda c: StaticRanks(c, [4, 16, 8, 12]),
     "ner_threshold": lambda c: NERThreshold(c, 0.8),
-    "stable_rank": lambda c: StableRankController(c, safety=1.1, ema=0.6, change_threshold=1.0, max_step=2),
+    "stable_rank": lambda c: StableRankPolicy(c, safety=1.1, ema=0.6, change_threshold=1.0, max_step=2),
     "random": lambda c: RandomRanks(c, seed=11),
 }
 
@@ -303,9 +303,9 @@ def test_policy_from_config_round_trips(kind: str) -> None:
     rebuilt = policy_from_config(c, kind, config)
     assert type(rebuilt) is type(policy) and rebuilt.config() == policy.config()
     rng = np.random.default_rng(0)
-    observation = rng.random((2, c.n_tokens, len(c.feature_names))).astype(np.float32)
+    observation = rng.random((2, c.n_units, len(c.feature_names))).astype(np.float32)
     observation[..., c.feature_names.index("prev_rank_fraction")] = 1.0
-    allowed = np.ones((2, c.n_tokens, 4), dtype=bool)
+    allowed = np.ones((2, c.n_units, 4), dtype=bool)
     policy.reset(2), rebuilt.reset(2)
     assert np.array_equal(policy.act(observation, allowed), rebuilt.act(observation, allowed))
 
@@ -321,13 +321,13 @@ def test_policy_from_config_rejects_unknown_kinds_and_parameters() -> None:
 
 
 def test_act_in_env_runs_rule_policies(env: DRRLAttentionEnv) -> None:
-    c = env.controller
-    for policy in (NERThreshold(c, 0.9), StableRankController(c), RandomRanks(c, seed=1), UniformRank(c, 8)):
+    c = env.decisions
+    for policy in (NERThreshold(c, 0.9), StableRankPolicy(c), RandomRanks(c, seed=1), UniformRank(c, 8)):
         policy.reset(1)
         observation, _ = env.reset(options={"sequence_index": 0})
         for _ in range(2):
             action = act_in_env(policy, env, observation)
-            assert action.shape == (env.n_tokens,) and action.dtype == np.int64
+            assert action.shape == (env.n_units,) and action.dtype == np.int64
             assert ((0 <= action) & (action < len(env.rank_choices))).all()
             observation, _, terminated, _, info = env.step(action)
             assert not terminated
@@ -341,8 +341,9 @@ def run_segments(model, attention: DynamicRankAttention, tokens: torch.Tensor, r
     cache, logits, stats = DynamicCache(config=model.config), [], []
     for s, r in enumerate(ranks):
         attention.set_ranks(r)
-        logits.append(model(tokens[:, s * segment : (s + 1) * segment], **cache_argument(cache), use_cache=True).logits)
-        stats.append(attention.stats())
+        with attention.recording(statistics=True) as recorded:
+            logits.append(model(tokens[:, s * segment : (s + 1) * segment], **cache_argument(cache), use_cache=True).logits)
+        stats.append(recorded.stats())
     return torch.cat(logits, 1), stats
 
 
@@ -357,7 +358,6 @@ def test_projected_key_cache_matches_reprojection() -> None:
     outputs = {}
     with torch.no_grad():
         for name, attention in (("plain", plain), ("cached", cached)):
-            attention.collect_stats = True
             with attention.attached(model):
                 outputs[name] = run_segments(model, attention, tokens, ranks, 12)
     (a, stats_a), (b, stats_b) = outputs["plain"], outputs["cached"]
@@ -426,7 +426,7 @@ def test_rule_policy_export_round_trip(env, basis, tmp_path) -> None:
     spec = ControllerSpec.from_env_config(env.config)
     tokens = env.corpus.eval[:2]
     for name, make in (("ner", lambda c: NERThreshold(c, 0.3)),  # tau where this tiny model's ranks vary
-                       ("alrt", lambda c: StableRankController(c, safety=1.0, ema=0.5, change_threshold=1.0))):
+                       ("alrt", lambda c: StableRankPolicy(c, safety=1.0, ema=0.5, change_threshold=1.0))):
         policy = make(spec.controller(env.geometry))
         in_memory = build_dynamic_rank_model(load_backbone("tiny-random-llama", "cpu"), policy, basis, spec, env.config)
         path = export_dynamic_rank_model(tmp_path / name, env.backbone, policy, basis, env.config)

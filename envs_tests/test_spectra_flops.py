@@ -244,9 +244,8 @@ def test_basis_and_statistics_terms_match_dynamic_rank_attention(monkeypatch, mo
     basis = torch.linalg.qr(torch.randn(1, 2, 8, 8, generator=generator))[0]
     q, k, v = (torch.randn(1, heads, n, 8, generator=generator) for heads, n in ((4, T), (2, L), (2, L)))
     controller = DynamicRankAttention(GEOMETRY, basis, mode=mode)
-    controller.collect_stats = statistics
     controller.set_ranks(torch.tensor([[ranks]]))
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, controller.recording(statistics=statistics):
         controller(_Layer(), q, k, v, None, scaling=8**-0.5)
     counted = counter.get_total_flops()
     expected = layer_flops(GEOMETRY, T, L, ranks=ranks, statistics=statistics, basis_mode=mode)

@@ -17,7 +17,8 @@ from gymnasium.vector import AutoresetMode
 
 from conftest import TINY_ENV
 from drrl_gym.env import DRRLAttentionEnv
-from drrl_gym.vector import DRRLAttentionSB3VecEnv, DRRLAttentionVecEnv
+from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
+from drrl_gym.vector import DRRLAttentionVecEnv
 
 # Epsilon near the tiny model's median transition bound, so that masks both allow and reject (checked below).
 TINY = dict(TINY_ENV, epsilon_start=0.05, epsilon_end=0.05)
@@ -48,11 +49,11 @@ def test_make_vec_builds_the_batched_env() -> None:
     assert venv.single_observation_space == single.observation_space
     assert venv.single_action_space == single.action_space
     assert venv.observation_space.shape == (N, single.observation_space.shape[0])
-    assert venv.token_shape == single.token_shape == (2, 32)
+    assert venv.unit_shape == single.unit_shape == (2, 32)
     observation, info = venv.reset(seed=0)
     assert venv.observation_space.contains(observation) and info["segment"].tolist() == [0] * N
     assert venv.action_masks().shape == (N, 2 * 4)
-    with pytest.raises(ValueError, match=r"actions must be \(num_envs=3, n_tokens=2\)"):
+    with pytest.raises(ValueError, match=r"actions must be \(num_envs=3, n_units=2\)"):
         venv.step(np.zeros(2, dtype=np.int64))
     with pytest.raises(ValueError, match="render_mode='ansi'.*Fix"):
         DRRLAttentionVecEnv(num_envs=2, render_mode="ansi", **TINY)
@@ -77,7 +78,7 @@ def test_vector_env_equals_n_single_envs(granularity: str, fidelity: str) -> Non
         masks = venv.action_masks()
         for i, env in enumerate(singles):
             assert np.array_equal(masks[i], env.action_masks())
-        actions = rng.integers(0, 4, size=(N, venv.n_tokens))
+        actions = rng.integers(0, 4, size=(N, venv.n_units))
         observation, reward, terminated, truncated, info = venv.step(actions)
         results = [env.step(actions[i]) for i, env in enumerate(singles)]
         assert terminated.tolist() == [r[2] for r in results] == [step % steps_per_episode == 2] * N
@@ -106,12 +107,12 @@ def test_probe_per_env_equals_single_env_probe() -> None:
     venv.reset(seed=5)
     for i, env in enumerate(singles):
         env.reset(seed=5 + i)
-    candidates = np.repeat(np.arange(4)[:, None], venv.n_tokens, axis=1)
+    candidates = np.repeat(np.arange(4)[:, None], venv.n_units, axis=1)
     probed = venv.probe_layer_fidelity(candidates)
-    assert probed.shape == (2, 4, venv.n_tokens)
+    assert probed.shape == (2, 4, venv.n_units)
     for i, env in enumerate(singles):
         np.testing.assert_allclose(probed[i], env.probe_layer_fidelity(candidates), atol=TOLERANCE)
-    assert venv.call("probe_layer_fidelity", candidates)[1].shape == (4, venv.n_tokens)
+    assert venv.call("probe_layer_fidelity", candidates)[1].shape == (4, venv.n_units)
 
 
 # ------------------------------------------------------------------------------------------ SB3 adapter
@@ -147,7 +148,7 @@ def test_sb3_adapter_attributes_and_methods() -> None:
     assert np.array_equal(np.stack(masks), env.venv.action_masks())
     assert [m.shape for m in env.env_method("action_masks", indices=[0, 2])] == [(8,), (8,)]
     assert env.has_attr("action_masks") and env.has_attr("transition_bounds") and not env.has_attr("no_such_thing")
-    assert env.get_attr("token_shape") == [(2, 32)] * N and env.token_shape == (2, 32)
+    assert env.get_attr("unit_shape") == [(2, 32)] * N and env.unit_shape == (2, 32)
     assert env.get_attr("transition_bounds", indices=1)[0].shape == (2, 4)
     assert env.env_is_wrapped(gym.Wrapper) == [False] * N
     env.set_attr("custom_flag", 3)
@@ -176,15 +177,14 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
     """The rank-independent path CUDA graphs capture (full width, zero masks) computes what slicing computes."""
     venv = DRRLAttentionVecEnv(num_envs=2, **TINY)
     venv.reset(seed=3)
-    batch, ranks = venv.batch, venv.controller.layer_ranks(np.array([[0, 3], [1, 2]]))
+    batch, ranks = venv.batch, venv.decisions.layer_ranks(np.array([[0, 3], [1, 2]]))
     tokens, results = batch._segment_tokens(1), []
     for static in (False, True):
-        cache = copy.deepcopy(batch._cache)
+        cache = copy.deepcopy(batch.episode.cache)
         if static:
             batch.attention.set_static_ranks(ranks, torch.device("cpu"))
         with torch.inference_mode():
-            captured = batch._forward(cache, tokens, None if static else ranks, True, capture_attention=True)
-        results.append((captured, batch.attention.stats()))
+            results.append(batch._forward(cache, tokens, None if static else ranks, statistics=True, outputs=True))
     (eager, eager_stats), (static, static_stats) = results
     torch.testing.assert_close(static.hidden, eager.hidden, atol=1e-5, rtol=0)
     for a, b in zip(static.attention, eager.attention, strict=True):
@@ -204,11 +204,11 @@ def test_cuda_graphs_match_the_eager_forward(fidelity: str) -> None:
         env.reset(seed=9)
     for step in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
         assert np.array_equal(graphed.action_masks(), eager.action_masks())
-        actions = rng.integers(0, 4, size=(N, graphed.n_tokens))
+        actions = rng.integers(0, 4, size=(N, graphed.n_units))
         (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)
         np.testing.assert_allclose(obs_g, obs_e, atol=1e-4)
         np.testing.assert_allclose(reward_g, reward_e, atol=1e-4)
     assert graphed.batch._graphs is not None and sorted(graphed.batch._graphs.graphs) == [1, 2, 3]
-    candidates = np.repeat(np.arange(4)[:, None], graphed.n_tokens, axis=1)
+    candidates = np.repeat(np.arange(4)[:, None], graphed.n_units, axis=1)
     probed = graphed.probe_layer_fidelity(candidates)
     np.testing.assert_allclose(probed, eager.probe_layer_fidelity(candidates), atol=1e-4)

@@ -5,7 +5,7 @@ learned network) runs through the same dynamic-rank model (``drrl_gym.export.Dyn
 protocol as the environment: sequences fed ``segment_len`` tokens at a time with a KV cache, segment 0 at full rank,
 then one decision per segment. Per method:
 
-* perplexity over every token (``drrl_gym.evaluation.next_token_nll``);
+* perplexity over every token (``drrl_gym.perplexity.next_token_nll``);
 * fidelity (optional): mean cosine of attention outputs (per layer, token and head) against the full-rank run over
   the tokens after the method's own warm-up segment, errors compounding through each method's own cache (methods
   with different segment lengths are compared on the tokens each of them decides);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from drrl_gym.backbone import AttentionGeometry
-from drrl_gym.evaluation import next_token_nll
+from drrl_gym.perplexity import next_token_nll
 from drrl_gym.export import ControllerSpec
 from drrl_gym.flops import AttentionFlops, layer_flops
 from drrl_gym.hf_compat import cache_argument
@@ -84,32 +85,39 @@ def _run(model: PreTrainedModel, tokens: torch.Tensor, tally: _Tally, reference:
     L, H, d); returns this run's, in that layout, if ``keep_outputs``."""
     runtime = model.drrl
     length = runtime.spec.segment_len
-    runtime.attention.capture_outputs = keep_outputs or reference is not None
+    wanted = keep_outputs or reference is not None
     cache, outputs = DynamicCache(config=model.config), []
     cuda = tokens.device.type == "cuda"
-    for s in range(tokens.shape[1] // length):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = model(tokens[:, s * length : (s + 1) * length], **cache_argument(cache), use_cache=True).logits
-        if cuda:
-            torch.cuda.synchronize()
-        tally.latencies.append(time.perf_counter() - start)
-        nll, count = next_token_nll(logits, tokens, s * length)
-        tally.nll, tally.tokens = tally.nll + nll, tally.tokens + count
-        if not runtime.attention.capture_outputs:
-            continue
-        layers = torch.stack(runtime.attention.outputs)  # (layers, B, T, H, d)
-        if keep_outputs:
-            outputs.append(layers)
-        if reference is not None and s > 0:
-            expected = reference[:, :, s * length : (s + 1) * length]
-            cosine = F.cosine_similarity(layers.float(), expected.float(), dim=-1)
-            tally.cosine += cosine.sum().item()
-            tally.vectors += cosine.numel()
-    runtime.attention.capture_outputs = False
+    with runtime.recording_outputs() if wanted else nullcontext([]) as pieces:
+        for s in range(tokens.shape[1] // length):
+            _run_segment(model, tokens, s, length, cache, tally, cuda)
+            if not wanted:
+                continue
+            layers = torch.stack(pieces[-1])  # (layers, B, T, H, d): a segment-aligned call is one piece
+            if keep_outputs:
+                outputs.append(layers)
+            if reference is not None and s > 0:
+                expected = reference[:, :, s * length : (s + 1) * length]
+                cosine = F.cosine_similarity(layers.float(), expected.float(), dim=-1)
+                tally.cosine += cosine.sum().item()
+                tally.vectors += cosine.numel()
+            pieces.clear()
     _count_flops(runtime, tally)
     return torch.cat(outputs, dim=2) if keep_outputs else None
+
+
+def _run_segment(model: PreTrainedModel, tokens: torch.Tensor, s: int, length: int, cache: DynamicCache,
+                 tally: _Tally, cuda: bool) -> None:
+    """Segment ``s`` through the model, timed, its next-token NLL added to ``tally``."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits = model(tokens[:, s * length : (s + 1) * length], **cache_argument(cache), use_cache=True).logits
+    if cuda:
+        torch.cuda.synchronize()
+    tally.latencies.append(time.perf_counter() - start)
+    nll, count = next_token_nll(logits, tokens, s * length)
+    tally.nll, tally.tokens = tally.nll + nll, tally.tokens + count
 
 
 def _count_flops(runtime, tally: _Tally) -> None:

@@ -1,0 +1,438 @@
+"""The one step path of ``DRRL-Attention-v0``: B episodes in lockstep through one frozen model.
+
+:class:`EpisodeBatch` is the single env with B = 1 (``drrl_gym.env``) and the vector env with B = num_envs
+(``drrl_gym.vector``), so the two cannot drift apart. Every row is its own episode (its own sequence, KV cache,
+ranks, mask, fidelity, FLOPs and reward); rows share one forward pass per step. All episodes have n_segments - 1
+steps, so the rows stay in step and end together. The environment's semantics are documented in ``drrl_gym.env``
+and docs/env.md.
+
+Per reset: the warm-up segment at full rank, then one full-rank forward of all remaining segments of every row from
+a copy of the warm-up cache (the reference trajectory, which does not depend on the agent). Per step: one forward
+of the B segments at the chosen ranks with the statistics it records, each row's fidelity against the reference,
+the observation's reductions (:meth:`EpisodeBatch._device_step`; on CUDA a replayed graph, ``drrl_gym.cuda_graphs``),
+then the mask, projection, FLOPs and reward on the CPU. The state of the running episodes lives in one
+:class:`EpisodeState`, which does not exist before the first ``reset``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch.profiler import record_function
+from transformers import DynamicCache
+
+from drrl_gym.backbone import AttentionGeometry, Backbone
+from drrl_gym.config import EnvConfig, fail, is_int
+from drrl_gym.corpus import CorpusSplits
+from drrl_gym.cuda_graphs import SegmentGraphs
+from drrl_gym.flops import flops_fractions
+from drrl_gym.hf_compat import cache_argument
+from drrl_gym.kv_cache import cache_prefix
+from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
+from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
+from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
+from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, attention_cosine_per_head
+
+RESET_OPTIONS = ("sequence_index",)
+
+
+@dataclass
+class BatchStep:
+    """One step of every row: observation matrices, rewards and the info arrays (leading axis: the row)."""
+
+    observation: np.ndarray  # (B, n_units, n_features) float32
+    reward: np.ndarray  # (B,) float64
+    terminated: bool  # all rows end on the same step: episodes all have n_segments - 1 steps
+    info: dict[str, np.ndarray]
+
+
+@dataclass
+class EpisodeState:
+    """Everything about the B running episodes; made by ``reset``, advanced by ``step``."""
+
+    sequence_index: np.ndarray  # (B,) train sequence of each row
+    cache: DynamicCache  # the agent's KV cache
+    reference: Captured  # the full-rank trajectory of segments 1 .. n_segments-1
+    observed: Observed  # the last observation and its bounds
+    stats: SegmentStats  # the statistics it was built from (on a CUDA graph's memory: valid for this step)
+    prev_index: np.ndarray  # (B, n_units) choices applied to the last segment
+    rank_history: np.ndarray  # (B, n_units, n_segments) ranks run so far (0: not run yet)
+    segment: int = 1  # the next segment to run
+    probe_reference: Captured | None = None  # the reference with attention outputs, for probes of other metrics
+
+
+class EpisodeBatch:
+    """B episodes of ``DRRL-Attention-v0`` in lockstep (see the module docstring)."""
+
+    def __init__(self, config: EnvConfig, batch_size: int, backbone: Backbone | None = None) -> None:
+        if not is_int(batch_size) or batch_size < 1:
+            fail("num_envs", batch_size, "must be a positive integer", "pass an int >= 1")
+        config.check_files()
+        self.config, self.batch_size = config, int(batch_size)
+        self.backbone = backbone or shared_backbone(config.model, config.device, config.torch_dtype)
+        self.geometry = self.backbone.geometry
+        window = getattr(self.backbone.model.config, "max_position_embeddings", None)
+        self.rank_choices = config.rank_choices_for(self.geometry, window)
+        self.corpus: CorpusSplits = shared_corpus(self.backbone, config.corpus_config())
+        basis = shared_basis(self.backbone, self.corpus) if config.basis == "calibrated" else None
+        self.attention = DynamicRankAttention(self.geometry, basis, config.basis)
+        self.reward = FidelityMinusCost(FIDELITY_METRICS[config.fidelity], config.fidelity_weight, config.cost_weight,
+                                        config.perturbation_weight)
+        self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
+                                       config.n_segments)
+        self.n_units, self.feature_names = self.decisions.n_units, self.decisions.feature_names
+        self.unit_shape = (self.n_units, len(self.feature_names))
+        self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
+        self.episode: EpisodeState | None = None
+        # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
+        self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
+        graphs = config.cuda_graphs and self.backbone.device.type == "cuda" and config.basis == "calibrated"
+        self._graphs = SegmentGraphs(self._device_step) if graphs else None
+
+    # ---------------------------------------------------------------------------------------------- spaces
+    def observation_space(self) -> spaces.Box:
+        """One row's flat observation space (docs/env.md, "Observation")."""
+        return spaces.Box(0.0, 1.0, (self.n_units * len(self.feature_names),), dtype=np.float32)
+
+    def action_space(self) -> spaces.MultiDiscrete:
+        return spaces.MultiDiscrete(np.full(self.n_units, len(self.rank_choices), dtype=np.int64))
+
+    # ----------------------------------------------------------------------------------------- episode API
+    @property
+    def epsilon(self) -> float:
+        return self.config.epsilon_at(self.total_steps)
+
+    @property
+    def segment(self) -> int:
+        """The next segment to run; 0 before the first reset."""
+        return 0 if self.episode is None else self.episode.segment
+
+    def sequence_indices(self, rngs: Sequence[np.random.Generator], requested: Sequence[Any]) -> np.ndarray:
+        """Train sequence per row: ``requested[b]`` if given (checked), else drawn from row b's own RNG."""
+        size = len(self.corpus.train)
+        indices = []
+        for rng, index in zip(rngs, requested, strict=True):
+            if index is None:
+                index = int(rng.integers(size))
+            elif not is_int(index) or not 0 <= index < size:
+                fail("options['sequence_index']", index, f"must be an int in [0, {size})", "pick a train index")
+            indices.append(int(index))
+        return np.asarray(indices, dtype=np.int64)
+
+    def reset(self, indices: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Start every row on train sequence ``indices[b]``; returns observation matrices and reset info arrays."""
+        if len(indices) != self.batch_size:
+            raise ValueError(f"reset needs {self.batch_size} sequence indices, got {len(indices)}")
+        indices = np.array(indices, dtype=np.int64)
+        self._tokens.copy_(self.corpus.train[torch.from_numpy(indices)])
+        cache, full = DynamicCache(config=self.backbone.model.config), self.geometry.head_dim
+        with torch.inference_mode():
+            with record_function("drrl.warmup_forward"):
+                _, stats = self._forward(cache, self._segment_tokens(0), full, statistics=True, outputs=False)
+            with record_function("drrl.reference_forward"):
+                reference = self._reference_forward(cache, self.reward.needs_attention_outputs)
+            if self._graphs is not None:  # the graphs read the warm-up cache and the reference at fixed places
+                self._graphs.pin_cache(cache)
+                reference = _pinned_captured(self._graphs, reference)
+        prev_index = np.full((self.batch_size, self.n_units), len(self.rank_choices) - 1)
+        history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
+        history[:, :, 0] = full
+        observed = self.decisions.observe(stats, prev_index, 1)
+        self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history)
+        info = {
+            "segment": np.zeros(self.batch_size, dtype=np.int64),
+            "epsilon": np.full(self.batch_size, self.epsilon),
+            "sequence_index": indices.copy(),
+        }
+        return observed.matrix, info
+
+    def step(self, requested: np.ndarray) -> BatchStep:
+        """Run the next segment of every row at ``requested`` (B, n_units) choice indices, projected by the mask."""
+        self.require_running("step()")
+        episode, rows = self.episode, np.arange(self.batch_size)[:, None]
+        t, epsilon, length = episode.segment, self.epsilon, self.config.segment_len
+        chosen, projected = self.decisions.project(requested, self.allowed())
+        perturbation = episode.observed.transition[rows, np.arange(self.n_units), chosen].mean(-1)
+        layer_ranks = self.decisions.layer_ranks(chosen)  # (B, layers, kv_heads)
+        # record_function labels name the parts of a step in torch.profiler tables (benchmarks/env_throughput.py).
+        with torch.inference_mode(), record_function("drrl.device_step"):
+            fidelity, summary, stats, executed = self._run_device_step(t, layer_ranks)
+        with record_function("drrl.observe_cpu"):
+            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
+        episode.stats = stats
+        keys = (t + 1) * length
+        counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
+        ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
+        components = self.reward.components(fidelity.double().cpu().numpy(), counted.scores, perturbation)
+        ranks = self.decisions.choices[chosen]
+        episode.rank_history[:, :, t] = ranks
+        episode.prev_index, episode.segment = chosen, t + 1
+        self.total_steps += 1
+        info = {
+            "segment": np.full(self.batch_size, t),
+            **components,
+            "ranks": ranks,
+            "rank_fraction": ranks.mean(-1) / self.geometry.head_dim,
+            "flops_saved_scores": counted.saved_scores,
+            "flops_saved_attention": counted.saved_attention,
+            "flops_saved_scores_executed": ran.saved_scores,
+            "flops_saved_attention_executed": ran.saved_attention,
+            "mask_rejections": projected.sum(-1),
+            "projected": projected,
+            "epsilon": np.full(self.batch_size, epsilon),
+            "sequence_index": episode.sequence_index.copy(),
+        }
+        return BatchStep(episode.observed.matrix, components["reward"], episode.segment == self.config.n_segments, info)
+
+    def require_running(self, what: str) -> None:
+        if not 1 <= self.segment < self.config.n_segments:
+            raise RuntimeError(f"{what} called before reset() or after the episode terminated. Fix: call reset().")
+
+    def _require_state(self) -> EpisodeState:
+        if self.episode is None:
+            raise RuntimeError("the environment has no state yet. Fix: call reset() first.")
+        return self.episode
+
+    def transition_bounds(self) -> np.ndarray:
+        """(B, n_units, n_choices) normalised bounds from each unit's r_{t-1} to every choice (unclipped)."""
+        return self._require_state().observed.transition.copy()
+
+    def full_rank_bounds(self) -> np.ndarray:
+        """(B, n_units, n_choices) normalised bounds from full rank d to every choice: what the mask compares."""
+        return self._require_state().observed.to_full.copy()
+
+    def allowed(self) -> np.ndarray:
+        """(B, n_units, n_choices) bool: the safety mask at epsilon_t (``DecisionSpace.allowed``)."""
+        return self.decisions.allowed(self._require_state().observed.to_full, self.epsilon)
+
+    def check_indices(self, values: Any, shape: tuple[int | None, ...], what: str, fix: str) -> np.ndarray:
+        """``values`` as int64 choice indices of ``shape`` (None: any positive length), or a ValueError."""
+        n = len(self.rank_choices)
+        try:
+            array = np.asarray(values)
+        except ValueError:  # ragged nesting: numpy's own message would not say what an action must be
+            array = None
+        well_formed = array is not None and (
+            array.ndim == len(shape) and array.size > 0 and np.issubdtype(array.dtype, np.integer)
+            and all(want is None or want == got for want, got in zip(shape, array.shape))
+        )
+        if not well_formed or array.min() < 0 or array.max() >= n:
+            raise ValueError(f"{what} in [0, {n}) (one rank-choice index per unit), got {values!r}. Fix: {fix}.")
+        return array.astype(np.int64)
+
+    def probe_layer_fidelity(self, candidates: np.ndarray) -> np.ndarray:
+        """What-if for every row: (K, n_units) candidate actions -> (B, K, n_units) per-unit attention cosines.
+
+        Documented on ``DRRLAttentionEnv.probe_layer_fidelity``. Row b's candidate k runs as batch row b * K + k on
+        a copy of row b's cache; the episode does not advance.
+        """
+        self.require_running("probe_layer_fidelity()")
+        candidates = self.check_indices(candidates, (None, self.n_units), "candidates must be (K, n_units) integer "
+                                        "indices", "pass rows sampled from env.action_space")
+        episode, g = self.episode, self.geometry
+        count, t, length = len(candidates), episode.segment, self.config.segment_len
+        with torch.inference_mode():
+            reference = episode.reference if episode.reference.attention is not None else episode.probe_reference
+            if reference is None:  # the fidelity metric kept only hidden states: run the reference again, once
+                reference = episode.probe_reference = self._reference_forward(episode.cache, outputs=True)
+            cache = copy.deepcopy(episode.cache)
+            cache.batch_repeat_interleave(count)
+            ranks = self.decisions.layer_ranks(np.tile(candidates, (self.batch_size, 1)))
+            tokens = self._segment_tokens(t).repeat_interleave(count, dim=0)
+            agent, _ = self._forward(cache, tokens, ranks, statistics=False, outputs=True)
+        reference = reference.tokens((t - 1) * length, t * length).repeat_rows(count)
+        cosine = attention_cosine_per_head(agent.attention, reference.attention)  # (B*K, layers, H)
+        # KV head j serves query heads jG .. jG+G-1; a layer unit averages its KV heads.
+        cosine = cosine.reshape(self.batch_size, count, g.num_layers, g.num_kv_heads, g.group_size).mean(-1)
+        if self.decisions.per_layer:
+            cosine = cosine.mean(-1)
+        return cosine.reshape(self.batch_size, count, self.n_units).double().cpu().numpy()
+
+    def close(self) -> None:
+        # Free the KV caches, the reference and the graphs' memory; the shared model stays loaded
+        # (drrl_gym.resources.free_shared_resources drops it).
+        self.episode = self._graphs = None
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _segment_tokens(self, segment: int) -> torch.Tensor:
+        length = self.config.segment_len
+        return self._tokens[:, segment * length : (segment + 1) * length]
+
+    def _run_device_step(
+        self, segment: int, ranks: torch.Tensor
+    ) -> tuple[torch.Tensor, StatsSummary, SegmentStats, torch.Tensor]:
+        """:meth:`_device_step` at ``ranks``: a CUDA graph replay when it can, else eagerly. Returns (fidelity,
+        summary, statistics, the (B, layers, kv_heads) ranks the forward executed)."""
+        cache = self.episode.cache
+        if self._graphs is not None:
+            self.attention.set_static_ranks(ranks, self.backbone.device)
+            result = self._graphs.run(segment, cache)
+            if result is not None:
+                # The graph runs every layer at full width with the extra columns zeroed (one graph serves every
+                # rank choice): that is what it executes, whatever the ranks count.
+                return (*result, torch.full_like(ranks, self.geometry.head_dim))
+            self._graphs = None  # capture failed (warned): eager from now on
+        self.attention.set_ranks(ranks)
+        # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
+        executed = ranks.amax(dim=(0, 2), keepdim=True).expand_as(ranks)
+        return (*self._device_step(segment), executed)
+
+    def _device_step(self, segment: int) -> tuple[torch.Tensor, StatsSummary, SegmentStats]:
+        """All of a step that runs on the model's device, at the ranks already set: the agent's forward of
+        ``segment`` with its statistics, each row's fidelity against the reference, and the observation's
+        reductions. Returns ((B,) fidelity, summary, statistics). What the CUDA graphs capture."""
+        length, episode = self.config.segment_len, self.episode
+        agent, stats = self._forward(episode.cache, self._segment_tokens(segment), None, statistics=True,
+                                     outputs=self.reward.needs_attention_outputs)
+        reference = episode.reference.tokens((segment - 1) * length, segment * length)
+        fidelity = self.reward.fidelity(agent, reference, self._lm_head)
+        return fidelity, self.decisions.summarize(stats), stats
+
+    def _forward(self, cache: DynamicCache, tokens: torch.Tensor, ranks: torch.Tensor | int | None, statistics: bool,
+                 outputs: bool) -> tuple[Captured, SegmentStats | None]:
+        """Run ``tokens`` (B, T) at ``ranks`` (an int, (B, layers, kv_heads), or None: as already set), appending
+        to ``cache``; returns what the fidelity metrics compare and, if asked, the statistics.
+
+        The LM head is skipped (base_model's last_hidden_state is the final normed hidden state); "kl" applies it
+        to just the segment it compares (:meth:`_lm_head`). The attention is attached for this forward only, so
+        batches sharing a model can take turns.
+        """
+        attention = self.attention
+        if ranks is not None:
+            attention.set_ranks(ranks)
+        with attention.attached(self.backbone.model), attention.recording(statistics, outputs) as recorded:
+            hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
+        captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
+        return captured, recorded.stats() if statistics else None
+
+    def _reference_forward(self, cache: DynamicCache, outputs: bool) -> Captured:
+        """The full-rank reference of segments 1 .. n_segments-1 of every row, in one forward. It starts from the
+        warm-up prefix both trajectories share, bit for bit: the first segment of the agent's cache, which the agent
+        ran at full rank and never rewrites."""
+        length = self.config.segment_len
+        prefix = cache_prefix(cache, length, self.backbone.model.config)
+        captured, _ = self._forward(prefix, self._tokens[:, length:], self.geometry.head_dim, statistics=False,
+                                    outputs=outputs)
+        return captured
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states: the LM head ``model(...)`` applies, softcapping included."""
+        model = self.backbone.model
+        logits = model.get_output_embeddings()(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _pinned_captured(graphs: SegmentGraphs, reference: Captured) -> Captured:
+    """The reference at the fixed addresses the graphs read (the first episode's tensors)."""
+    kept = graphs.pin("reference", [reference.hidden, *(reference.attention or [])])
+    return Captured(kept[0], kept[1:] if reference.attention is not None else None)
+
+
+def check_reset_options(options: Any) -> dict[str, Any]:
+    """``reset``'s options: None or a dict of known keys (a misspelt key would otherwise be ignored silently)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        fail("options", options, "must be a dict or None", "pass e.g. options={'sequence_index': 0}")
+    unknown = [key for key in options if key not in RESET_OPTIONS]
+    if unknown:
+        fail("options", options, f"unknown key {unknown[0]!r}", f"use only the keys {RESET_OPTIONS}")
+    return options
+
+
+def info_row(info: dict[str, Any], row: int) -> dict[str, Any]:
+    """Row ``row`` of batched info arrays as one env's info: scalars as Python numbers, arrays as copies.
+
+    Keys starting with "_" (gymnasium's vector-info masks) are dropped; nested dicts are taken row-wise too.
+    """
+    single: dict[str, Any] = {}
+    for key, value in info.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            single[key] = info_row(value, row)
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            single[key] = value[row].item() if value.ndim == 1 else value[row].copy()
+        else:
+            single[key] = value[row]
+    return single
+
+
+class EpisodeBatchView:
+    """What the env (B = 1) and the vector env (B = N) expose of their :class:`EpisodeBatch`, under the same names."""
+
+    batch: EpisodeBatch
+
+    @property
+    def config(self) -> EnvConfig:
+        return self.batch.config
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.batch.backbone
+
+    @property
+    def geometry(self) -> AttentionGeometry:
+        return self.batch.geometry
+
+    @property
+    def rank_choices(self) -> tuple[int, ...]:
+        return self.batch.rank_choices
+
+    @property
+    def corpus(self) -> CorpusSplits:
+        return self.batch.corpus
+
+    @property
+    def decisions(self) -> DecisionSpace:
+        return self.batch.decisions
+
+    @property
+    def n_units(self) -> int:
+        """Decision units: layers, or (layer, KV head) pairs with ``granularity="kv_head"``."""
+        return self.batch.n_units
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.batch.feature_names
+
+    @property
+    def unit_shape(self) -> tuple[int, int]:
+        """(n_units, n_features): ``obs.reshape(unit_shape)`` is the observation matrix of one env."""
+        return self.batch.unit_shape
+
+    def continue_schedule(self, steps: int) -> None:
+        """Put the epsilon schedule at ``steps`` env steps (per env), e.g. when training resumes from a checkpoint:
+        the schedule counts this object's steps, which a fresh env starts at 0."""
+        if not is_int(steps) or steps < 0:
+            fail("steps", steps, "must be an int >= 0", "pass the number of steps each env has taken")
+        self.batch.total_steps = int(steps)
+
+    # Old names, kept for one release.
+    @property
+    def controller(self) -> DecisionSpace:
+        _deprecated("controller", "decisions")
+        return self.decisions
+
+    @property
+    def n_tokens(self) -> int:
+        _deprecated("n_tokens", "n_units")
+        return self.n_units
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        _deprecated("token_shape", "unit_shape")
+        return self.unit_shape
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"env.{old} is deprecated; use env.{new} (a decision unit is a layer or a (layer, KV head) pair, "
+                  "not a text token).", DeprecationWarning, stacklevel=3)

@@ -1,0 +1,437 @@
+"""Selection attention (drrl_gym.selection, derivation: docs/selection.md) against plain attention and its bound.
+
+* Full settings (r = d, keep = 1) reproduce causal attention in the T-of-L layout, fp32 and fp64, with and without GQA.
+* The chosen keys are causal and contain the sinks and the recents; their number follows the documented rule.
+* Settings mixed across batch rows and KV heads equal running each setting on its own.
+* A seeded property test over 1200 random cases (random bases, ranks, keeps, windows, GQA, KV-cache offsets and
+  adversarial scales): the dropped-mass bound is never below the true dropped mass, ||p - p^S||_1 = 2m holds, and
+  the output moves by no more than 2 m max ||v||. The bound is exact at r = d and attained by a constructed case.
+* The candidate table equals the bounds of the reference forward; costs equal hand counts; bad arguments raise.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from drrl_gym.selection import (
+    SelectionFlops,
+    decode_traffic,
+    dropped_mass_bound,
+    dropped_mass_bound_table,
+    forced_mask,
+    full_attention_flops,
+    kept_counts,
+    output_change_bound,
+    rotate,
+    selection_attention,
+    selection_flops,
+    visible_mask,
+)
+
+REL_SLACK = 1e-9  # float64 rounding only: the bound may never be exceeded by more than this, relatively
+
+
+@contextmanager
+def one_thread():
+    """Many tiny float64 ops: intra-op threads only add synchronisation on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def orthonormal(kv_heads: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(kv_heads, d, d, generator=generator, dtype=torch.float64))[0]
+
+
+def inputs(batch, kv_heads, group, n_queries, n_keys, d, generator, dtype=torch.float64):
+    """Random q (B, H, T, d), k, v (B, H_kv, L, d) and an orthonormal basis (H_kv, d, d)."""
+    q = torch.randn(batch, kv_heads * group, n_queries, d, generator=generator, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, n_keys, d, generator=generator, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, n_keys, d, generator=generator, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype), orthonormal(kv_heads, d, generator).to(dtype)
+
+
+def causal_attention(q, k, v, scaling=None):
+    """torch SDPA with the bottom-right causal mask of the T-of-L layout, in transformers' (B, T, H, d) output."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    mask = visible_mask(q.shape[2], k.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------ exact reproduction
+SHAPES = [  # (B, H_kv, G, T, L, d)
+    (2, 2, 1, 6, 6, 8),  # T = L, multi-head
+    (1, 1, 3, 4, 11, 8),  # T < L, GQA
+    (2, 2, 3, 7, 7, 4),  # T = L, GQA
+    (1, 3, 1, 1, 9, 16),  # decode
+    (2, 1, 3, 5, 13, 16),
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_settings_reproduce_causal_attention(shape, dtype, tol):
+    batch, kv_heads, group, n_queries, n_keys, d = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    q, k, v, basis = inputs(batch, kv_heads, group, n_queries, n_keys, d, generator, dtype)
+    expected = causal_attention(q, k, v)
+    if n_queries == n_keys:  # the plain is_causal flag agrees with the bottom-right mask when T = L
+        plain = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(expected, plain, rtol=tol, atol=tol)
+    for selection in ("group", "head"):
+        out, _ = selection_attention(q, k, v, basis, d, 1.0, selection=selection)
+        assert out.shape == (batch, n_queries, kv_heads * group, d) and out.dtype == dtype and out.is_contiguous()
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+        # keep = 1 keeps every visible key whatever the rank: the rank only chooses
+        low, _ = selection_attention(q, k, v, basis, 1, 1.0, selection=selection, sink_tokens=0, recent_tokens=0)
+        torch.testing.assert_close(low, expected, rtol=tol, atol=tol)
+
+
+def test_rotated_keys_argument_changes_nothing():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, basis = inputs(2, 2, 2, 5, 12, 8, generator)
+    rotated = rotate(k, basis)
+    torch.testing.assert_close(rotated, k @ basis[None])
+    for selection in ("group", "head"):
+        a, da = selection_attention(q, k, v, basis, 3, 0.4, selection=selection, return_details=True)
+        b, db = selection_attention(q, k, v, basis, 3, 0.4, selection=selection, rotated_keys=rotated,
+                                    return_details=True)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert torch.equal(da.kept, db.kept)
+
+
+# ----------------------------------------------------------------------------------------------- the chosen set
+def test_kept_counts_rule():
+    visible = torch.arange(1, 41)
+    counts = kept_counts(torch.tensor(0.1), visible, 0, 0)
+    assert counts[29] == 3  # 0.1 * 30 = 3.0000000000000004 in binary: still 3 keys
+    assert torch.equal(counts, torch.ceil(visible / 10).long())
+    with_window = torch.maximum(torch.ceil(visible / 10).long(), visible.clamp(max=5))
+    assert torch.equal(kept_counts(0.1, visible, 2, 3), with_window)
+    assert torch.equal(kept_counts(1.0, visible, 4, 8), visible)  # keep = 1 keeps everything
+    assert kept_counts(1e-9, 7, 0, 0) == 1  # at least one key
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_chosen_keys_are_causal_and_contain_sinks_and_recents(selection):
+    generator = torch.Generator().manual_seed(1)
+    with one_thread():
+        for case in range(40):
+            batch, kv_heads, group = 2, 2, [1, 3][case % 2]
+            n_keys = int(torch.randint(1, 30, (), generator=generator))
+            n_queries = int(torch.randint(1, n_keys + 1, (), generator=generator))
+            d = 8
+            sinks, recent = (int(x) for x in torch.randint(0, 5, (2,), generator=generator))
+            q, k, v, basis = inputs(batch, kv_heads, group, n_queries, n_keys, d, generator)
+            rank = torch.randint(1, d + 1, (batch, kv_heads), generator=generator)
+            keep = torch.rand(batch, kv_heads, generator=generator, dtype=torch.float64).clamp_min(0.01)
+            _, details = selection_attention(q, k, v, basis, rank, keep, sink_tokens=sinks, recent_tokens=recent,
+                                             selection=selection, return_details=True)
+            kept = details.kept  # (B, H, T, L)
+            visible = visible_mask(n_queries, n_keys)
+            forced = forced_mask(n_queries, n_keys, sinks, recent)
+            assert not (kept & ~visible).any(), "a future key was chosen"
+            assert (kept | ~forced).all(), "a sink or recent key was dropped"
+            expected = kept_counts(keep, visible.sum(-1), sinks, recent).repeat_interleave(group, 1)
+            assert torch.equal(kept.sum(-1), expected)
+            grouped = kept.reshape(batch, kv_heads, group, n_queries, n_keys)
+            if selection == "group":
+                assert (grouped == grouped[:, :, :1]).all(), "heads of one group read different keys"
+                assert torch.equal(details.group_reads, details.kept_count)
+            else:
+                assert (details.group_reads >= details.kept_count).all()
+                assert (details.group_reads <= (group * details.kept_count).clamp(max=visible.sum(-1))).all()
+
+
+def test_head_selection_takes_each_heads_top_scores():
+    """With no forced keys, selection="head" keeps exactly the k largest rank-r scores of each head."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v, basis = inputs(1, 1, 3, 1, 20, 8, generator)
+    _, details = selection_attention(q, k, v, basis, 3, 0.25, sink_tokens=0, recent_tokens=0, selection="head",
+                                     return_details=True)
+    approx = 8**-0.5 * (q @ basis[0])[..., :3] @ (k @ basis[0])[0, :, :, :3].transpose(-1, -2)
+    top = approx.topk(5, -1).indices  # 0.25 * 20 = 5
+    assert torch.equal(details.kept, torch.zeros_like(details.kept).scatter(-1, top, True))
+
+
+def test_mixed_settings_equal_separate_runs():
+    generator = torch.Generator().manual_seed(4)
+    batch, kv_heads, group, n_queries, n_keys, d = 3, 2, 3, 6, 15, 8
+    q, k, v, basis = inputs(batch, kv_heads, group, n_queries, n_keys, d, generator)
+    rank = torch.tensor([[1, 8], [3, 5], [8, 2]])
+    keep = torch.tensor([[0.2, 1.0], [0.5, 0.3], [0.1, 0.7]])
+    for selection in ("group", "head"):
+        out, details = selection_attention(q, k, v, basis, rank, keep, sink_tokens=1, recent_tokens=2,
+                                           selection=selection, return_details=True)
+        for b in range(batch):
+            for g in range(kv_heads):
+                heads = slice(g * group, (g + 1) * group)
+                alone, alone_details = selection_attention(
+                    q[b:b + 1, heads], k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1], basis[g:g + 1], int(rank[b, g]),
+                    float(keep[b, g]), sink_tokens=1, recent_tokens=2, selection=selection, return_details=True)
+                torch.testing.assert_close(out[b:b + 1, :, heads], alone, rtol=1e-13, atol=1e-13)
+                assert torch.equal(details.kept[b:b + 1, heads], alone_details.kept)
+                torch.testing.assert_close(details.dropped_mass_bound[b:b + 1, heads], alone_details.dropped_mass_bound,
+                                           rtol=1e-12, atol=1e-300)
+    # (H_kv,) and (B, 1) settings broadcast to (B, H_kv)
+    a, _ = selection_attention(q, k, v, basis, torch.tensor([2, 6]), torch.tensor([[0.3], [0.6], [0.9]]))
+    b, _ = selection_attention(q, k, v, basis, torch.tensor([[2, 6]] * 3),
+                               torch.tensor([[0.3] * 2, [0.6] * 2, [0.9] * 2]))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- the bound
+def true_quantities(q, k, v, kept, scaling):
+    """Independent float64 reference: full softmax p over the visible keys, restricted p^S, m, ||p - p^S||_1 and
+    the output change, per (B, H, T)."""
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = scaling * q @ kk.transpose(-1, -2)
+    visible = visible_mask(q.shape[2], k.shape[2])
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    p_kept = scores.masked_fill(~(kept & visible), float("-inf")).softmax(-1)
+    dropped = visible & ~kept
+    # m from log-sum-exps: accurate relative to m itself when it is tiny (1 - sum over kept would not be)
+    mass = torch.sigmoid(scores.masked_fill(~dropped, float("-inf")).logsumexp(-1)
+                         - scores.masked_fill(~kept, float("-inf")).logsumexp(-1))
+    l1 = (p - p_kept).abs().sum(-1)
+    output_change = ((p - p_kept) @ vv).norm(dim=-1)
+    return mass, l1, output_change
+
+
+def random_case(generator: torch.Generator):
+    """One adversarial random case: shapes, GQA, offsets, settings and scales all drawn."""
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=generator))
+
+    d = [2, 4, 8, 16][draw(0, 3)]
+    kv_heads, group, batch = draw(1, 2), [1, 2, 3][draw(0, 2)], draw(1, 2)
+    n_keys = draw(1, 24)
+    n_queries = draw(1, n_keys)
+    q, k, v, basis = inputs(batch, kv_heads, group, n_queries, n_keys, d, generator)
+    kind = draw(0, 5)
+    if kind == 1:  # large-norm keys: saturated softmax, large tails
+        k = k * 10 ** (3 * torch.rand(batch, kv_heads, n_keys, 1, generator=generator, dtype=torch.float64))
+    elif kind == 2:  # large queries and a few huge keys
+        q = q * 30
+        k[..., : max(1, n_keys // 4), :] *= 20
+    elif kind == 3:  # anisotropic: energy concentrated in the basis' first columns (the intended use)
+        decay = 0.5 ** torch.arange(d, dtype=torch.float64)
+        per_head = basis.repeat_interleave(group, 0)[None]
+        q = (q @ per_head) * decay @ per_head.transpose(-1, -2)
+        k = (k @ basis[None]) * decay @ basis[None].transpose(-1, -2)
+    elif kind == 4:  # identity basis, keys with a large component beyond the rank
+        basis = torch.eye(d, dtype=torch.float64).expand(kv_heads, d, d).clone()
+        k[..., d // 2:] *= 50
+    elif kind == 5:  # large value norms on a few keys
+        v[..., :1, :] *= 1e3
+    rank = torch.randint(1, d + 1, (batch, kv_heads), generator=generator)
+    keep = torch.rand(batch, kv_heads, generator=generator, dtype=torch.float64).clamp_min(1e-3)
+    sinks, recent = draw(0, 4), draw(0, 4)
+    selection = ["group", "head"][draw(0, 1)]
+    scaling = [None, 1.0, 0.05][draw(0, 2)]
+    return q, k, v, basis, rank, keep, sinks, recent, selection, scaling
+
+
+def test_dropped_mass_bound_holds_on_random_cases():
+    generator = torch.Generator().manual_seed(12345)
+    violations, checked, rows, ratios = 0, 0, 0, []
+    with one_thread():
+        for _ in range(1200):
+            q, k, v, basis, rank, keep, sinks, recent, selection, scaling = random_case(generator)
+            s = q.shape[-1] ** -0.5 if scaling is None else scaling
+            out, details = selection_attention(q, k, v, basis, rank, keep, scaling=scaling, sink_tokens=sinks,
+                                               recent_tokens=recent, selection=selection, return_details=True)
+            mass, l1, output_change = true_quantities(q, k, v, details.kept, s)
+            bound = details.dropped_mass_bound
+            violations += int((mass > bound * (1 + REL_SLACK) + 1e-300).sum())
+            # the reference's own true mass agrees with the independent one
+            torch.testing.assert_close(details.dropped_mass, mass, rtol=1e-9, atol=1e-300)
+            # ||p - p^S||_1 = 2 m exactly (m < 1 always: S is never empty)
+            torch.testing.assert_close(l1, 2 * mass, rtol=1e-9, atol=1e-13)
+            # output: the exact change obeys 2 m max||v||, and the reported bound dominates it
+            largest = v.norm(dim=-1).cummax(-1).values[..., v.shape[2] - q.shape[2]:].repeat_interleave(
+                q.shape[1] // k.shape[1], 1)
+            assert (output_change <= 2 * mass * largest * (1 + REL_SLACK) + 1e-12).all()
+            assert (output_change <= details.output_bound * (1 + REL_SLACK) + 1e-12).all()
+            full = causal_attention(q, k, v, s)
+            torch.testing.assert_close((full - out).norm(dim=-1).transpose(1, 2), output_change, rtol=1e-7, atol=1e-9)
+            # the standalone bound, fed the same kept sets, agrees
+            standalone = dropped_mass_bound(rotate(q, basis), rotate(k, basis), details.kept, rank, scaling=scaling)
+            torch.testing.assert_close(standalone, bound, rtol=1e-12, atol=0)
+            checked, rows = checked + 1, rows + mass.numel()
+            truncated = (rank.repeat_interleave(q.shape[1] // k.shape[1], 1) < q.shape[-1])[..., None]  # r < d
+            informative = truncated & (bound > 1e-12)  # at r = d the bound is the mass itself
+            ratios.append(mass[informative] / bound[informative])
+    ratio = torch.cat(ratios)
+    print(f"\n{checked} cases, {rows} rows, {violations} violations; true/bound on {ratio.numel()} rows with r < d: "
+          f"median {ratio.median():.3f}, max {ratio.max():.6f}")
+    assert violations == 0
+    assert checked >= 1000
+
+
+def test_bound_is_exact_at_full_rank():
+    """r = d: no tail, delta = 0, and U / (U + W) is the dropped mass itself."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, basis = inputs(2, 2, 3, 6, 20, 8, generator)
+    for selection in ("group", "head"):
+        _, details = selection_attention(q, k, v, basis, 8, 0.3, sink_tokens=1, recent_tokens=1, selection=selection,
+                                         return_details=True)
+        torch.testing.assert_close(details.dropped_mass_bound, details.dropped_mass, rtol=1e-10, atol=1e-300)
+
+
+def test_bound_is_attained():
+    """Cauchy-Schwarz tight with opposite signs: q's tail parallel to every dropped key's tail and antiparallel to
+    every kept one's, and no rank-r signal (all s^ = 0, so ties keep the first keys). Then (7) is an equality."""
+    q = torch.tensor([0.0, 2.0], dtype=torch.float64).reshape(1, 1, 1, 2)
+    k = torch.tensor([[0.3, -1.0], [-0.7, -0.5], [0.1, 0.8], [0.2, 1.5]], dtype=torch.float64).reshape(1, 1, 4, 2)
+    v = torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    basis = torch.eye(2, dtype=torch.float64)[None]
+    _, details = selection_attention(q, k, v, basis, 1, 0.5, sink_tokens=0, recent_tokens=0, selection="head",
+                                     return_details=True)
+    assert details.kept[0, 0, 0].tolist() == [True, True, False, False]
+    torch.testing.assert_close(details.dropped_mass_bound, details.dropped_mass, rtol=1e-14, atol=0)
+    assert 0.1 < float(details.dropped_mass) < 0.99
+
+
+def test_bound_table_matches_reference_forward():
+    generator = torch.Generator().manual_seed(6)
+    batch, kv_heads, group, n_queries, n_keys, d = 2, 2, 3, 5, 17, 8
+    q, k, v, basis = inputs(batch, kv_heads, group, n_queries, n_keys, d, generator)
+    ranks, keeps = (1, 3, 8), (0.1, 0.35, 1.0)
+    for selection in ("group", "head"):
+        mean, top = dropped_mass_bound_table(rotate(q, basis), rotate(k, basis), ranks, keeps, sink_tokens=1,
+                                             recent_tokens=2, selection=selection)
+        assert mean.shape == top.shape == (batch, kv_heads, len(ranks), len(keeps))
+        assert (mean <= top).all() and (top[:, :, :, -1] == 0).all()  # keep = 1 drops nothing
+        for a, r in enumerate(ranks):
+            for b, keep in enumerate(keeps):
+                _, details = selection_attention(q, k, v, basis, r, keep, sink_tokens=1, recent_tokens=2,
+                                                 selection=selection, return_details=True)
+                rows = details.dropped_mass_bound.reshape(batch, kv_heads, group * n_queries)
+                torch.testing.assert_close(mean[:, :, a, b], rows.mean(-1), rtol=1e-10, atol=1e-300)
+                torch.testing.assert_close(top[:, :, a, b], rows.amax(-1), rtol=1e-10, atol=1e-300)
+
+
+def test_output_change_bound_uses_visible_values_only():
+    value = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    value[0, 0, 3] = torch.tensor([3.0, 4.0])  # the last key only: visible to the last query alone
+    value[0, 0, 0] = torch.tensor([1.0, 0.0])
+    bound = output_change_bound(torch.full((1, 1, 2), 0.5, dtype=torch.float64), value)
+    assert bound.tolist() == [[[1.0, 5.0]]]  # 2 * 0.5 * max ||v_j|| over keys 0..2, then 0..3
+
+
+# -------------------------------------------------------------------------------------------------------- costs
+def test_costs_against_hand_counts():
+    # T = 2 new queries of L = 4 keys: n = (3, 4), P = 7; d = 4, G = 2, r = 2, keep = 0.5, 1 sink + 1 recent:
+    # k = (max(ceil(1.5), 2), max(2, 2)) = (2, 2), K = 4.
+    flops = selection_flops(2, 0.5, new_tokens=2, keys=4, head_dim=4, group_size=2, sink_tokens=1, recent_tokens=1)
+    assert isinstance(flops, SelectionFlops)
+    expected = dict(rotation=2 * 2 * 2 * 16 + 2 * 2 * 16, scoring=2 * 2 * 7 * 2, choosing=5 * 2 * 7 + 7,
+                    scores=2 * 2 * 4 * 4, softmax=5 * 2 * 4, values=2 * 2 * 4 * 4)
+    counted = {name: int(value) for name, value in flops.as_dict().items()}
+    assert counted == {**expected, "total": sum(expected.values())}
+    head = selection_flops(2, 0.5, new_tokens=2, keys=4, head_dim=4, group_size=2, sink_tokens=1, recent_tokens=1,
+                           selection="head")
+    assert int(head.choosing) == 2 * 7 and int(head.scores) == expected["scores"]
+    full = full_attention_flops(new_tokens=2, keys=4, head_dim=4, group_size=2)
+    assert {name: int(value) for name, value in full.as_dict().items()} == dict(
+        rotation=0, scoring=0, choosing=0, scores=2 * 2 * 7 * 4, softmax=5 * 2 * 7, values=2 * 2 * 7 * 4,
+        total=2 * 2 * 7 * 4 * 2 + 5 * 2 * 7)
+    # decode: the token at position L - 1 = 3 sees 4 keys, k = 2: 2/(2*4) + 2/4
+    assert float(decode_traffic(2, 0.5, keys=4, head_dim=4, sink_tokens=1, recent_tokens=1)) == 0.75
+    assert float(decode_traffic(4, 1.0, keys=4, head_dim=4)) == 1.5  # full settings read more than full attention
+    assert float(decode_traffic(2, 0.5, keys=4, head_dim=4, sink_tokens=1, recent_tokens=1, group_size=3,
+                                selection="head")) == 0.25 + 1.0  # union of 3 heads' keys, at worst min(3k, L)
+
+
+def test_costs_per_row_and_head_settings():
+    rank = torch.tensor([[4, 64], [16, 32]])
+    keep = torch.tensor([[1.0, 0.125], [0.5, 0.25]])
+    flops = selection_flops(rank, keep, new_tokens=32, keys=256, head_dim=64, group_size=3)
+    traffic = decode_traffic(rank, keep, keys=256, head_dim=64)
+    assert flops.total.shape == traffic.shape == (2, 2)
+    for b in range(2):
+        for g in range(2):
+            one = selection_flops(int(rank[b, g]), float(keep[b, g]), new_tokens=32, keys=256, head_dim=64,
+                                  group_size=3)
+            assert int(one.total) == int(flops.total[b, g])
+            k = max(math.ceil(float(keep[b, g]) * 256), 12)
+            assert float(traffic[b, g]) == pytest.approx(int(rank[b, g]) / 128 + k / 256, rel=1e-15)
+    full = full_attention_flops(new_tokens=32, keys=256, head_dim=64, group_size=3)
+    fraction = flops.total / full.total
+    assert fraction.shape == (2, 2) and bool((fraction > 0).all())
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+def test_bad_arguments_raise_clear_errors():
+    generator = torch.Generator().manual_seed(7)
+    q, k, v, basis = inputs(1, 2, 2, 3, 5, 4, generator)
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, head_dim=4\]"):
+        selection_attention(q, k, v, basis, 0, 0.5)
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, head_dim=4\]"):
+        selection_attention(q, k, v, basis, torch.tensor([2, 5]), 0.5)
+    with pytest.raises(ValueError, match="rank must be integers"):
+        selection_attention(q, k, v, basis, 2.0, 0.5)
+    for keep in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\]"):
+            selection_attention(q, k, v, basis, 2, keep)
+    with pytest.raises(ValueError, match="sink_tokens must be a non-negative int"):
+        selection_attention(q, k, v, basis, 2, 0.5, sink_tokens=-1)
+    with pytest.raises(ValueError, match="recent_tokens must be a non-negative int"):
+        selection_attention(q, k, v, basis, 2, 0.5, recent_tokens=1.5)
+    with pytest.raises(ValueError, match="unknown selection"):
+        selection_attention(q, k, v, basis, 2, 0.5, selection="union")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        selection_attention(q, k[..., :3], v, basis, 2, 0.5)
+    with pytest.raises(ValueError, match="not a multiple"):
+        selection_attention(q[:, :3], k, v, basis, 2, 0.5)
+    with pytest.raises(ValueError, match="need 1 <= T <= L"):
+        selection_attention(q, k[:, :, :2], v[:, :, :2], basis, 2, 0.5)
+    with pytest.raises(ValueError, match="basis must have shape"):
+        selection_attention(q, k, v, basis[:1], 2, 0.5)
+    with pytest.raises(ValueError, match=r"must broadcast to \(B, H_kv\)"):
+        selection_attention(q, k, v, basis, torch.tensor([1, 2, 3]), 0.5)
+    with pytest.raises(ValueError, match="scaling must be a positive"):
+        selection_attention(q, k, v, basis, 2, 0.5, scaling=0.0)
+    with pytest.raises(ValueError, match="keep must lie"):
+        dropped_mass_bound_table(q, k, (2,), (0.0,))
+    with pytest.raises(ValueError, match="rank must lie"):
+        dropped_mass_bound_table(q, k, (5,), (0.5,))
+    with pytest.raises(ValueError, match="no visible key"):
+        dropped_mass_bound(q, k, torch.zeros(1, 4, 3, 5, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="rank must be integers in"):
+        selection_flops(0, 0.5, new_tokens=2, keys=4, head_dim=4, group_size=1)
+
+
+# ------------------------------------------------------------------------------------------------------ device
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_sdpa():
+    generator = torch.Generator().manual_seed(8)
+    q, k, v, basis = inputs(2, 2, 3, 16, 64, 32, generator, torch.float32)
+    expected = causal_attention(q, k, v)
+    cuda = [x.cuda() for x in (q, k, v, basis)]
+    out, _ = selection_attention(*cuda, 32, 1.0)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
+    rank, keep = torch.tensor([[4, 32], [8, 16]]), torch.tensor([[0.25, 0.5], [1.0, 0.1]])
+    cpu_out, cpu_details = selection_attention(q.double(), k.double(), v.double(), basis.double(), rank, keep,
+                                               return_details=True)
+    gpu_out, gpu_details = selection_attention(*(x.double() for x in cuda), rank.cuda(), keep.cuda(),
+                                               return_details=True)
+    torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gpu_details.dropped_mass_bound.cpu(), cpu_details.dropped_mass_bound, rtol=1e-9,
+                               atol=1e-300)
+    half, _ = selection_attention(*(x.bfloat16() for x in cuda), rank.cuda(), keep.cuda())
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    mean, top = dropped_mass_bound_table(rotate(cuda[0], cuda[3]), rotate(cuda[1], cuda[3]), (4, 32), (0.25, 1.0))
+    assert mean.is_cuda and (top[..., -1] == 0).all()
