@@ -419,8 +419,63 @@ def test_model_stays_frozen_and_nothing_requires_grad() -> None:
 
 
 # --------------------------------------------------------------------------------------- maskable agent
-def test_maskable_ppo_learns_a_few_steps() -> None:
+@pytest.mark.slow
+def test_maskable_ppo_trains_on_the_env_and_respects_the_mask() -> None:
     from sb3_contrib import MaskablePPO
 
-    model = MaskablePPO("MlpPolicy", tiny_env(granularity="kv_head"), n_steps=12, batch_size=6, n_epochs=1, seed=0)
+    env = tiny_env(granularity="kv_head", epsilon_start=0.0, epsilon_end=0.0)  # only the largest rank is allowed
+    model = MaskablePPO("MlpPolicy", env, n_steps=12, batch_size=6, n_epochs=1, seed=0)
+    before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(total_timesteps=12)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))  # it updated
+    observation, _ = env.reset(seed=5)
+    for _ in range(env.unwrapped.config.n_segments - 1):
+        action, _ = model.predict(observation, action_masks=env.action_masks(), deterministic=False)
+        observation, _, _, _, info = env.step(action)
+        assert info["mask_rejections"] == 0  # a masked policy never asks for a disallowed rank
+
+
+# ------------------------------------------------------------------------------------- mask and executed cost
+def test_mask_bounds_the_distance_from_full_rank_not_the_last_step() -> None:
+    open_ = tiny_env(granularity="kv_head", epsilon_start=math.inf, epsilon_end=math.inf)
+    open_.reset(seed=0)
+    to_full = open_.full_rank_bounds
+    epsilon = float(np.median(to_full[to_full > 0]))
+    env = tiny_env(granularity="kv_head", epsilon_start=epsilon, epsilon_end=epsilon)
+    env.reset(seed=0)
+    moved = False
+    for _ in range(env.unwrapped.config.n_segments - 1):
+        mask = env.action_masks().reshape(env.n_units, 4)
+        expected = env.full_rank_bounds <= epsilon
+        expected[:, -1] = True  # the largest choice is always allowed
+        assert np.array_equal(mask, expected)
+        # Step as far down as allowed: the next mask still measures from full rank, whatever the last step was.
+        lowest = mask.argmax(axis=1)
+        *_, info = env.step(lowest)
+        assert info["mask_rejections"] == 0
+        below = lowest < 3  # units now below full rank: their step bounds and bounds from full rank differ
+        if below.any():
+            moved = True
+            assert not np.allclose(env.full_rank_bounds[below], env.transition_bounds[below])
+    assert moved
+
+
+def test_info_reports_executed_beside_counted_savings() -> None:
+    env = tiny_env(granularity="kv_head", epsilon_start=math.inf, epsilon_end=math.inf)  # CPU: eager forwards
+    env.reset(seed=0)
+    *_, info = env.step(np.array([0, 3, 1, 1]))  # layer 0 runs (4, 16), layer 1 (8, 8) of head_dim 16
+    assert info["flops_saved_scores"] == pytest.approx(1 - (4 + 16 + 8 + 8) / 64)
+    # Eagerly a layer runs at the largest rank of its heads: layer 0 at 16, layer 1 at 8.
+    assert info["flops_saved_scores_executed"] == pytest.approx(1 - (16 + 16 + 8 + 8) / 64)
+    assert info["flops_saved_attention_executed"] < info["flops_saved_attention"]
+
+
+def test_deprecated_reward_weight_names_still_work_for_one_release() -> None:
+    with pytest.warns(DeprecationWarning, match="'gamma' is deprecated; use 'perturbation_weight'"):
+        config = EnvConfig(gamma=0.5)
+    assert (config.perturbation_weight, config.gamma) == (0.5, None)
+    with pytest.raises(ValueError, match="gamma=0.5: is the deprecated name of perturbation_weight"):
+        EnvConfig(gamma=0.5, perturbation_weight=0.2)
+    env = tiny_env()
+    with pytest.warns(DeprecationWarning, match="unit_shape"):
+        assert env.unwrapped.token_shape == env.unwrapped.unit_shape

@@ -238,3 +238,16 @@ def test_forward_options_logits_to_keep_labels_hidden_states(env, basis) -> None
     expected = torch.nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
     assert torch.allclose(with_loss, expected, atol=1e-5)
     assert len(full.hidden_states) == 3 and all(h.shape == (2, 80, 64) for h in full.hidden_states)
+
+
+def test_export_trained_on_a_local_corpus_loads_where_that_corpus_is_missing(env, basis, tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text the export was trained on, which the machine it moves to does not have\n")
+    trained_on = replace(env.config, corpus=str(corpus))
+    path = export_dynamic_rank_model(tmp_path / "export", env.backbone, random_policy(env), basis, trained_on)
+    corpus.unlink()
+    with pytest.raises(ValueError, match="no such file"):
+        trained_on.check_files()  # what an env or a training run would say
+    model = load_dynamic_rank_model(path, "cpu")  # loading only records the training config: no check of its files
+    assert model.drrl.env_config.corpus == str(corpus)
+    assert model(torch.zeros((1, 40), dtype=torch.long)).logits.shape[:2] == (1, 40)
