@@ -2,13 +2,20 @@
 
     python benchmarks/uniform_rank_perplexity.py --out docs/results/uniform_rank_cpu.json
 
-Writes JSON (every number plus the machine, versions and date) and prints a Markdown table for docs/.
+Each sequence runs segment by segment (``--segment-len`` tokens, one KV cache). ``--segment0 full`` (the default)
+runs segment 0 at full rank and the later segments at rank r: the environment's protocol (its warm-up segment) and
+``drrl_gym.measure``'s. ``--segment0 low`` runs every segment at rank r, segment 0 included; the tables stored in
+docs/results/uniform_rank_{h100,cpu}.json were measured that way, before the flag existed (their JSON has no
+``segment0`` field).
+
+Writes JSON (every number plus the machine, versions, date and protocol) and prints a Markdown table for docs/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from datetime import date
@@ -16,13 +23,31 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
 from drrl_gym.bases import BASIS_MODES, load_or_calibrate_basis
 from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
-from drrl_gym.evaluation import describe_machine, segmented_perplexity
+from drrl_gym.evaluation import describe_machine, next_token_nll
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import DynamicRankAttention
 
+
+@torch.inference_mode()
+def uniform_rank_perplexity(backbone, attention: DynamicRankAttention, sequences: torch.Tensor, rank: int,
+                            segment_len: int, batch_size: int, full_first_segment: bool) -> float:
+    """exp(mean next-token NLL) over ``sequences`` (n, L) run ``segment_len`` tokens at a time through one KV cache,
+    at ``rank`` in every layer; segment 0 at full rank when ``full_first_segment`` (the environment's protocol)."""
+    nll, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        tokens = sequences[start : start + batch_size].to(backbone.device)
+        cache = DynamicCache(config=backbone.model.config)
+        for s in range(0, tokens.shape[1] - 1, segment_len):
+            attention.set_ranks(backbone.geometry.head_dim if s == 0 and full_first_segment else rank)
+            logits = backbone.model(tokens[:, s : s + segment_len], **cache_argument(cache), use_cache=True).logits
+            segment_nll, segment_count = next_token_nll(logits, tokens, s)
+            nll, count = nll + segment_nll, count + segment_count
+    return math.exp(nll / count)
 
 
 def main() -> None:
@@ -37,6 +62,8 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=list(BASIS_MODES), choices=BASIS_MODES)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--segment0", choices=("full", "low"), default="full",
+                        help="rank of segment 0: full (the environment's protocol) or the same low rank as the rest")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -50,9 +77,9 @@ def main() -> None:
             attention = DynamicRankAttention(backbone.geometry, basis, mode=mode)
             with attention.attached(backbone.model):
                 for rank in args.ranks:
-                    attention.set_ranks(rank)
                     start = time.perf_counter()
-                    ppl = segmented_perplexity(backbone, splits.eval, args.segment_len, args.batch_size)
+                    ppl = uniform_rank_perplexity(backbone, attention, splits.eval, rank, args.segment_len,
+                                                  args.batch_size, args.segment0 == "full")
                     rows.append(dict(corpus=corpus, basis=mode, rank=rank, perplexity=ppl, seconds=time.perf_counter() - start))
                     print(rows[-1], flush=True)
     full = {(r["corpus"], r["basis"]): r["perplexity"] for r in rows if r["rank"] == backbone.geometry.head_dim}
@@ -63,6 +90,7 @@ def main() -> None:
         command="python " + " ".join(sys.argv), machine=describe_machine(), date=date.today().isoformat(),
         torch=torch.__version__, transformers=transformers.__version__, dtype=str(backbone.dtype),
         model=args.model, seq_len=args.seq_len, segment_len=args.segment_len, eval_tokens=args.eval_sequences * args.seq_len,
+        segment0=args.segment0,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
