@@ -15,11 +15,15 @@ head_dim/8 steps, no mask; learned ones on their own choices, with the mask they
 * static per-layer allocation: the greedy marginal-gain search of ``drrl_gym.allocation`` on the fit corpus'
   calibration text, taken at several QK^T budgets;
 * NER threshold tau; ALRT stable-rank controller with several safety factors; random ranks;
-* each ``--learned`` export, and the same network with its mask switched off at inference (an ablation).
+* each ``--learned`` export, and the same network with its mask switched off at inference (an ablation);
+* the greedy path's allocations nearest in QK^T cost to each learned policy, one on each side (the path records
+  every intermediate allocation, ``drrl_gym.allocation``), measured after the learned policies.
 
 Writes ``results.json`` and ``results.csv`` (one row per length and method), ``results.md`` (tables, the best QK^T
-saving within +1% perplexity per family, and the learned policies against the static allocation at equal QK^T
-FLOPs), ``pareto.png`` (perplexity increase against QK^T and whole-attention FLOPs) and ``ranks.png`` (mean rank per
+saving within +1% perplexity per family, and each learned policy against the measured greedy static allocations
+and uniform ranks nearest to its QK^T cost on each side: "dominated" when one saves at least as much at lower
+perplexity; never a line interpolated between measured points, which flatters whatever lies under a convex
+curve), ``pareto.png`` (perplexity increase against QK^T and whole-attention FLOPs) and ``ranks.png`` (mean rank per
 segment and layer of the learned and static policies).
 """
 
@@ -169,26 +173,82 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
                              f"{best.attention_saved_pct:+.1f}% | {best.increase_pct:+.2f}% |")
             else:
                 lines.append(f"| {family} | none within +{TARGET_INCREASE_PCT:g}% | | | |")
-        lines += ["", *versus_static(at), ""]
+        lines += ["", "Learned policies against measured points only (nearest QK^T cost on each side, no interpolation):",
+                  "", *versus_measured(at), ""]
     return "\n".join(lines) + "\n"
 
 
-def versus_static(at: list[Result]) -> list[str]:
-    """Each learned policy against the greedy static allocation interpolated to its QK^T FLOPs."""
-    static = sorted((r for r in at if r.family in ("static greedy", "full rank")), key=lambda r: r.scores_saved_pct)
+EQUAL_COST_PP = 1e-6  # QK^T savings (percentage points) this close count as equal cost
+
+
+def neighbours(r: Result, points: list[Result]) -> tuple[Result | None, Result | None]:
+    """The measured points nearest to ``r``'s QK^T saving on each side: (the one saving the most among those saving
+    at most as much as ``r``, the one saving the least among those saving at least as much). A point at equal cost
+    is both."""
+    saved = r.scores_saved_pct
+    less = [p for p in points if p.scores_saved_pct <= saved + EQUAL_COST_PP]
+    more = [p for p in points if p.scores_saved_pct >= saved - EQUAL_COST_PP]
+    return (max(less, key=lambda p: p.scores_saved_pct, default=None),
+            min(more, key=lambda p: p.scores_saved_pct, default=None))
+
+
+def measured_verdict(r: Result, points: list[Result]) -> str:
+    """``r`` against the measured ``points`` of one family, without interpolation: the nearest measured cost on each
+    side, and whether one of them dominates ``r`` (saves at least as much QK^T, lower perplexity) or ``r`` dominates
+    it (saves at least as much, lower perplexity). Anything else gets no verdict: the curves are convex, so a line
+    between two measured points flatters whatever lies between them."""
+    below, above = neighbours(r, points)
+    if below is None and above is None:
+        return "no measured point"
+
+    def point(p: Result) -> str:
+        return f"{p.method} ({p.scores_saved_pct:+.2f}% saved, {p.increase_pct:+.2f}%)"
+
+    if below is above:
+        where = f"at equal cost {point(below)}"
+    else:
+        where = "; ".join(f"{side} {point(p)}" for side, p in (("saving less", below), ("saving more", above)) if p)
+    verdicts = []
+    if above is not None and above.increase_pct < r.increase_pct:
+        verdicts.append(f"dominated by {above.method}")
+    if below is not None and r.increase_pct < below.increase_pct:
+        verdicts.append(f"dominates {below.method}")
+    if not verdicts:
+        verdicts.append("neither dominates (no verdict: no measured point at its cost)")
+    return f"{where}: {' and '.join(verdicts)}"
+
+
+def versus_measured(at: list[Result]) -> list[str]:
+    """Each learned policy against the measured greedy static allocations (full rank is the path's first step) and
+    the measured uniform ranks, nearest cost on each side; never interpolated."""
+    static = [r for r in at if r.family in ("static greedy", "full rank")]
+    uniform = [r for r in at if r.family in ("uniform", "full rank")]
     lines = []
     for r in (r for r in at if r.family.startswith("learned")):
-        saved = [s.scores_saved_pct for s in static]
-        if not static or not saved[0] <= r.scores_saved_pct <= saved[-1]:
-            lines.append(f"- {r.method}: QK^T saved {r.scores_saved_pct:+.1f}% lies outside the static allocations' "
-                         "range; no equal-FLOPs comparison.")
-            continue
-        increase = float(np.interp(r.scores_saved_pct, saved, [s.increase_pct for s in static]))
-        verdict = "better" if r.increase_pct < increase else "worse"
-        lines.append(f"- {r.method}: {r.increase_pct:+.2f}% perplexity at {r.scores_saved_pct:+.1f}% QK^T saved; the "
-                     f"static greedy allocation at the same QK^T FLOPs (interpolated): {increase:+.2f}%: the learned "
-                     f"policy is {verdict}.")
+        lines.append(f"- {r.method}: {r.increase_pct:+.2f}% perplexity at {r.scores_saved_pct:+.2f}% QK^T saved (counted). "
+                     f"Static greedy, measured: {measured_verdict(r, static)}. "
+                     f"Uniform, measured: {measured_verdict(r, uniform)}.")
     return lines
+
+
+def bracketing_steps(allocation: AllocationPath, saved_pct: float, scale_pct: float) -> list[int]:
+    """Indices of the greedy path's steps nearest in QK^T cost to a measured saving ``saved_pct``, one on each side
+    (one index at equal cost). ``scale_pct`` converts a path fraction f to the saving the protocol measures,
+    ``scale_pct * (1 - f)`` (below 100: segment 0 runs at full rank)."""
+    fraction = 1 - saved_pct / scale_pct
+    fractions = [step.scores_fraction for step in allocation.steps]  # strictly decreasing
+    tol = EQUAL_COST_PP / scale_pct
+    higher = [i for i, f in enumerate(fractions) if f >= fraction - tol]  # saves at most as much
+    lower = [i for i, f in enumerate(fractions) if f <= fraction + tol]  # saves at least as much
+    return sorted({*(higher[-1:]), *(lower[:1])})
+
+
+def _saving_scale(at: dict[str, tuple[str, float | None]], measured: dict[str, Measurement], head_dim: int) -> float | None:
+    """Measured QK^T saving (%) per unit of (1 - rank fraction), from the uniform ranks: the same for every static
+    allocation at layer granularity, since every layer sees the same (query, key) pairs."""
+    scales = [100 * (1 - measured[name].scores_flops_fraction) / (1 - parameter / head_dim)
+              for name, (family, parameter) in at.items() if family == "uniform" and name in measured]
+    return float(np.median(scales)) if scales else None
 
 
 FAMILY_STYLE = {"full rank": ("k", "o"), "uniform": ("tab:blue", "o"), "static greedy": ("tab:green", "s"),
@@ -332,6 +392,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print(f"L={length}: {len(methods)} methods on {len(sequences)} x {length} held-out tokens", flush=True)
         measured = measure_policies(model, {n: (p, s) for n, (_, _, p, s) in methods.items()}, sequences,
                                     args.batch_size, fidelity=not args.no_fidelity)
+        extra = bracketing_methods(allocation, spec, backbone.geometry, methods, measured)
+        if extra:  # the greedy allocations nearest to each learned policy's measured cost, measured the same way
+            print(f"L={length}: {len(extra)} greedy path steps next to the learned policies' costs", flush=True)
+            again = {n: (p, s) for n, (_, _, p, s) in {"full rank": methods["full rank"], **extra}.items()}
+            second = measure_policies(model, again, sequences, args.batch_size, fidelity=not args.no_fidelity)
+            second.pop("full rank")  # rerun only as the fidelity reference; the first pass's stays in the table
+            measured.update(second)
+            methods = _with_extra_static(methods, extra)
         results += _results(length, methods, measured)
         for name, measurement in measured.items():
             if methods[name][0] == "learned" or name == "static greedy <= 60%":
@@ -340,6 +408,42 @@ def main(argv: list[str] | None = None) -> list[Result]:
         markdown = write_results(results, meta, mean_ranks, args.out)  # after every length: nothing lost on a crash
     print(markdown)
     return results
+
+
+def bracketing_methods(allocation: AllocationPath, spec: ControllerSpec, geometry, methods: dict[str, Any],
+                       measured: dict[str, Measurement]) -> dict[str, tuple[str, float | None, RankPolicy, ControllerSpec]]:
+    """The greedy path's steps nearest in cost to each measured learned policy (one on each side), as methods, less
+    those already measured: the path records every intermediate allocation, so the learned policies can be compared
+    with measured static allocations at (or next to) their own cost instead of a line between budgets."""
+    scale = _saving_scale({n: m[:2] for n, m in methods.items()}, measured, geometry.head_dim)
+    if scale is None:
+        return {}
+    already = {m[1] for m in methods.values() if m[0] == "static greedy"}
+    controller = spec.controller(geometry)
+    extra = {}
+    for name, (family, *_rest) in methods.items():
+        if not family.startswith("learned"):
+            continue
+        for index in bracketing_steps(allocation, 100 * (1 - measured[name].scores_flops_fraction), scale):
+            step = allocation.steps[index]
+            if index == 0 or step.scores_fraction in already:  # step 0 is full rank, measured anyway
+                continue
+            ranks = step.ranks_tensor()
+            token_ranks = ranks[:, 0] if spec.granularity == "layer" else ranks.reshape(-1)
+            extra[f"static greedy step {index}"] = ("static greedy", step.scores_fraction,
+                                                   StaticRanks(controller, token_ranks.tolist()), spec)
+    return extra
+
+
+def _with_extra_static(methods: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``methods`` with ``extra`` inserted after its last static greedy method (so the tables stay grouped)."""
+    names = list(methods)
+    static = [i for i, n in enumerate(names) if methods[n][0] == "static greedy"]
+    cut = static[-1] + 1 if static else len(names)
+    merged = {n: methods[n] for n in names[:cut]}
+    merged.update(sorted(extra.items(), key=lambda item: -item[1][1]))
+    merged.update({n: methods[n] for n in names[cut:]})
+    return merged
 
 
 def _held_out(backbone, corpus: str, length: int, wanted: int) -> torch.Tensor:
@@ -355,7 +459,7 @@ def _results(length: int, methods: dict[str, Any], measured: dict[str, Measureme
     full = measured["full rank"].perplexity
     return [Result(length, methods[name][0], name, methods[name][1], m.perplexity, 100 * (m.perplexity / full - 1),
                    m.fidelity, 100 * (1 - m.scores_flops_fraction), 100 * (1 - m.attention_flops_fraction),
-                   m.latency_ms, m.rank_fraction) for name, m in measured.items()]
+                   m.latency_ms, m.rank_fraction) for name, m in ((n, measured[n]) for n in methods if n in measured)]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ runs them; with ``exact`` bases the basis of each segment is computed from that 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import platform
 
 import torch
@@ -20,9 +21,13 @@ from drrl_gym.hf_compat import cache_argument
 
 @torch.no_grad()
 def segmented_perplexity(
-    backbone: Backbone, sequences: torch.Tensor, segment_len: int, batch_size: int = 4, progress: bool = True
+    backbone: Backbone, sequences: torch.Tensor, segment_len: int, batch_size: int = 4, progress: bool = True,
+    before_segment: Callable[[int], object] | None = None,
 ) -> float:
-    """exp(mean next-token NLL) over ``sequences`` (n, L), run ``segment_len`` tokens at a time."""
+    """exp(mean next-token NLL) over ``sequences`` (n, L), run ``segment_len`` tokens at a time.
+
+    ``before_segment(start)``, if given, runs before each segment with its first position (e.g. to set ranks).
+    """
     if segment_len < 1:
         raise ValueError(f"segment_len must be >= 1, got {segment_len}")
     nll, count = 0.0, 0
@@ -30,6 +35,8 @@ def segmented_perplexity(
         tokens = sequences[start : start + batch_size].to(backbone.device)
         cache = DynamicCache(config=backbone.model.config)
         for s in range(0, tokens.shape[1] - 1, segment_len):
+            if before_segment is not None:
+                before_segment(s)
             segment = tokens[:, s : s + segment_len]
             logits = backbone.model(segment, **cache_argument(cache), use_cache=True).logits
             segment_nll, segment_count = next_token_nll(logits, tokens, s)

@@ -519,3 +519,55 @@ def test_pareto_parse_args_rejects_bad_arguments(tmp_path) -> None:
                 []):  # --out missing
         with pytest.raises(SystemExit):
             parse_args(bad + (out if bad else []))
+
+
+# ------------------------------------------------------------------------------ Pareto: measured points only
+def _pareto_module():
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import benchmarks.pareto as pareto
+
+    return pareto
+
+
+def test_pareto_compares_learned_policies_with_measured_points_only() -> None:
+    pareto = _pareto_module()
+
+    def row(family, method, saved, increase):
+        return pareto.Result(1024, family, method, None, 25.0, increase, None, saved, 0.0, 1.0, 1 - saved / 100)
+
+    full = row("full rank", "full rank", 0.0, 0.0)
+    static = [row("static greedy", "static greedy <= 90%", 10.0, 2.0), row("static greedy", "static greedy <= 80%", 20.0, 4.0)]
+    uniform = [row("uniform", "uniform r=56", 12.5, 3.0)]
+    # a convex static curve: interpolating 0%/+0% and 10%/+2% at 5% would give +1.0%, which 'learned between' beats
+    learned = [row("learned", "learned equal", 10.0, 1.5), row("learned", "learned dominated", 9.0, 2.5),
+               row("learned", "learned between", 5.0, 1.5), row("learned", "learned beyond", 30.0, 2.9)]
+    lines = pareto.versus_measured([full, *static, *uniform, *learned])
+    assert len(lines) == 4 and not any("interpolat" in line for line in lines)
+    equal, dominated, between, beyond = lines
+    assert "at equal cost static greedy <= 90%" in equal and "dominates static greedy <= 90%" in equal
+    assert "saving more static greedy <= 90%" in dominated and "dominated by static greedy <= 90%" in dominated
+    assert "saving less full rank" in between and "saving more static greedy <= 90%" in between
+    assert "Static greedy, measured: saving less full rank (+0.00% saved, +0.00%); saving more static greedy <= 90% " \
+           "(+10.00% saved, +2.00%): neither dominates" in between
+    assert "saving less static greedy <= 80%" in beyond and "dominates static greedy <= 80%" in beyond
+    assert "saving more" not in beyond.split("Uniform")[0]  # nothing measured saves more: one side only
+    # uniform: measured ranks only (full rank and r=56), never an interpolated rank
+    assert "Uniform, measured: saving less full rank (+0.00% saved, +0.00%); saving more uniform r=56" in equal
+    assert "dominates uniform r=56" in beyond
+
+
+def test_pareto_brackets_a_learned_cost_with_greedy_path_steps() -> None:
+    pareto = _pareto_module()
+    from drrl_gym.allocation import AllocationPath, AllocationStep
+
+    ranks = [((8,), (8,)), ((4,), (8,)), ((4,), (4,))]  # fractions 1.0, 0.75, 0.5
+    path = AllocationPath([AllocationStep(r, 1.0 + i, sum(x for (x,) in r) / 16) for i, r in enumerate(ranks)],
+                          (4, 8), "layer", "tiny", 16)
+    scale = 90.0  # measured saving of a path fraction f: 90 * (1 - f)
+    assert pareto.bracketing_steps(path, 0.0, scale) == [0]
+    assert pareto.bracketing_steps(path, 10.0, scale) == [0, 1]  # 10% lies between 0% and 22.5%
+    assert pareto.bracketing_steps(path, 22.5, scale) == [1]  # equal cost: that step alone
+    assert pareto.bracketing_steps(path, 30.0, scale) == [1, 2]
+    assert pareto.bracketing_steps(path, 60.0, scale) == [2]  # beyond the path's end: its last step
