@@ -32,7 +32,7 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     ``action_masks()`` (MaskablePPO's name) allows choice i of a unit iff the normalised bound from full rank
     b(d -> r_i) <= epsilon_t; the largest choice is always allowed. Disallowed sub-actions are projected to the
     nearest allowed rank (ties: the larger) and reported in ``info``. What the mask certifies, and what it does not
-    at the default epsilon: docs/env.md, "Safety mask".
+    at the default epsilon: docs/accounting.md.
 
     ## Observation Space
     ``Box(0, 1, (n_units * n_features,), float32)``, n_features = 8 + 6 * len(rank_choices): the row-major
@@ -44,7 +44,7 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     ``R_t = fidelity_weight * fidelity_t - cost_weight * flops_cost_t - perturbation_weight * perturbation_t``
     (``drrl_gym.reward.FidelityMinusCost``): fidelity of segment t against the reference by ``fidelity``
     (``"attention_cosine"``, ``"kl"`` or ``"hidden_cosine"``; 1 when nothing was truncated), the QK^T FLOPs at the
-    chosen ranks over those at full rank (counted, docs/env.md "Executed and counted cost"), and the mean bound of
+    chosen ranks over those at full rank (counted; executed and counted cost: docs/accounting.md), and the mean bound of
     the switch from the previous ranks.
 
     ## Starting State

@@ -11,7 +11,7 @@ the features are documented in docs/env.md.
 Normalised bound b (``drrl_gym.bounds``, docs/bounds.md): ``attention_change_bound`` bounds ||A_r - A_r'||_F
 summed over the G query heads of a KV head and T queries; dividing by sqrt(G * T) makes it an RMS per query row.
 A layer unit combines its KV heads in quadrature: sqrt(sum_g b_g^2) / sqrt(H * T). No softmax row can move by more
-than sqrt(2) in this norm, so only a threshold below sqrt(2) certifies anything (docs/env.md, "Safety mask").
+than sqrt(2) in this norm, so only a threshold below sqrt(2) certifies anything (docs/accounting.md).
 """
 
 from __future__ import annotations
