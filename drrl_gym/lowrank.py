@@ -5,7 +5,10 @@ For layer l and KV head g with orthonormal basis P (d x d, columns ordered by en
     S_r = (Q P_r)(K P_r)^T * scaling            (scaling stays the model's 1/sqrt(d), whatever r)
 
 so a rank is a prefix of the basis: changing it is slicing, and the QK^T work falls from 2*T*L*d to 2*T*L*r per
-head. With ``cache_projected_keys`` (deployed models, ``drrl_gym.export``) the keys are projected once, at full
+head. That is ``approximation="lowrank_scores"`` (the default, DR-RL's method). With ``approximation="select"`` the
+same rank-r scores only *choose* which keys each query attends to (a ``keep`` fraction of the visible keys per
+(layer, KV head), plus sink and recent tokens), and attention over the chosen keys is exact
+(``drrl_gym.selection``, docs/selection.md). With ``cache_projected_keys`` (deployed models, ``drrl_gym.export``) the keys are projected once, at full
 width, when they enter, and kept beside the KV cache together with a running key Gram, so a segment projects and
 accumulates only its T new keys instead of all L visible ones; without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
 across KV heads or batch rows, the prefix is taken at the largest of them and the extra columns of q are zeroed: the
@@ -30,8 +33,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES, exact_basis
+from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, selection_attention
 
 ATTENTION_NAME = "drrl_dynamic_rank"
+APPROXIMATIONS = ("lowrank_scores", "select")
 
 
 def validate_rank_choices(rank_choices: Sequence[int], head_dim: int) -> tuple[int, ...]:
@@ -111,10 +116,19 @@ class DynamicRankAttention:
         cache_projected_keys: keep the keys projected onto the basis (full width) and their running Gram across the
             forwards of one sequence (calibrated mode only). Call :meth:`start_sequence` before each new sequence;
             a forward whose keys do not continue the cached ones raises. Costs one more copy of the keys in memory.
+        approximation: ``"lowrank_scores"`` (attention on rank-r scores) or ``"select"`` (rank-r scores choose the
+            keys, exact attention over them; calibrated basis only). :meth:`set_keep` sets the kept fractions.
+        sink_tokens, recent_tokens: keys every query keeps in ``"select"`` mode (the first ones; its last ones).
     """
 
     def __init__(self, geometry: AttentionGeometry, basis: torch.Tensor | None = None, mode: str = "calibrated",
-                 cache_projected_keys: bool = False):
+                 cache_projected_keys: bool = False, approximation: str = "lowrank_scores",
+                 sink_tokens: int = DEFAULT_SINK_TOKENS, recent_tokens: int = DEFAULT_RECENT_TOKENS):
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"approximation={approximation!r}: unknown. Fix: choose one of {APPROXIMATIONS}.")
+        if approximation == "select" and mode != "calibrated":
+            raise ValueError("approximation='select' needs the calibrated basis (keys rotated into a fixed basis). "
+                             "Fix: pass mode='calibrated'.")
         if mode not in BASIS_MODES:
             raise ValueError(f"unknown basis mode {mode!r}; choose one of {BASIS_MODES}")
         if cache_projected_keys and mode != "calibrated":
@@ -133,8 +147,10 @@ class DynamicRankAttention:
         self._cast_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, its copy in the model's dtype)
         self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
         self.cache_projected_keys = cache_projected_keys
+        self.approximation, self.sink_tokens, self.recent_tokens = approximation, sink_tokens, recent_tokens
         self.start_sequence()
         self.set_ranks(torch.full((1, geometry.num_layers, geometry.num_kv_heads), d, dtype=torch.long))
+        self.set_keep(1.0)
 
     # ----------------------------------------------------------------------------------------------- ranks
     def set_ranks(self, ranks: torch.Tensor | int) -> None:
@@ -148,6 +164,20 @@ class DynamicRankAttention:
         self._layer_max = ranks.amax(dim=(0, 2)).tolist()
         self._layer_uniform = [bool((ranks[:, layer] == top).all()) for layer, top in enumerate(self._layer_max)]
         self._rank_device: torch.Tensor | None = None
+
+    def set_keep(self, keep: torch.Tensor | float) -> None:
+        """Fractions of the visible keys each query keeps in ``"select"`` mode: a float for every head, or a
+        (B or 1, num_layers, num_kv_heads) tensor in (0, 1]. 1 keeps every key (exact attention)."""
+        g = self.geometry
+        keep = torch.full((1, g.num_layers, g.num_kv_heads), float(keep)) if isinstance(keep, (int, float)) else keep
+        keep = torch.as_tensor(keep, dtype=torch.float64).cpu()
+        if keep.dim() != 3 or tuple(keep.shape[1:]) != (g.num_layers, g.num_kv_heads):
+            raise ValueError(f"keep must have shape (B, {g.num_layers}, {g.num_kv_heads}), got {tuple(keep.shape)}")
+        if not bool(((keep > 0) & (keep <= 1)).all()):
+            raise ValueError(f"keep must lie in (0, 1], got min {float(keep.min())} max {float(keep.max())}. Fix: "
+                             "pass fractions of the visible keys, e.g. 0.125.")
+        self.keep = keep
+        self._layer_keeps_all = [bool((keep[:, layer] == 1).all()) for layer in range(g.num_layers)]
 
     def set_static_ranks(self, ranks: torch.Tensor, device: torch.device) -> None:
         """Set (B, num_layers, num_kv_heads) ranks so that no part of the forward depends on their values.
@@ -236,6 +266,8 @@ class DynamicRankAttention:
         recording = self._recording
         statistics = recording is not None and recording.statistics
         cached_keys = self._extend_projected_keys(layer, key) if self.cache_projected_keys else None
+        if self.approximation == "select" and not self._layer_keeps_all[layer]:
+            return self._select(layer, query, key, value, scaling, statistics, cached_keys), None
         if r_max == d and uniform and not statistics:
             # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -263,6 +295,25 @@ class DynamicRankAttention:
         q_low = q_proj.reshape(batch, heads, n_queries, r_max)
         out, _ = sdpa_attention_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return self._keep(layer, out), None
+
+    def _select(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                statistics: bool, cached_keys: torch.Tensor | None) -> torch.Tensor:
+        """Selection attention for this layer at its (B, kv_heads) ranks and keeps (``drrl_gym.selection``)."""
+        batch, heads, n_queries, d = query.shape
+        kv_heads = key.shape[1]
+        basis = self._basis_like(query)[layer]
+        rotated = key @ basis if cached_keys is None else cached_keys  # K~ = K P: one cache serves both uses
+        if statistics:
+            grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d)
+            key_gram = _gram(rotated) if cached_keys is None else self._running_key_gram[layer]
+            self._recording.query_gram[layer], self._recording.key_gram[layer] = _gram(grouped @ basis), key_gram
+            self._recording.num_queries, self._recording.num_keys = n_queries, key.shape[2]
+        ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
+        keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
+        out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
+                                     sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                                     rotated_keys=rotated)
+        return self._keep(layer, out)
 
     def _extend_projected_keys(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """Project the keys not seen yet onto the full basis, append them and add their Gram to the running one."""

@@ -435,3 +435,32 @@ def test_cuda_matches_cpu_and_sdpa():
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     mean, top = dropped_mass_bound_table(rotate(cuda[0], cuda[3]), rotate(cuda[1], cuda[3]), (4, 32), (0.25, 1.0))
     assert mean.is_cuda and (top[..., -1] == 0).all()
+
+
+# ------------------------------------------------------------------------------- inside DynamicRankAttention
+def test_select_mode_in_the_model_reproduces_it_when_every_key_is_kept(tiny_llama):
+    from drrl_gym.lowrank import DynamicRankAttention
+
+    g, model = tiny_llama.geometry, tiny_llama.model
+    basis = torch.linalg.qr(torch.randn(g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim,
+                                        generator=torch.Generator().manual_seed(0)))[0]
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(tokens).logits
+        # Every key forced by the recent window: selection keeps all, whatever rank and keep say.
+        every = DynamicRankAttention(g, basis, approximation="select", recent_tokens=40)
+        every.set_ranks(4)
+        every.set_keep(0.1)
+        with every.attached(model):
+            kept_all = model(tokens).logits
+        few = DynamicRankAttention(g, basis, approximation="select", sink_tokens=1, recent_tokens=1)
+        few.set_ranks(4)
+        few.set_keep(torch.tensor([[[0.1, 1.0], [0.2, 0.2]]]))  # per (layer, KV head), mixed
+        with few.attached(model):
+            fewer = model(tokens).logits
+    assert (kept_all - reference).abs().max() <= 1e-4
+    assert (fewer - reference).abs().max() > 1e-3  # dropping keys changes the output
+    with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\]"):
+        few.set_keep(0.0)
+    with pytest.raises(ValueError, match="needs the calibrated basis"):
+        DynamicRankAttention(g, None, mode="exact", approximation="select")
