@@ -163,9 +163,11 @@ def selection_attention(
     kept = _kept(_order(approx, visible, forced, selection), counts)  # (B, H_kv, G or 1, T, L)
 
     # compute, (5): exact scores of the model's own q and k on the chosen keys only
-    scores = scaling * query.reshape(batch, kv_heads, group, n_queries, d) @ key[:, :, None].transpose(-1, -2)
-    weights = scores.to(work).masked_fill(~kept, float("-inf")).softmax(-1).to(value.dtype)
-    out = weights @ value[:, :, None]  # (B, H_kv, G, T, dv)
+    # In at least float32, as fused attention kernels accumulate: bf16 scores (a step of 0.125 at 16) would move the
+    # softmax by several percent in every layer.
+    scores = scaling * query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ key.to(work)[:, :, None].transpose(-1, -2)
+    weights = scores.masked_fill(~kept, float("-inf")).softmax(-1)
+    out = (weights @ value.to(work)[:, :, None]).to(value.dtype)  # (B, H_kv, G, T, dv)
     out = out.reshape(batch, heads, n_queries, value.shape[-1]).transpose(1, 2).contiguous()
     if not return_details:
         return out, None
