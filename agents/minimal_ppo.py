@@ -199,5 +199,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python agents/minimal_ppo.py` from the repo
     sys.exit(main())

@@ -38,12 +38,13 @@ from hypothesis import strategies as st
 from sb3_contrib import MaskablePPO
 
 from agents import rollout
-from agents.train_ppo import ConfigError, load_config
 from agents.train_ppo import main as train
+from agents.train_ppo import resolve_config
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.env import DTYPES, DRRLAttentionEnv, EnvConfig, RESET_OPTIONS, config_for
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
+from drrl_gym.training.config import ConfigError
 from drrl_gym.vector import DRRLAttentionVecEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,6 +397,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with open(log, "w") as output:
@@ -441,7 +443,7 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path: Path
 ])
 def test_train_rejects_bad_values_before_loading_anything(assignment: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [assignment])
+        resolve_config(None, [assignment])
 
 
 def test_train_rejects_bad_files_and_paths(tmp_path: Path) -> None:
@@ -463,6 +465,7 @@ def test_train_rejects_bad_files_and_paths(tmp_path: Path) -> None:
         train(["--run-dir", str(tmp_path / "notes.txt")])
 
 
+@pytest.mark.slow
 def test_train_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     result = subprocess.run(train_command("--resume", str(tmp_path / "missing.zip")), cwd=ROOT, env=ONE_THREAD,
                             capture_output=True, text=True, timeout=120)

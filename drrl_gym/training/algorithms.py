@@ -33,12 +33,12 @@ def make_env(**env_kwargs: Any) -> gym.Env:
 
 def transformer_policy_kwargs(env: gym.Env, d_model: int = 32, n_heads: int = 4, n_layers: int = 1,
                               **extra: Any) -> dict[str, Any]:
-    """``policy_kwargs`` that put :class:`agents.extractor.TransformerFeaturesExtractor` in any SB3 actor-critic.
+    """``policy_kwargs`` that put :class:`drrl_gym.training.extractor.TransformerFeaturesExtractor` in any SB3 actor-critic.
 
     The extractor needs ``token_shape`` (the env's observation is flat); it is read from ``env.unwrapped`` (works
     through wrappers, including :class:`UniformRankAction`, which keeps the observation unchanged).
     """
-    from agents.extractor import TransformerFeaturesExtractor
+    from drrl_gym.training.extractor import TransformerFeaturesExtractor
 
     return dict(features_extractor_class=TransformerFeaturesExtractor,
                 features_extractor_kwargs=dict(token_shape=tuple(env.unwrapped.token_shape), d_model=d_model,

@@ -4,7 +4,7 @@
                          features_extractor_kwargs=dict(token_shape=env.token_shape, d_model=64, n_heads=4))
 
 The network itself (:class:`drrl_gym.policies.TokenTransformer`) lives in the package, because an exported model
-embeds it without SB3 or this directory; here it is wrapped as an SB3 ``BaseFeaturesExtractor``.
+embeds it without SB3; here it is wrapped as an SB3 ``BaseFeaturesExtractor``.
 """
 
 from __future__ import annotations
