@@ -50,6 +50,19 @@ def test_options_override_config_and_set(tmp_path: Path) -> None:
     assert (config.rllib.lr, config.rllib.iterations, config.rllib.num_epochs) == (1e-3, 6, 2)
 
 
+def test_resume_keeps_the_learning_problem_and_lets_resources_change(tmp_path: Path) -> None:
+    _, run_dir = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), "--lr", "1e-3", "--env-kwargs", *TINY_ENV]))
+    checkpoint = run_dir / "checkpoints" / "iter_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "rllib_checkpoint.json").write_text("{}")  # all resolve_run looks for
+    config, same_dir = resolve_run(parse_args(["--resume", str(checkpoint), "--iterations", "20", "--num-env-runners", "2"]))
+    assert same_dir == run_dir.resolve() and config.rllib.lr == 1e-3 and config.env["seq_len"] == 64
+    assert (config.rllib.iterations, config.rllib.num_env_runners) == (20, 2)
+    for argv in (["--lr", "1e-2"], ["--set", "env.beta=0.5"], ["--hidden", "8"]):
+        with pytest.raises(ConfigError, match="define the run's learning problem.*Fix"):
+            resolve_run(parse_args(["--resume", str(checkpoint), *argv]))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--env-kwargs", "sequ_len=64"], "did you mean 'seq_len'"),
     (["--env-kwargs", "seq_len=65", "segment_len=16"], "not a multiple of segment_len"),
