@@ -201,8 +201,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         saved = load_config(run_dir / "config.yaml")
         config = load_config(run_dir / "config.yaml", args.set, given)
         before = _leaves(saved)
-        changed = sorted(key for key, value in _leaves(config).items()
-                         if key not in RESUMABLE and before.get(key, value) != value)
+        changed = sorted(key for key, value in _leaves(config).items()  # a key new to the env block is a change too
+                         if key not in RESUMABLE and (key not in before or before[key] != value))
         if changed:
             raise ConfigError(f"--resume with {', '.join(changed)} changed: these define the run's learning problem "
                               "and come from its config.yaml. Fix: drop them, or start a new run.")
