@@ -28,30 +28,30 @@ ENV_ID = "DRRL-Attention-v0"
 
 
 class ActorCritic(nn.Module):
-    """Flat observation -> (n_tokens, n_choices) logits and a scalar value (separate MLPs)."""
+    """Flat observation -> (n_units, n_choices) logits and a scalar value (separate MLPs)."""
 
-    def __init__(self, obs_dim: int, n_tokens: int, n_choices: int, hidden: int = 64) -> None:
+    def __init__(self, obs_dim: int, n_units: int, n_choices: int, hidden: int = 64) -> None:
         super().__init__()
-        self.n_tokens, self.n_choices = n_tokens, n_choices
+        self.n_units, self.n_choices = n_units, n_choices
         self.actor = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                   nn.Linear(hidden, n_tokens * n_choices))
+                                   nn.Linear(hidden, n_units * n_choices))
         self.critic = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                                     nn.Linear(hidden, 1))
         nn.init.orthogonal_(self.actor[-1].weight, gain=0.01)
         nn.init.zeros_(self.actor[-1].bias)
 
     def distribution(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.distributions.Categorical:
-        logits = self.actor(obs).view(-1, self.n_tokens, self.n_choices)
+        logits = self.actor(obs).view(-1, self.n_units, self.n_choices)
         if mask is not None:  # disallowed choices get (almost) zero probability; a block is never empty
-            logits = logits.masked_fill(~mask.view(-1, self.n_tokens, self.n_choices), -1e8)
-        return torch.distributions.Categorical(logits=logits)  # batch shape (B, n_tokens)
+            logits = logits.masked_fill(~mask.view(-1, self.n_units, self.n_choices), -1e8)
+        return torch.distributions.Categorical(logits=logits)  # batch shape (B, n_units)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None, deterministic: bool = False) -> np.ndarray:
-        """One observation (flat) -> MultiDiscrete action (n_tokens,)."""
+        """One observation (flat) -> MultiDiscrete action (n_units,)."""
         o = torch.as_tensor(obs, dtype=torch.float32).view(1, -1)
         m = None if mask is None else torch.as_tensor(mask, dtype=torch.bool).view(1, -1)
         dist = self.distribution(o, m)
@@ -92,12 +92,12 @@ def train(env_kwargs: dict[str, Any] | None = None, total_steps: int = 256, seed
 
         env = gym.make(ENV_ID, **(env_kwargs or {}))
     if not isinstance(env.action_space, spaces.MultiDiscrete) or len(set(env.action_space.nvec.tolist())) != 1:
-        raise TypeError(f"minimal_ppo needs MultiDiscrete([k] * n_tokens), got {env.action_space}")
+        raise TypeError(f"minimal_ppo needs MultiDiscrete([k] * n_units), got {env.action_space}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    n_tokens, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
+    n_units, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
     obs_dim = int(np.prod(env.observation_space.shape))
-    policy = ActorCritic(obs_dim, n_tokens, n_choices, hidden)
+    policy = ActorCritic(obs_dim, n_units, n_choices, hidden)
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5)
 
     obs, _ = env.reset(seed=seed)
@@ -108,8 +108,8 @@ def train(env_kwargs: dict[str, Any] | None = None, total_steps: int = 256, seed
     while num_timesteps < total_steps:
         steps = min(n_steps, total_steps - num_timesteps)
         buf_obs = np.zeros((steps, obs_dim), np.float32)
-        buf_act = np.zeros((steps, n_tokens), np.int64)
-        buf_mask = np.ones((steps, n_tokens * n_choices), bool)
+        buf_act = np.zeros((steps, n_units), np.int64)
+        buf_mask = np.ones((steps, n_units * n_choices), bool)
         buf_logp, buf_val, buf_rew, buf_done = (np.zeros(steps, np.float32) for _ in range(4))
         for t in range(steps):  # ---------------------------------------------------------------- rollout
             o = torch.as_tensor(obs, dtype=torch.float32).view(1, -1)
@@ -199,5 +199,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python agents/minimal_ppo.py` from the repo
     sys.exit(main())

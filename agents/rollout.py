@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import drrl_gym
+from drrl_gym.training.cli import int_list, number_in
 
 Agent = Callable[[gym.Env], np.ndarray]
 COMPONENTS = ("reward", "fidelity", "flops_cost", "perturbation", "rank_fraction", "flops_saved_scores",
@@ -77,41 +78,20 @@ def print_table(rows: list[list[str]]) -> None:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
 
 
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """argparse type: an int in [low, high) (counts and lengths >= 1; seeds below 2**32, as numpy needs)."""
-    rule = f">= {low}" if high is None else f"in [{low}, {high})"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (must be {rule})") from None
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
-        return value
-
-    return parse
-
-
-def rank_choices(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated ints >= 1, e.g. 4,8,12,16 (EnvConfig checks their order, the env head_dim)."""
-    return tuple(int_in(1)(part) for part in text.split(","))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--corpus", default="shakespeare")
-    parser.add_argument("--episodes", type=int_in(1), default=2)
+    parser.add_argument("--episodes", type=number_in(int, 1), default=2)
     parser.add_argument("--agent", choices=[*AGENTS, "both"], default="both")
-    parser.add_argument("--seq-len", type=int_in(1), default=1024)
-    parser.add_argument("--segment-len", type=int_in(1), default=128)
-    parser.add_argument("--rank-choices", type=rank_choices, default=None,
+    parser.add_argument("--seq-len", type=number_in(int, 1), default=1024)
+    parser.add_argument("--segment-len", type=number_in(int, 1), default=128)
+    parser.add_argument("--rank-choices", type=int_list(1), default=None,
                         help="comma-separated, e.g. 4,8,12,16 for the tiny models (default: the env's)")
     parser.add_argument("--fidelity", choices=["attention_cosine", "kl", "hidden_cosine"], default="attention_cosine")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int_in(0, 2**32), default=0)
-    parser.add_argument("--threads", type=int_in(1), default=None,
+    parser.add_argument("--seed", type=number_in(int, 0, 2**32), default=0)
+    parser.add_argument("--threads", type=number_in(int, 1), default=None,
                         help="torch CPU threads (default: torch's); 1 avoids stalls when other work shares the cores")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -128,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     unwrapped = env.unwrapped
     print(f"env built in {time.perf_counter() - start:.1f} s: {unwrapped.backbone.name} on {unwrapped.backbone.device} "
-          f"({unwrapped.backbone.dtype}), {unwrapped.n_tokens} tokens x {len(unwrapped.feature_names)} features, "
+          f"({unwrapped.backbone.dtype}), {unwrapped.n_units} tokens x {len(unwrapped.feature_names)} features, "
           f"rank choices {unwrapped.rank_choices}, {unwrapped.config.n_segments - 1} steps per episode, "
           f"{torch.get_num_threads()} torch threads")
     names = list(AGENTS) if args.agent == "both" else [args.agent]

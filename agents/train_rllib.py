@@ -19,46 +19,54 @@ reports it (``info["mask_rejections"]``, logged below). The cost is that PPO's l
 sampled action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and
 ``--env-kwargs epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
 
-Options: ``--env-kwargs`` takes KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding a mapping of
-DRRLAttentionEnv arguments, applied in order; every key and value is checked (``drrl_gym.env.EnvConfig``) before Ray
-starts, as are the other options. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by default):
+Configuration: the same typed tree as ``agents/train_ppo.py`` (``drrl_gym.training.config``; every key and default
+in agents/configs/default.yaml): this script reads ``seed``, ``run_dir``, the ``env`` block (DRRLAttentionEnv
+arguments) and the ``rllib`` section. ``--config FILE`` and ``--set key.sub=value`` override the defaults; the options
+below override both. ``--env-kwargs`` takes KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding
+a mapping of env arguments, applied in order over the env block. Every key and value is checked (the env block by
+``drrl_gym.EnvConfig``) before Ray starts. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by
+default):
 
-    config.json            the resolved settings (what --resume reads back)
+    config.yaml            the resolved configuration (what --resume reads back)
     metrics.csv            one row per iteration: env steps, episodes, episode return mean, the env's rank metrics
                            (mean over each runner's last 256 steps), PPO losses, time (also printed)
     checkpoints/iter_N/    RLlib checkpoints (``Algorithm.restore_from_path``; the policy alone:
                            ``RLModule.from_checkpoint(CKPT/learner_group/learner/rl_module/default_policy)``)
 
-``--resume CKPT`` continues that run in its directory with its settings up to ``--iterations``; only the resources
-(runners, GPUs, CPUs, address) and ``--checkpoint-every`` may change. Checkpoints are pickles: load only your own.
+``--resume CKPT`` continues that run in its directory with its config up to ``--iterations``; only the resources
+(runners, GPUs, CPUs, address), ``--iterations`` and ``--checkpoint-every`` may change. Checkpoints are pickles: load only your own.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import difflib
-import json
 import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python agents/train_rllib.py`: make the `agents` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import gymnasium as gym
 import numpy as np
+from omegaconf import OmegaConf
 
-from agents.train_ppo import ConfigError, _parse_yaml, read_yaml
-from drrl_gym.env import EnvConfig
+from drrl_gym import EnvConfig
+from drrl_gym.training.cli import int_list, number_in
+from drrl_gym.training.config import (
+    ConfigError,
+    RLlibConfig,
+    TrainConfig,
+    load_config,
+    parse_assignment,
+    read_yaml,
+    write_resolved_config,
+)
 
 ENV_ID = "DRRL-Attention-v0"
 RLLIB_ENV = "drrl-attention-rllib"  # the name the creator is registered under with Ray
@@ -68,159 +76,84 @@ FORWARDED_ENV_VARS = ("DRRL_GYM_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASET
 METRIC_COLUMNS = ("iteration", "env_steps", "episodes", "episode_return_mean", "episode_len_mean", *INFO_METRICS,
                   "total_loss", "entropy", "iteration_time_s", "total_time_s")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Each option's config key; the options override --config and --set.
+OPTION_KEYS = {"seed": "seed", "run_dir": "run_dir", **{name: f"rllib.{name}" for name in (
+    "iterations", "checkpoint_every", "train_batch_size", "minibatch_size", "num_epochs", "lr", "gamma", "hidden",
+    "num_env_runners", "num_envs_per_env_runner", "num_gpus_per_env_runner", "num_learners", "num_gpus_per_learner",
+    "num_cpus", "ray_address")}}
+RESUMABLE = {f"rllib.{name}" for name in RLlibConfig.RESUMABLE} | {"run_dir"}
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class Settings:
-    """Everything a run needs. The first group defines the learning problem and is fixed for a run; the second
-    (resources and length) may change on ``--resume``."""
-
-    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    train_batch_size: int = 256
-    minibatch_size: int = 64
-    num_epochs: int = 4
-    lr: float = 3e-4
-    gamma: float = 0.99
-    hidden: tuple[int, ...] = (64, 64)
-
-    iterations: int = 10
-    checkpoint_every: int = 5
-    num_env_runners: int = 1
-    num_envs_per_env_runner: int = 1
-    num_gpus_per_env_runner: float = 0.0
-    num_learners: int = 0
-    num_gpus_per_learner: float = 0.0
-    num_cpus: int | None = None
-    ray_address: str | None = None
-
-
-RESUMABLE = frozenset({"iterations", "checkpoint_every", "num_env_runners", "num_envs_per_env_runner",
-                       "num_gpus_per_env_runner", "num_learners", "num_gpus_per_learner", "num_cpus", "ray_address"})
-
-
-def check_env_kwargs(env_kwargs: Mapping[str, Any]) -> None:
-    """Every key must be a DRRLAttentionEnv argument and every value valid, before any process loads a model."""
-    known = [f.name for f in fields(EnvConfig)]
-    for key in env_kwargs:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"use one of {known}"
-            raise ConfigError(f"--env-kwargs: {key!r} is not a DRRL-Attention-v0 argument. Fix: {hint}")
-    device = env_kwargs.get("device", "auto")
+def check_runner_env(config: TrainConfig) -> EnvConfig:
+    """The env block, checked before any process loads a model. The device is only checked for its form: a
+    runner's GPU is not visible here."""
+    device = config.env.get("device", "auto")
     if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        raise ConfigError(f"--env-kwargs device={device!r}: not a device. "
-                          "Fix: pass auto (default), cpu, cuda or cuda:N.")
-    try:  # the device is checked where the env is built (a runner's GPU is not visible here)
-        EnvConfig(**{**env_kwargs, "device": "cpu"})
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"--env-kwargs: {error}") from error
-
-
-def check_settings(settings: Settings) -> None:
-    """Checks across options (each option's own range is checked by the parser)."""
-    s = settings
-    if s.minibatch_size > s.train_batch_size:
-        raise ConfigError(f"--minibatch-size {s.minibatch_size} > --train-batch-size {s.train_batch_size}. "
-                          "Fix: pass a minibatch size <= the train batch size.")
-    if s.num_learners > 1 and s.train_batch_size % s.num_learners:
-        multiple = s.train_batch_size // s.num_learners * s.num_learners
-        raise ConfigError(f"--train-batch-size {s.train_batch_size} does not split over {s.num_learners} learners. "
-                          f"Fix: pass a multiple of --num-learners, e.g. {multiple}.")
-    if s.num_env_runners == 0 and s.num_gpus_per_env_runner > 0:
-        raise ConfigError("--num-gpus-per-env-runner > 0 with --num-env-runners 0: the driver samples and Ray assigns "
-                          "it no GPU. Fix: pass --num-env-runners >= 1, or --env-kwargs device=cuda.")
-    if s.num_learners == 0 and s.num_gpus_per_learner > 1:
-        raise ConfigError(f"--num-gpus-per-learner {s.num_gpus_per_learner} with --num-learners 0: the local learner "
-                          "uses at most one GPU. Fix: pass --num-learners N --num-gpus-per-learner 1 for N GPUs.")
-    if s.num_cpus is not None and s.ray_address is not None:
-        raise ConfigError("--num-cpus and --ray-address together: an existing cluster has its own CPUs. "
-                          "Fix: drop --num-cpus (set it in `ray start --num-cpus`).")
-    check_env_kwargs(s.env_kwargs)
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-def _number(kind: type, minimum: float, exclusive: bool = False, maximum: float | None = None) -> Callable[[str], Any]:
-    """An argparse type: ``kind`` (int or float), finite, >= minimum (> if exclusive), <= maximum if given."""
-    bound = f"{'>' if exclusive else '>='} {minimum}" + ("" if maximum is None else f" and <= {maximum}")
-    noun = "an int" if kind is int else "a float"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; pass {noun} {bound}")
-        below = value <= minimum if exclusive else value < minimum
-        if not math.isfinite(value) or below or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; pass {noun} {bound}")
-        return value
-
-    return parse
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass comma-separated positive layer sizes, e.g. 64,64")
-    return sizes
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Every option defaults to None ("not given"): the defaults are :class:`Settings`' (or a resumed run's)."""
-    d = Settings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--env-kwargs", nargs="+", action="extend", metavar="KEY=VALUE|FILE",
-        help="DRRLAttentionEnv arguments: KEY=VALUE (YAML value) or a YAML/JSON file of them, applied in order")
-    add("--iterations", type=_number(int, 1), help=f"train until this iteration (default {d.iterations})")
-    add("--checkpoint-every", type=_number(int, 0),
-        help=f"checkpoint every N iterations and at the end; 0: at the end only (default {d.checkpoint_every})")
-    add("--seed", type=_number(int, 0), help=f"default {d.seed}")
-    add("--train-batch-size", type=_number(int, 1), help=f"env steps per iteration (default {d.train_batch_size})")
-    add("--minibatch-size", type=_number(int, 1), help=f"default {d.minibatch_size}")
-    add("--num-epochs", type=_number(int, 1), help=f"passes over each train batch (default {d.num_epochs})")
-    add("--lr", type=_number(float, 0, exclusive=True), help=f"learning rate (default {d.lr})")
-    add("--gamma", type=_number(float, 0, exclusive=True, maximum=1), help=f"RL discount (default {d.gamma})")
-    add("--hidden", type=_hidden, help=f"MLP sizes of policy and value nets (default {','.join(map(str, d.hidden))})")
-    add("--num-env-runners", type=_number(int, 0),
-        help=f"env runner processes, each with its own model; 0: sample in this process (default {d.num_env_runners})")
-    add("--num-envs-per-env-runner", type=_number(int, 1), help="envs per runner, sharing its model (default 1)")
-    add("--num-gpus-per-env-runner", type=_number(float, 0),
-        help="GPUs Ray gives each runner, e.g. 1 or 0.5 (default 0)")
-    add("--num-learners", type=_number(int, 0), help="learner actors; 0: learn in this process (default 0)")
-    add("--num-gpus-per-learner", type=_number(float, 0), help="GPUs per learner (default 0)")
-    add("--num-cpus", type=_number(int, 1), help="CPUs of the local Ray instance (default: all)")
-    add("--ray-address", help="join an existing cluster (`ray start`), e.g. auto or HOST:6379 (default: start locally)")
-    add("--run-dir", type=Path, help="default runs/rllib-<date>-<time>")
-    add("--resume", type=Path, metavar="CHECKPOINT", help="RUN/checkpoints/iter_N written by this script")
-    return parser.parse_args(argv)
+        raise ConfigError(f"env.device={device!r}: not a device. Fix: pass auto (default), cpu, cuda or cuda:N.")
+    return config.env_config(device="cpu")
 
 
 def env_kwargs_from(items: list[str]) -> dict[str, Any]:
     """``--env-kwargs`` items in order: KEY=VALUE sets one key (YAML value), anything else is a YAML/JSON file."""
     kwargs: dict[str, Any] = {}
     for item in items:
-        key, sep, text = item.partition("=")
+        key, sep, _ = item.partition("=")
         if sep and key.isidentifier():
-            kwargs[key] = _parse_yaml(text, f"--env-kwargs {item}") if text.strip() else None
+            kwargs.update(OmegaConf.to_container(parse_assignment(item)))
         elif Path(item).is_file():
-            kwargs.update(read_yaml(Path(item)))
+            kwargs.update(OmegaConf.to_container(read_yaml(Path(item))))
         else:
             raise ConfigError(f"--env-kwargs {item!r}: neither KEY=VALUE nor an existing YAML/JSON file. "
                               "Fix: pass e.g. seq_len=256, or the path of a file holding a mapping.")
     return kwargs
 
 
+# -------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Every option defaults to None ("not given"): the defaults are the config tree's (or a resumed run's)."""
+    d = RLlibConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", type=Path, help="YAML overriding agents/configs/default.yaml (its env and rllib sections)")
+    add("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+        help="override one key, e.g. rllib.lr=1e-4 or env.seq_len=512 (repeatable)")
+    add("--env-kwargs", nargs="+", action="extend", metavar="KEY=VALUE|FILE",
+        help="env block entries: KEY=VALUE (YAML value) or a YAML/JSON file of them, applied in order")
+    add("--iterations", type=number_in(int, 1), help=f"train until this iteration (default {d.iterations})")
+    add("--checkpoint-every", type=number_in(int, 0),
+        help=f"checkpoint every N iterations and at the end; 0: at the end only (default {d.checkpoint_every})")
+    add("--seed", type=number_in(int, 0, 2**31), help="default 0")
+    add("--train-batch-size", type=number_in(int, 1), help=f"env steps per iteration (default {d.train_batch_size})")
+    add("--minibatch-size", type=number_in(int, 1), help=f"default {d.minibatch_size}")
+    add("--num-epochs", type=number_in(int, 1), help=f"passes over each train batch (default {d.num_epochs})")
+    add("--lr", type=number_in(float, 0, low_exclusive=True), help=f"learning rate (default {d.lr})")
+    add("--gamma", type=number_in(float, 0, 1, low_exclusive=True, high_inclusive=True),
+        help=f"RL discount (default {d.gamma})")
+    add("--hidden", type=int_list(1), help=f"MLP sizes of policy and value nets (default {','.join(map(str, d.hidden))})")
+    add("--num-env-runners", type=number_in(int, 0),
+        help=f"env runner processes, each with its own model; 0: sample in this process (default {d.num_env_runners})")
+    add("--num-envs-per-env-runner", type=number_in(int, 1), help="envs per runner, sharing its model (default 1)")
+    add("--num-gpus-per-env-runner", type=number_in(float, 0),
+        help="GPUs Ray gives each runner, e.g. 1 or 0.5 (default 0)")
+    add("--num-learners", type=number_in(int, 0), help="learner actors; 0: learn in this process (default 0)")
+    add("--num-gpus-per-learner", type=number_in(float, 0), help="GPUs per learner (default 0)")
+    add("--num-cpus", type=number_in(int, 1), help="CPUs of the local Ray instance (default: all)")
+    add("--ray-address", help="join an existing cluster (`ray start`), e.g. auto or HOST:6379 (default: start locally)")
+    add("--run-dir", help="default runs/rllib-<date>-<time>")
+    add("--resume", type=Path, metavar="CHECKPOINT", help="RUN/checkpoints/iter_N written by this script")
+    return parser.parse_args(argv)
+
+
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Settings fields given on the command line."""
-    names = {f.name for f in fields(Settings)}
-    given = {key: value for key, value in vars(args).items() if key in names and value is not None}
+    """The options given on the command line, by config key (``--env-kwargs`` as the env block's entries)."""
+    given = {key: getattr(args, name) for name, key in OPTION_KEYS.items() if getattr(args, name) is not None}
+    if "rllib.hidden" in given:
+        given["rllib.hidden"] = list(given["rllib.hidden"])
+    if "rllib.ray_address" in given and "rllib.num_cpus" not in given:  # joining a cluster: its CPUs, not a count
+        given["rllib.num_cpus"] = None
     if args.env_kwargs is not None:
-        given["env_kwargs"] = env_kwargs_from(args.env_kwargs)
+        given["env"] = env_kwargs_from(args.env_kwargs)
     return given
 
 
@@ -230,37 +163,56 @@ def check_checkpoint(path: Path) -> Path:
     if not (path / "rllib_checkpoint.json").is_file():
         raise ConfigError(f"--resume {path}: not an RLlib checkpoint directory (no rllib_checkpoint.json). {fix}")
     run_dir = path.resolve().parent.parent
-    if path.resolve().parent.name != "checkpoints" or not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {path}: no config.json two levels up, so the run's settings are unknown. {fix}")
+    if path.resolve().parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {path}: no config.yaml two levels up, so the run's settings are unknown. {fix}")
     return run_dir
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Settings, Path]:
-    """The settings (defaults < resumed run's < command line) and the run directory; writes config.json."""
+def _leaves(config: TrainConfig) -> dict[str, Any]:
+    """Every value of the tree by dotted key."""
+    container = OmegaConf.to_container(OmegaConf.structured(config))
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, f"{path}.{key}" if path else str(key))
+        else:
+            out[path] = value
+
+    walk(container, "")
+    return out
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The config (defaults < --config or the resumed run's < --set < options) and the run directory; writes
+    RUN/config.yaml."""
     given = given_options(args)
     if args.resume is None:
-        settings = Settings(**given)
-        run_dir = args.run_dir or Path("runs") / f"rllib-{time.strftime('%Y%m%d-%H%M%S')}"
+        config = load_config(args.config, args.set, given)
+        run_dir = Path(config.run_dir or Path("runs") / f"rllib-{time.strftime('%Y%m%d-%H%M%S')}")
     else:
         run_dir = check_checkpoint(args.resume)
-        fixed = sorted(set(given) - RESUMABLE)
-        if fixed:
-            options = ", ".join("--" + key.replace("_", "-") for key in fixed)
-            raise ConfigError(f"--resume with {options}: these define the run's learning problem and come from its "
-                              "config.json. Fix: drop them, or start a new run.")
-        if args.run_dir is not None and args.run_dir.resolve() != run_dir:
+        if args.config is not None:
+            raise ConfigError("--resume with --config: a resumed run keeps its own config.yaml. Fix: drop --config.")
+        if args.run_dir is not None and Path(args.run_dir).resolve() != run_dir:
             raise ConfigError(f"--resume continues in {run_dir}, not --run-dir {args.run_dir}. Fix: drop --run-dir.")
-        saved = json.loads((run_dir / "config.json").read_text())
-        saved["hidden"] = tuple(saved["hidden"])
-        if "ray_address" in given and "num_cpus" not in given:  # joining a cluster: its CPUs, not the saved count
-            given["num_cpus"] = None
-        settings = Settings(**{**saved, **given})
-    check_settings(settings)
+        given.pop("run_dir", None)
+        saved = load_config(run_dir / "config.yaml")
+        config = load_config(run_dir / "config.yaml", args.set, given)
+        before = _leaves(saved)
+        changed = sorted(key for key, value in _leaves(config).items()  # a key new to the env block is a change too
+                         if key not in RESUMABLE and (key not in before or before[key] != value))
+        if changed:
+            raise ConfigError(f"--resume with {', '.join(changed)} changed: these define the run's learning problem "
+                              "and come from its config.yaml. Fix: drop them, or start a new run.")
+    check_runner_env(config)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
-    return settings, run_dir
+    config = replace(config, run_dir=str(run_dir))
+    write_resolved_config(config, run_dir)
+    return config, run_dir
 
 
 # ------------------------------------------------------------------------------------------------ Ray pieces
@@ -298,15 +250,15 @@ def log_rank_metrics(*, episode: Any, metrics_logger: Any, **_: Any) -> None:
             metrics_logger.log_value(("drrl", key), float(np.mean(info[key])), window=INFO_WINDOW)
 
 
-def build_config(settings: Settings) -> Any:
-    """The RLlib ``PPOConfig`` (new API stack: RLModule, Learner, EnvRunner) for these settings."""
+def build_config(config: TrainConfig) -> Any:
+    """The RLlib ``PPOConfig`` (new API stack: RLModule, Learner, EnvRunner) for this config."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
-    s = settings
+    s = config.rllib
     return (
         PPOConfig()
-        .environment(RLLIB_ENV, env_config=dict(s.env_kwargs))
+        .environment(RLLIB_ENV, env_config=dict(config.env))
         .env_runners(num_env_runners=s.num_env_runners, num_envs_per_env_runner=s.num_envs_per_env_runner,
                      num_gpus_per_env_runner=s.num_gpus_per_env_runner, num_cpus_per_env_runner=1)
         .learners(num_learners=s.num_learners, num_gpus_per_learner=s.num_gpus_per_learner)
@@ -314,11 +266,11 @@ def build_config(settings: Settings) -> Any:
                   minibatch_size=s.minibatch_size, num_epochs=s.num_epochs, lr=s.lr, gamma=s.gamma)
         .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(s.hidden)))
         .callbacks(on_episode_step=log_rank_metrics)
-        .debugging(seed=s.seed)
+        .debugging(seed=config.seed)
     )
 
 
-def start_ray(settings: Settings) -> None:
+def start_ray(settings: RLlibConfig) -> None:
     """Start Ray locally (or join ``ray_address``); runners get this process' cache and offline settings."""
     import ray
 
@@ -327,7 +279,7 @@ def start_ray(settings: Settings) -> None:
              runtime_env={"env_vars": env_vars}, logging_level="warning")
 
 
-def check_resources(settings: Settings) -> None:
+def check_resources(settings: RLlibConfig) -> None:
     """Fail now, not hang: Ray waits forever for resources the cluster does not have."""
     import ray
 
@@ -398,28 +350,28 @@ def save_checkpoint(algorithm: Any, run_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def train(settings: Settings, run_dir: Path, resume: Path | None = None) -> None:
-    """Train up to ``settings.iterations`` (from the checkpoint ``resume`` if given), logging and checkpointing."""
+def train(config: TrainConfig, run_dir: Path, resume: Path | None = None) -> None:
+    """Train up to ``rllib.iterations`` (from the checkpoint ``resume`` if given), logging and checkpointing."""
     import ray
     from ray.tune.registry import register_env
 
-    start_ray(settings)
+    start_ray(config.rllib)
     try:
-        check_resources(settings)
+        check_resources(config.rllib)
         register_env(RLLIB_ENV, make_rllib_env)
-        algorithm = build_config(settings).build_algo()
+        algorithm = build_config(config).build_algo()
         try:
             if resume is not None:
                 algorithm.restore_from_path(str(resume.resolve()))
                 print(f"resumed from {resume} at iteration {algorithm.iteration}", flush=True)
-            _iterate(algorithm, settings, run_dir)
+            _iterate(algorithm, config.rllib, run_dir)
         finally:
             algorithm.stop()
     finally:
         ray.shutdown()
 
 
-def _iterate(algorithm: Any, settings: Settings, run_dir: Path) -> None:
+def _iterate(algorithm: Any, settings: RLlibConfig, run_dir: Path) -> None:
     metrics = run_dir / "metrics.csv"
     keep_metrics_until(metrics, algorithm.iteration)
     if algorithm.iteration >= settings.iterations:
@@ -440,9 +392,9 @@ def main(argv: list[str] | None = None) -> Path:
         import ray  # noqa: F401
     except ImportError as error:
         raise ConfigError('Ray RLlib is not installed. Fix: pip install -e ".[rllib]" (the optional extra).') from error
-    settings, run_dir = resolve_run(args)
-    print(f"run directory: {run_dir}\nsettings: {json.dumps(dataclasses.asdict(settings))}", flush=True)
-    train(settings, run_dir, args.resume)
+    config, run_dir = resolve_run(args)
+    print(f"run directory: {run_dir} (resolved config: config.yaml)", flush=True)
+    train(config, run_dir, args.resume)
     return run_dir
 
 

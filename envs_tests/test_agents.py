@@ -1,5 +1,6 @@
-"""agents/: features extractor, configuration, oracle and behaviour cloning, the training script end to end
-(BC, PPO, checkpoints, export, evaluation) and resuming from a checkpoint. Tiny random Llama; well under a minute."""
+"""drrl_gym.training and agents/train_ppo.py: features extractor, configuration, oracle and behaviour cloning, the
+training script end to end (BC, PPO, checkpoints, export, evaluation) and resuming from a checkpoint. Tiny random
+Llama; the fast tests (-m "not slow") take seconds, the training runs well under a minute."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
 
-from agents.extractor import TransformerFeaturesExtractor, policy_network_from_sb3
-from agents.oracle import behaviour_clone, collect_demonstrations, oracle_action
-from agents.train_ppo import ConfigError, load_config, main
+from agents.train_ppo import main, resolve_config
 from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.training.config import ConfigError, TrainConfig
+from drrl_gym.training.evaluation import NEIGHBOUR
+from drrl_gym.training.extractor import TransformerFeaturesExtractor, policy_network_from_sb3
+from drrl_gym.training.oracle import behaviour_clone, collect_demonstrations, oracle_action
 
 TINY_ENV = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
                 calibration_sequences=2, eval_sequences=2, device="cpu")
@@ -38,48 +42,54 @@ def env() -> DRRLAttentionEnv:
 
 
 # -------------------------------------------------------------------------------------------------- extractor
-@pytest.mark.parametrize("granularity, n_tokens", [("layer", 2), ("kv_head", 4)])
-def test_extractor_shapes_and_policy(granularity: str, n_tokens: int) -> None:
+@pytest.mark.parametrize("granularity, n_units", [("layer", 2), ("kv_head", 4)])
+def test_extractor_shapes_and_policy(granularity: str, n_units: int) -> None:
     env = DRRLAttentionEnv(**TINY_ENV, granularity=granularity)
-    n_features = env.token_shape[1]
-    extractor = TransformerFeaturesExtractor(env.observation_space, env.token_shape, d_model=32, n_heads=4, n_layers=1)
-    assert extractor.features_dim == n_tokens * 32
-    observations = torch.rand(5, n_tokens * n_features, requires_grad=True)  # flat, as the env gives them
+    n_features = env.unit_shape[1]
+    extractor = TransformerFeaturesExtractor(env.observation_space, env.unit_shape, d_model=32, n_heads=4, n_layers=1)
+    assert extractor.features_dim == n_units * 32
+    observations = torch.rand(5, n_units * n_features, requires_grad=True)  # flat, as the env gives them
     features = extractor(observations)
-    assert features.shape == (5, n_tokens * 32)
+    assert features.shape == (5, n_units * 32)
     features.sum().backward()
     assert observations.grad.abs().sum() > 0
     # Tokens attend to each other: changing one token's features changes every token's output.
     changed = observations.detach().clone()
     changed[:, :n_features] += 1
-    delta = (extractor(changed) - features).detach().view(5, n_tokens, 32).abs().sum(-1)
+    delta = (extractor(changed) - features).detach().view(5, n_units, 32).abs().sum(-1)
     assert (delta > 0).all()
 
     model = MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, device="cpu", policy_kwargs=dict(
         features_extractor_class=TransformerFeaturesExtractor,
-        features_extractor_kwargs=dict(token_shape=env.token_shape, d_model=16, n_heads=2)))
+        features_extractor_kwargs=dict(unit_shape=env.unit_shape, d_model=16, n_heads=2)))
     observation, _ = env.reset(seed=0)
     action, _ = model.predict(observation, action_masks=env.action_masks(), deterministic=True)
-    assert action.shape == (n_tokens,)
+    assert action.shape == (n_units,)
     network = policy_network_from_sb3(model.policy)  # the exportable copy decides exactly like SB3
-    allowed = env.action_masks().reshape(1, n_tokens, -1)
-    assert np.array_equal(network.act(observation.reshape(1, *env.token_shape), allowed)[0], action)
+    allowed = env.action_masks().reshape(1, n_units, -1)
+    assert np.array_equal(network.act(observation.reshape(1, *env.unit_shape), allowed)[0], action)
 
 
 def test_extractor_needs_the_token_shape(env: DRRLAttentionEnv) -> None:
-    with pytest.raises(ValueError, match="token_shape"):
+    with pytest.raises(ValueError, match="unit_shape"):
         TransformerFeaturesExtractor(env.observation_space)
-    with pytest.raises(ValueError, match="token_shape"):
+    with pytest.raises(ValueError, match="unit_shape"):
         TransformerFeaturesExtractor(env.observation_space, (3, 7))
 
 
 # ----------------------------------------------------------------------------------------------------- config
+def test_default_yaml_documents_exactly_the_dataclass_defaults() -> None:
+    documented = OmegaConf.to_container(OmegaConf.load(Path("agents/configs/default.yaml")))
+    assert documented == OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+
+
 def test_config_overrides_and_errors(tmp_path: Path) -> None:
-    config = load_config(None, ["ppo.learning_rate=1e-4", "env.rank_choices=[8, 16]", "bc.epochs=2"], seed=7, skip_bc=True)
-    assert config["ppo"]["learning_rate"] == 1e-4 and config["env"]["rank_choices"] == [8, 16]
-    assert config["seed"] == 7 and config["skip_bc"] and not config["skip_ppo"] and config["bc"]["epochs"] == 2
-    gpu = load_config(Path("agents/configs/gpu.yaml"), [])
-    assert gpu["env"]["seq_len"] == 1024 and gpu["ppo"]["gamma"] == 0.99  # inherits what gpu.yaml leaves out
+    config = resolve_config(None, ["ppo.learning_rate=1e-4", "env.rank_choices=[8, 16]", "bc.epochs=2"], seed=7,
+                            skip_bc=True)
+    assert config.ppo["learning_rate"] == 1e-4 and config.env["rank_choices"] == [8, 16]
+    assert config.seed == 7 and config.skip_bc and not config.skip_ppo and config.bc.epochs == 2
+    gpu = resolve_config(Path("agents/configs/gpu.yaml"), [])
+    assert gpu.env["seq_len"] == 1024 and gpu.ppo["gamma"] == 0.99  # inherits what gpu.yaml leaves out
     bad = {
         "ppo.n_stepz=3": "did you mean 'ppo.n_steps'",
         "n_envs=two": "must be of type int",
@@ -92,31 +102,39 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
     }
     for assignment, message in bad.items():
         with pytest.raises(ConfigError, match=message):
-            load_config(None, [assignment])
+            resolve_config(None, [assignment])
     (tmp_path / "bad.yaml").write_text("bc:\n  epochz: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown key 'bc.epochz'"):
-        load_config(tmp_path / "bad.yaml", [])
-    assert load_config(None, ["env.epsilon_start=.inf", "env.epsilon_end=.inf", "ppo.use_sde=false"])["ppo"]["use_sde"] is False
+        resolve_config(tmp_path / "bad.yaml", [])
+    assert resolve_config(None, ["env.epsilon_start=.inf", "env.epsilon_end=.inf", "ppo.use_sde=false"]).ppo["use_sde"] is False
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    """config.yaml of a run is what --resume reads back: it must load to the same tree."""
+    config = resolve_config(None, ["env.rank_choices=[8, 16]", "rllib.hidden=[32]"], seed=5)
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    assert resolve_config(tmp_path / "config.yaml") == config
 
 
 # ------------------------------------------------------------------------------------------- oracle and BC
 def test_oracle_respects_target_and_mask(env: DRRLAttentionEnv) -> None:
     env.reset(seed=0)
-    cosine = env.probe_layer_fidelity(np.repeat(np.arange(4)[:, None], env.n_tokens, axis=1))
-    assert cosine.shape == (4, env.n_tokens)
-    allowed = env.action_masks().reshape(env.n_tokens, 4)
+    cosine = env.probe_layer_fidelity(np.repeat(np.arange(4)[:, None], env.n_units, axis=1))
+    assert cosine.shape == (4, env.n_units)
+    allowed = env.action_masks().reshape(env.n_units, 4)
     lowest = oracle_action(env, fidelity_target=1e-6)  # every choice reaches it: the smallest allowed one
     assert np.array_equal(lowest, allowed.argmax(axis=1))
     highest = oracle_action(env, fidelity_target=1.01)  # no cosine reaches it: the largest choice
     assert (highest == 3).all()
     demos = collect_demonstrations(env, episodes=2, fidelity_target=0.99, gamma=0.9, seed=0, progress=False)
     assert demos.observations.shape == (6, *env.observation_space.shape)
-    assert demos.actions.shape == (6, env.n_tokens) and demos.masks.shape == (6, env.n_tokens * 4)
-    assert demos.masks.reshape(6, env.n_tokens, 4)[np.arange(6)[:, None], np.arange(env.n_tokens), demos.actions].all()
+    assert demos.actions.shape == (6, env.n_units) and demos.masks.shape == (6, env.n_units * 4)
+    assert demos.masks.reshape(6, env.n_units, 4)[np.arange(6)[:, None], np.arange(env.n_units), demos.actions].all()
     assert np.allclose(demos.returns[2::3], demos.rewards[2::3])  # last step of an episode: return = reward
     assert np.allclose(demos.returns[1::3], demos.rewards[1::3] + 0.9 * demos.rewards[2::3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", [MaskablePPO, PPO])
 def test_behaviour_cloning_fits_the_oracle(algorithm) -> None:
     # A tight mask and a target every rank reaches: the oracle takes the smallest allowed rank, a function of the
@@ -126,7 +144,7 @@ def test_behaviour_cloning_fits_the_oracle(algorithm) -> None:
     assert len({tuple(a) for a in demos.actions}) > 1
     model = algorithm("MlpPolicy", env, n_steps=8, batch_size=8, device="cpu", seed=0, policy_kwargs=dict(
         features_extractor_class=TransformerFeaturesExtractor,
-        features_extractor_kwargs=dict(token_shape=env.token_shape, d_model=16, n_heads=2)))
+        features_extractor_kwargs=dict(unit_shape=env.unit_shape, d_model=16, n_heads=2)))
     metrics = behaviour_clone(model, demos, epochs=40, batch_size=4, learning_rate=3e-3, value_coef=0.5, seed=0, progress=False)
     assert metrics["bc/accuracy"] == 1.0 and metrics["bc/cross_entropy"] < 0.2
 
@@ -140,6 +158,7 @@ def run_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_short_training_run_writes_everything(run_dir: Path) -> None:
     for name in ("config.yaml", "bc_model.zip", "model.zip", "checkpoints/ppo_16_steps.zip", "checkpoints/ppo_32_steps.zip",
                  "export/drrl_config.json", "export/policy.safetensors", "export/basis.safetensors",
@@ -148,14 +167,25 @@ def test_short_training_run_writes_everything(run_dir: Path) -> None:
     assert list((run_dir / "logs" / "train").glob("events.out.tfevents.*"))
     assert MaskablePPO.load(run_dir / "model.zip").num_timesteps == 32
     rows = {row["method"]: row for row in csv.DictReader(open(run_dir / "eval" / "results.csv"))}
-    assert {"full rank", "uniform r=4", "uniform r=8", "uniform r=12", "learned policy", "uniform @ policy scores FLOPs",
-            "uniform @ policy attention FLOPs"} == set(rows)
+    measured = {"full rank", "uniform r=4", "uniform r=8", "uniform r=12", "learned policy"}
+    assert measured <= set(rows)
+    # The policy's neighbours are copies of measured rows on the right side of its FLOPs, never interpolated.
+    policy = rows["learned policy"]
+    neighbours = [name for name in rows if NEIGHBOUR in name]
+    assert len(set(rows) - measured) == len(neighbours) >= 2
+    for name in neighbours:
+        source, row = rows[name.split(f" {NEIGHBOUR}")[0]], rows[name]
+        assert {k: row[k] for k in ("rank", "perplexity", "fidelity")} == {k: source[k] for k in ("rank", "perplexity", "fidelity")}
+        key = "scores_flops_fraction" if "QK^T" in name else "attention_flops_fraction"
+        saves_more = float(row[key]) <= float(policy[key])
+        assert saves_more == ("saves more" in name), name
     assert float(rows["full rank"]["fidelity"]) == 1.0 and float(rows["full rank"]["scores_flops_reduction_pct"]) == 0.0
     assert float(rows["uniform r=4"]["scores_flops_reduction_pct"]) > float(rows["uniform r=12"]["scores_flops_reduction_pct"])
     meta = json.loads((run_dir / "eval" / "results.json").read_text())["meta"]
     assert meta["eval_tokens"] == 2 * 128 and meta["model"] == "tiny-random-llama"
 
 
+@pytest.mark.slow
 def test_evaluating_the_sb3_zip_matches_the_export(run_dir: Path, tmp_path: Path) -> None:
     from agents.evaluate import main as evaluate
 
@@ -167,20 +197,25 @@ def test_evaluating_the_sb3_zip_matches_the_export(run_dir: Path, tmp_path: Path
         assert rows[method].scores_flops_fraction == pytest.approx(float(exported[method]["scores_flops_fraction"]))
 
 
+@pytest.mark.slow
 def test_evaluation_perplexity_matches_segmented_perplexity(run_dir: Path) -> None:
-    from agents.evaluate import evaluate_model
     from drrl_gym.backbone import load_backbone
     from drrl_gym.perplexity import segmented_perplexity
     from drrl_gym.export import load_dynamic_rank_model
+    from drrl_gym.training.evaluation import evaluate_model
 
     model = load_dynamic_rank_model(run_dir / "export", "cpu")
     sequences = DRRLAttentionEnv(**TINY_ENV).corpus.eval
     rows = {row.method: row for row in evaluate_model(model, sequences, batch_size=2, progress=False)}
     reference = segmented_perplexity(load_backbone("tiny-random-llama", "cpu"), sequences, 32, progress=False)
     assert rows["full rank"].perplexity == pytest.approx(reference, rel=1e-5)
-    assert rows["learned policy"].latency_ms > 0 and rows["uniform @ policy scores FLOPs"].latency_ms is None
+    assert rows["learned policy"].latency_ms > 0
+    for name, row in rows.items():  # neighbours repeat their measured row, latency included
+        if NEIGHBOUR in name:
+            assert row.latency_ms == rows[name.split(f" {NEIGHBOUR}")[0]].latency_ms
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_step(run_dir: Path) -> None:
     main(["--resume", str(run_dir / "checkpoints" / "ppo_16_steps.zip"), *sets("total_timesteps=48", "export.enabled=false",
                                                                              "evaluate.enabled=false")])
@@ -190,12 +225,14 @@ def test_resume_continues_from_the_checkpoint_step(run_dir: Path) -> None:
     assert steps[0] == 32 and steps[-1] == 48  # the first rollout after step 16 ends at 16 + 2 envs x 8 steps
 
 
+@pytest.mark.slow
 def test_skip_both_stages_still_exports(tmp_path: Path) -> None:
     path = main(["--run-dir", str(tmp_path / "untrained"), "--skip-bc", "--skip-ppo",
                  *sets(*TINY_RUN, "evaluate.enabled=false")])
     assert not (path / "bc_model.zip").exists() and (path / "export" / "policy.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_batched_vector_env_and_reward_normalisation(tmp_path: Path) -> None:
     path = main(["--run-dir", str(tmp_path / "batched"), "--skip-bc", *sets(
         *TINY_RUN, "vec_env=batched", "n_envs=4", "normalize_reward=true", "export.enabled=false", "evaluate.enabled=false")])

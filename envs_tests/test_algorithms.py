@@ -1,7 +1,8 @@
-"""agents/algorithms.py and agents/minimal_ppo.py: short training runs of other RL algorithms on the tiny random
-Llama on CPU (SB3 PPO and A2C with MLP and transformer extractors, MaskablePPO, RecurrentPPO, DQN through
-UniformRankAction, and the single-file PPO). Each run is a few dozen env steps: it checks that training runs and
-gives a valid action, not that it learns. Well under a minute."""
+"""drrl_gym.training.algorithms and agents/minimal_ppo.py: short training runs of other RL algorithms on the tiny
+random Llama on CPU (SB3 PPO and A2C with MLP and transformer extractors, MaskablePPO, RecurrentPPO, DQN through
+UniformRankAction, and the single-file PPO). Each run is a few dozen env steps: it checks that training runs the
+exact number of steps, updates the weights, stays finite and gives a valid action, not that it learns. Well under
+a minute; the runs are marked slow."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from agents.algorithms import UniformRankAction, make_env, make_model, transformer_policy_kwargs
-from agents.extractor import TransformerFeaturesExtractor
 from agents.minimal_ppo import ActorCritic, gae, train
+from drrl_gym.training.algorithms import UniformRankAction, make_env, make_model, transformer_policy_kwargs
+from drrl_gym.training.extractor import TransformerFeaturesExtractor
 
 TINY_ENV = dict(model="tiny-random-llama", rank_choices=(4, 8, 12, 16), seq_len=64, segment_len=16,
                 calibration_sequences=2, eval_sequences=2, device="cpu")
@@ -27,12 +28,17 @@ def env() -> gym.Env:
     return make_env(**TINY_ENV)
 
 
-def assert_trained(model, steps: int) -> None:
-    assert model.num_timesteps >= steps
-    for name, parameter in model.policy.named_parameters():
+def learn_and_check(model, steps: int) -> None:
+    """Train for exactly ``steps`` env steps; the weights must change, stay finite, and the logged losses too."""
+    before = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+    model.learn(total_timesteps=steps)
+    assert model.num_timesteps == steps
+    after = dict(model.policy.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before), "no weight changed"
+    for name, parameter in after.items():
         assert torch.isfinite(parameter).all(), name
     losses = {k: v for k, v in model.logger.name_to_value.items() if k.startswith("train/") and "loss" in k}
-    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
 
 
 def assert_valid_action(env: gym.Env, action: np.ndarray) -> None:
@@ -41,6 +47,7 @@ def assert_valid_action(env: gym.Env, action: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------ SB3 PPO and A2C
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ppo", "a2c"])
 @pytest.mark.parametrize("transformer", [False, True], ids=["mlp", "transformer"])
 def test_sb3_on_policy(env: gym.Env, name: str, transformer: bool) -> None:
@@ -50,44 +57,43 @@ def test_sb3_on_policy(env: gym.Env, name: str, transformer: bool) -> None:
     model = make_model(name, env, transformer=transformer, transformer_kwargs=dict(d_model=16, n_heads=2), **kwargs)
     if transformer:
         assert isinstance(model.policy.features_extractor, TransformerFeaturesExtractor)
-        assert model.policy.features_extractor.token_shape == env.unwrapped.token_shape
-    model.learn(total_timesteps=16)
-    assert_trained(model, 16)
+        assert model.policy.features_extractor.unit_shape == env.unwrapped.unit_shape
+    learn_and_check(model, 16)
     assert "train/value_loss" in model.logger.name_to_value
     observation, _ = env.reset(seed=1)
     action, _ = model.predict(observation, deterministic=True)
     assert_valid_action(env, action)
 
 
+@pytest.mark.slow
 def test_transformer_policy_kwargs_by_hand(env: gym.Env) -> None:
     """The README's form: SB3 used directly, policy_kwargs from the helper (or written out)."""
     from stable_baselines3 import A2C
 
     model = A2C("MlpPolicy", env, n_steps=8, device="cpu", seed=0,
                 policy_kwargs=transformer_policy_kwargs(env, d_model=16, n_heads=2))
-    model.learn(total_timesteps=8)
-    assert_trained(model, 8)
+    learn_and_check(model, 8)
 
 
 # ------------------------------------------------------------------------------------------------ sb3-contrib
+@pytest.mark.slow
 def test_maskable_ppo(env: gym.Env) -> None:
     model = make_model("maskable_ppo", env, n_steps=8, batch_size=8, n_epochs=2, seed=0, policy_kwargs=SMALL_NET)
-    model.learn(total_timesteps=16)
-    assert_trained(model, 16)
+    learn_and_check(model, 16)
     observation, _ = env.reset(seed=1)
     mask = env.unwrapped.action_masks()
     action, _ = model.predict(observation, action_masks=mask, deterministic=True)
-    n_tokens, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
-    assert mask.reshape(n_tokens, n_choices)[np.arange(n_tokens), action].all()
+    n_units, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
+    assert mask.reshape(n_units, n_choices)[np.arange(n_units), action].all()
     assert_valid_action(env, action)
 
 
+@pytest.mark.slow
 def test_recurrent_ppo(env: gym.Env) -> None:
     model = make_model("recurrent_ppo", env, n_steps=8, batch_size=8, n_epochs=2, seed=0,
                        policy_kwargs=dict(lstm_hidden_size=16, net_arch=[16]))
     assert type(model.policy).__name__ == "RecurrentActorCriticPolicy"
-    model.learn(total_timesteps=16)
-    assert_trained(model, 16)
+    learn_and_check(model, 16)
     observation, _ = env.reset(seed=1)
     state, start = None, np.ones((1,), dtype=bool)
     for _ in range(2):  # the LSTM state carries over between steps
@@ -101,10 +107,10 @@ def test_recurrent_ppo(env: gym.Env) -> None:
 # ---------------------------------------------------------------------------------------- DQN via the wrapper
 def test_uniform_rank_action_wrapper(env: gym.Env) -> None:
     wrapped = UniformRankAction(env)
-    n_tokens, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
+    n_units, n_choices = len(env.action_space.nvec), int(env.action_space.nvec[0])
     assert wrapped.action_space == spaces.Discrete(n_choices)
     assert wrapped.observation_space == env.observation_space
-    assert np.array_equal(wrapped.action(2), np.full(n_tokens, 2))
+    assert np.array_equal(wrapped.action(2), np.full(n_units, 2))
     wrapped.reset(seed=0)
     mask = wrapped.action_masks()
     assert mask.shape == (n_choices,) and mask.any()
@@ -115,12 +121,12 @@ def test_uniform_rank_action_wrapper(env: gym.Env) -> None:
         UniformRankAction(gym.make("CartPole-v1"))
 
 
+@pytest.mark.slow
 def test_dqn_through_uniform_rank_action(env: gym.Env) -> None:
     model = make_model("dqn", env, learning_starts=8, train_freq=4, batch_size=8, buffer_size=256,
                        target_update_interval=16, seed=0, policy_kwargs=SMALL_NET)
     assert model.action_space == spaces.Discrete(4)  # make_model wrapped the env in UniformRankAction
-    model.learn(total_timesteps=24)
-    assert_trained(model, 24)
+    learn_and_check(model, 24)
     assert model._n_updates > 0
     observation, _ = env.reset(seed=1)
     action, _ = model.predict(observation, deterministic=True)
@@ -141,12 +147,13 @@ def test_gae_matches_hand_computation() -> None:
 
 
 def test_minimal_ppo_masks_respected() -> None:
-    policy = ActorCritic(6, n_tokens=2, n_choices=3)
+    policy = ActorCritic(6, n_units=2, n_choices=3)
     mask = np.array([False, True, False, True, False, False])
     for _ in range(5):
         assert np.array_equal(policy.act(np.random.rand(6), mask), [1, 0])
 
 
+@pytest.mark.slow
 def test_minimal_ppo_trains(env: gym.Env) -> None:
     result = train(env=env, total_steps=32, seed=0, n_steps=16, n_epochs=2, batch_size=8)
     assert result["num_timesteps"] == 32 and result["updates"] == 2
@@ -162,6 +169,7 @@ def test_minimal_ppo_trains(env: gym.Env) -> None:
     assert_valid_action(env, action)
 
 
+@pytest.mark.slow
 def test_minimal_ppo_from_env_kwargs_without_masks() -> None:
     result = train(TINY_ENV, total_steps=8, seed=1, n_steps=8, n_epochs=1, batch_size=8, use_masks=False)
     assert result["num_timesteps"] == 8 and not result["used_masks"]

@@ -38,14 +38,15 @@ from hypothesis import strategies as st
 from sb3_contrib import MaskablePPO
 
 from agents import rollout
-from agents.train_ppo import ConfigError, load_config
 from agents.train_ppo import main as train
+from agents.train_ppo import resolve_config
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.config import DTYPES, EnvConfig
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.episode import RESET_OPTIONS
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
+from drrl_gym.training.config import ConfigError
 from drrl_gym.vector import DRRLAttentionVecEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,6 +399,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with open(log, "w") as output:
@@ -439,11 +441,11 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path: Path
     ("seed=-1", r"seed=-1: must be in \[0, 2\*\*31\)"),
     ("run_dir=5", r"run_dir=5: must be null or a directory path"),
     ("total_timesteps=-5", r"total_timesteps=-5: must be >= 0"),
-    ("env.alpha=-1", r"env: alpha=-1: reward weights must be finite and >= 0.*Fix"),
+    ("env.fidelity_weight=-1", r"env: fidelity_weight=-1: reward weights must be finite and >= 0.*Fix"),
 ])
 def test_train_rejects_bad_values_before_loading_anything(assignment: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [assignment])
+        resolve_config(None, [assignment])
 
 
 def test_train_rejects_bad_files_and_paths(tmp_path: Path) -> None:
@@ -465,6 +467,7 @@ def test_train_rejects_bad_files_and_paths(tmp_path: Path) -> None:
         train(["--run-dir", str(tmp_path / "notes.txt")])
 
 
+@pytest.mark.slow
 def test_train_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     result = subprocess.run(train_command("--resume", str(tmp_path / "missing.zip")), cwd=ROOT, env=ONE_THREAD,
                             capture_output=True, text=True, timeout=120)

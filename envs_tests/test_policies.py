@@ -5,9 +5,7 @@ benchmark's argument checks. Tiny random Llama on CPU, well under a minute in al
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -502,9 +500,6 @@ def test_exported_policy_loads_without_its_model_for_the_pareto_benchmark(env, b
 
 # ------------------------------------------------------------------------------------------ benchmark arguments
 def test_pareto_parse_args_rejects_bad_arguments(tmp_path) -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
     from benchmarks.pareto import parse_args
 
     out = ["--out", str(tmp_path / "out")]

@@ -6,15 +6,15 @@ takes about a minute on 2 cores (two Ray start-ups)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from agents.train_ppo import ConfigError
-from agents.train_rllib import Settings, env_kwargs_from, main, parse_args, resolve_run
+from agents.train_rllib import env_kwargs_from, main, parse_args, resolve_run
+from drrl_gym.training.config import ConfigError, RLlibConfig
 
 TINY_ENV = ["model=tiny-random-llama", "rank_choices=[4, 8, 12, 16]", "seq_len=64", "segment_len=16",
             "calibration_sequences=2", "eval_sequences=2", "device=cpu"]
@@ -35,17 +35,39 @@ def test_env_kwargs_pairs_and_files_apply_in_order(tmp_path: Path) -> None:
     assert kwargs == {"seq_len": 128, "beta": 1e-3, "rank_choices": [4, 8, 12, 16], "epsilon_start": math.inf}
 
 
-def test_settings_defaults_and_config_json(tmp_path: Path) -> None:
-    settings, run_dir = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), "--env-kwargs", *TINY_ENV]))
-    assert run_dir == tmp_path / "run" and settings.iterations == Settings.iterations
-    saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["env_kwargs"]["rank_choices"] == [4, 8, 12, 16] and saved["hidden"] == list(Settings.hidden)
+def test_settings_defaults_and_config_yaml(tmp_path: Path) -> None:
+    config, run_dir = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), "--env-kwargs", *TINY_ENV]))
+    assert run_dir == tmp_path / "run" and config.rllib.iterations == RLlibConfig.iterations
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["env"]["rank_choices"] == [4, 8, 12, 16] and saved["rllib"]["hidden"] == RLlibConfig().hidden
+
+
+def test_options_override_config_and_set(tmp_path: Path) -> None:
+    (tmp_path / "rllib.yaml").write_text("rllib:\n  lr: 1e-3\n  iterations: 4\n")
+    argv = ["--config", str(tmp_path / "rllib.yaml"), "--set", "rllib.iterations=6", "--set", "rllib.num_epochs=3",
+            "--num-epochs", "2", "--run-dir", str(tmp_path / "run"), "--env-kwargs", *TINY_ENV]
+    config, _ = resolve_run(parse_args(argv))
+    assert (config.rllib.lr, config.rllib.iterations, config.rllib.num_epochs) == (1e-3, 6, 2)
+
+
+def test_resume_keeps_the_learning_problem_and_lets_resources_change(tmp_path: Path) -> None:
+    _, run_dir = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), "--lr", "1e-3", "--env-kwargs", *TINY_ENV]))
+    checkpoint = run_dir / "checkpoints" / "iter_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "rllib_checkpoint.json").write_text("{}")  # all resolve_run looks for
+    config, same_dir = resolve_run(parse_args(["--resume", str(checkpoint), "--iterations", "20", "--num-env-runners", "2"]))
+    assert same_dir == run_dir.resolve() and config.rllib.lr == 1e-3 and config.env["seq_len"] == 64
+    assert (config.rllib.iterations, config.rllib.num_env_runners) == (20, 2)
+    for argv in (["--lr", "1e-2"], ["--set", "env.cost_weight=0.5"], ["--hidden", "8"]):
+        with pytest.raises(ConfigError, match="define the run's learning problem.*Fix"):
+            resolve_run(parse_args(["--resume", str(checkpoint), *argv]))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--env-kwargs", "sequ_len=64"], "did you mean 'seq_len'"),
     (["--env-kwargs", "seq_len=65", "segment_len=16"], "not a multiple of segment_len"),
     (["--env-kwargs", "device=gpu"], "not a device"),
+    (["--set", "rllib.lrr=0.1"], "did you mean 'rllib.lr'"),
     (["--env-kwargs", "no_such_file.yaml"], "neither KEY=VALUE nor an existing"),
     (["--minibatch-size", "64", "--train-batch-size", "32"], "minibatch size <= the train batch size"),
     (["--num-learners", "3", "--train-batch-size", "32", "--minibatch-size", "8"], "does not split over 3 learners"),
@@ -69,12 +91,13 @@ def test_out_of_range_options_stop_the_parser(argv: list[str], capsys: pytest.Ca
 
 
 # ------------------------------------------------------------------------------------------------ Ray, CPU
+@pytest.mark.slow
 def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     torch = pytest.importorskip("torch")
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    from agents.algorithms import make_env
+    from drrl_gym.training.algorithms import make_env
 
     run_dir = main([*SMALL_RUN, "--iterations", "2", "--seed", "0", "--run-dir", str(tmp_path / "run"),
                     "--env-kwargs", *TINY_ENV])

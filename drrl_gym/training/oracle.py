@@ -29,14 +29,14 @@ from drrl_gym.env import DRRLAttentionEnv
 
 
 def oracle_action(env: DRRLAttentionEnv, fidelity_target: float) -> np.ndarray:
-    """(n_tokens,) choice indices for the env's current segment: smallest choice reaching the target, masked."""
+    """(n_units,) choice indices for the env's current segment: smallest choice reaching the target, masked."""
     n_choices = len(env.rank_choices)
-    candidates = np.repeat(np.arange(n_choices)[:, None], env.n_tokens, axis=1)  # candidate k: every token at k
-    cosine = env.probe_layer_fidelity(candidates)  # (n_choices, n_tokens)
+    candidates = np.repeat(np.arange(n_choices)[:, None], env.n_units, axis=1)  # candidate k: every token at k
+    cosine = env.probe_layer_fidelity(candidates)  # (n_choices, n_units)
     reaches = cosine >= fidelity_target
     requested = np.where(reaches.any(axis=0), reaches.argmax(axis=0), n_choices - 1)  # argmax: first True
-    allowed = env.action_masks().reshape(1, env.n_tokens, n_choices)
-    chosen, _ = env.controller.project(requested[None], allowed)
+    allowed = env.action_masks().reshape(1, env.n_units, n_choices)
+    chosen, _ = env.decisions.project(requested[None], allowed)
     return chosen[0]
 
 
@@ -45,8 +45,8 @@ class Demonstrations:
     """Oracle transitions, one row per env step."""
 
     observations: np.ndarray  # (N, *observation_space.shape) float32, as the env returned them
-    actions: np.ndarray  # (N, n_tokens) int64
-    masks: np.ndarray  # (N, n_tokens * n_choices) bool, the action masks the oracle acted under
+    actions: np.ndarray  # (N, n_units) int64
+    masks: np.ndarray  # (N, n_units * n_choices) bool, the action masks the oracle acted under
     returns: np.ndarray  # (N,) discounted reward-to-go within the episode (value targets)
     rewards: np.ndarray  # (N,)
     fidelity: np.ndarray  # (N,)
@@ -97,7 +97,7 @@ def behaviour_clone(model: PPO | MaskablePPO, demos: Demonstrations, epochs: int
     """Fit ``model.policy`` to the demonstrations; returns the last epoch's loss and action accuracy.
 
     A fresh Adam optimiser is used so that PPO's own optimiser state starts clean. The loss is the cross-entropy
-    per sub-action (the MultiDiscrete log-likelihood divided by n_tokens) plus ``value_coef`` times the value MSE.
+    per sub-action (the MultiDiscrete log-likelihood divided by n_units) plus ``value_coef`` times the value MSE.
     """
     policy, maskable = model.policy, isinstance(model, MaskablePPO)
     device = policy.device
@@ -105,7 +105,7 @@ def behaviour_clone(model: PPO | MaskablePPO, demos: Demonstrations, epochs: int
     actions = torch.as_tensor(demos.actions, device=device)
     masks = torch.as_tensor(demos.masks, device=device)
     returns = torch.as_tensor(demos.returns, device=device)
-    n_tokens = actions.shape[1]
+    n_units = actions.shape[1]
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, float] = {}
@@ -116,7 +116,7 @@ def behaviour_clone(model: PPO | MaskablePPO, demos: Demonstrations, epochs: int
             index = index.to(device)
             extra = {"action_masks": masks[index]} if maskable else {}
             values, log_prob, _ = policy.evaluate_actions(observations[index], actions[index], **extra)
-            cross_entropy = -log_prob.mean() / n_tokens
+            cross_entropy = -log_prob.mean() / n_units
             value_loss = F.mse_loss(values.flatten(), returns[index])
             loss = cross_entropy + value_coef * value_loss
             optimizer.zero_grad()

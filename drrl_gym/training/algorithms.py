@@ -1,8 +1,8 @@
 """Helpers for plugging other RL algorithms into DRRL-Attention-v0 (SB3, sb3-contrib, or a custom loop).
 
-The env speaks plain Gymnasium: a flat ``Box`` observation (view it as ``obs.reshape(env.unwrapped.token_shape)``),
-a ``MultiDiscrete([len(rank_choices)] * n_tokens)`` action and, optionally, ``env.unwrapped.action_masks()`` (flat
-bool, n_tokens blocks of len(rank_choices)). Algorithms that accept ``MultiDiscrete`` (PPO, A2C, MaskablePPO,
+The env speaks plain Gymnasium: a flat ``Box`` observation (view it as ``obs.reshape(env.unwrapped.unit_shape)``),
+a ``MultiDiscrete([len(rank_choices)] * n_units)`` action and, optionally, ``env.unwrapped.action_masks()`` (flat
+bool, n_units blocks of len(rank_choices)). Algorithms that accept ``MultiDiscrete`` (PPO, A2C, MaskablePPO,
 RecurrentPPO) need nothing from this module but, optionally, :func:`transformer_policy_kwargs`. Algorithms that need
 a ``Discrete`` action space (DQN, QR-DQN, ...) go through :class:`UniformRankAction`.
 
@@ -33,15 +33,15 @@ def make_env(**env_kwargs: Any) -> gym.Env:
 
 def transformer_policy_kwargs(env: gym.Env, d_model: int = 32, n_heads: int = 4, n_layers: int = 1,
                               **extra: Any) -> dict[str, Any]:
-    """``policy_kwargs`` that put :class:`agents.extractor.TransformerFeaturesExtractor` in any SB3 actor-critic.
+    """``policy_kwargs`` that put :class:`drrl_gym.training.extractor.TransformerFeaturesExtractor` in any SB3 actor-critic.
 
-    The extractor needs ``token_shape`` (the env's observation is flat); it is read from ``env.unwrapped`` (works
+    The extractor needs ``unit_shape`` (the env's observation is flat); it is read from ``env.unwrapped`` (works
     through wrappers, including :class:`UniformRankAction`, which keeps the observation unchanged).
     """
-    from agents.extractor import TransformerFeaturesExtractor
+    from drrl_gym.training.extractor import TransformerFeaturesExtractor
 
     return dict(features_extractor_class=TransformerFeaturesExtractor,
-                features_extractor_kwargs=dict(token_shape=tuple(env.unwrapped.token_shape), d_model=d_model,
+                features_extractor_kwargs=dict(unit_shape=tuple(env.unwrapped.unit_shape), d_model=d_model,
                                                n_heads=n_heads, n_layers=n_layers), **extra)
 
 
@@ -49,7 +49,7 @@ class UniformRankAction(gym.ActionWrapper):
     """``Discrete(len(rank_choices))``: one rank choice applied to *every* token, for value-based algorithms (DQN).
 
     Why this design: DQN (and SB3's other Q-learning algorithms) needs a ``Discrete`` action space, and the joint
-    space ``len(rank_choices) ** n_tokens`` is too large to enumerate beyond a handful of tokens (4 choices, 30
+    space ``len(rank_choices) ** n_units`` is too large to enumerate beyond a handful of tokens (4 choices, 30
     layers: 10^18). The uniform wrapper is the simplest honest reduction.
 
     Limitation (read before comparing numbers): the agent can only pick a *global* rank per step; it cannot give
@@ -66,18 +66,18 @@ class UniformRankAction(gym.ActionWrapper):
         super().__init__(env)
         space = env.action_space
         if not isinstance(space, spaces.MultiDiscrete) or len(set(int(n) for n in space.nvec)) != 1:
-            raise TypeError(f"UniformRankAction needs MultiDiscrete([k] * n_tokens), got {space}")
-        self.n_tokens, self.n_choices = len(space.nvec), int(space.nvec[0])
+            raise TypeError(f"UniformRankAction needs MultiDiscrete([k] * n_units), got {space}")
+        self.n_units, self.n_choices = len(space.nvec), int(space.nvec[0])
         self.action_space = spaces.Discrete(self.n_choices)
 
     def action(self, action: Any) -> np.ndarray:
         index = int(np.asarray(action).reshape(-1)[0])
         if not 0 <= index < self.n_choices:
             raise ValueError(f"action must be in [0, {self.n_choices}), got {index}")
-        return np.full(self.n_tokens, index, dtype=np.int64)
+        return np.full(self.n_units, index, dtype=np.int64)
 
     def action_masks(self) -> np.ndarray:
-        allowed = np.asarray(self.env.unwrapped.action_masks(), dtype=bool).reshape(self.n_tokens, self.n_choices)
+        allowed = np.asarray(self.env.unwrapped.action_masks(), dtype=bool).reshape(self.n_units, self.n_choices)
         uniform = allowed.all(axis=0)
         return uniform if uniform.any() else np.ones(self.n_choices, dtype=bool)
 
