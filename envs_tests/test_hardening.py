@@ -118,7 +118,7 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
         epsilon = dict(epsilon_start=constant, epsilon_end=constant, epsilon_anneal_steps=0)
     return dict(
         segment_len=draw(st.sampled_from([16, 32])), granularity=draw(st.sampled_from(GRANULARITIES)),
-        fidelity=draw(st.sampled_from(FIDELITY_METRICS)), basis=draw(st.sampled_from(BASIS_MODES)),
+        fidelity=draw(st.sampled_from(tuple(FIDELITY_METRICS))), basis=draw(st.sampled_from(BASIS_MODES)),
         fidelity_weight=draw(weight), cost_weight=draw(weight), perturbation_weight=draw(weight), **epsilon,
     )
 
@@ -231,8 +231,9 @@ def invalid_field(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     cases: dict[str, st.SearchStrategy[Any]] = {
         "model": NOT_A_NAME, "corpus": NOT_A_NAME, "seq_len": count, "segment_len": count,
         "calibration_sequences": count, "eval_sequences": count, "rank_choices": BAD_RANK_CHOICES,
-        "granularity": not_one_of(GRANULARITIES), "fidelity": not_one_of(FIDELITY_METRICS),
-        "basis": not_one_of(BASIS_MODES), "alpha": BAD_WEIGHTS, "beta": BAD_WEIGHTS, "gamma": BAD_WEIGHTS,
+        "granularity": not_one_of(GRANULARITIES), "fidelity": not_one_of(tuple(FIDELITY_METRICS)),
+        "basis": not_one_of(BASIS_MODES), "fidelity_weight": BAD_WEIGHTS, "cost_weight": BAD_WEIGHTS,
+        "perturbation_weight": BAD_WEIGHTS,
         "epsilon_start": threshold, "epsilon_anneal_steps": st.integers(max_value=-1) | NOT_AN_INT,
         "device": BAD_DEVICES, "dtype": not_one_of(tuple(DTYPES)).filter(lambda v: v is not None)  # None: the default
         | st.sampled_from([torch.int8, torch.float64]),
@@ -265,7 +266,7 @@ UNKNOWN_ARGUMENT = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filte
 @FUZZ
 @given(case=invalid_field() | broken_cross_field_rule()
        | st.tuples(UNKNOWN_ARGUMENT, st.integers()).map(lambda kv: (kv[0], {kv[0]: kv[1]})))
-@example(case=("alpha", {"alpha": 10**400}))  # regressions found by this test: OverflowError,
+@example(case=("fidelity_weight", {"fidelity_weight": 10**400}))  # regressions found by this test: OverflowError,
 @example(case=("dtype", {"dtype": []}))  # TypeError (unhashable),
 @example(case=("device", {"device": "meta"}))  # accepted, then failed deep in the first forward,
 @example(case=("epsilon_start", {"epsilon_start": math.inf, "epsilon_end": 0.0, "epsilon_anneal_steps": 2}))  # NaN mask
@@ -293,7 +294,7 @@ def test_valid_arguments_are_normalised_to_plain_python(ints, reals, segments, s
     assert config.n_segments == segments
     for name in ("seq_len", "segment_len", "calibration_sequences", "eval_sequences", "epsilon_anneal_steps"):
         assert type(getattr(config, name)) is int, name
-    for name in ("alpha", "beta", "gamma", "epsilon_start", "epsilon_end"):
+    for name in ("fidelity_weight", "cost_weight", "perturbation_weight", "epsilon_start", "epsilon_end"):
         assert type(getattr(config, name)) is float, name
     assert json.loads(json.dumps(asdict(config)))["seq_len"] == segments * segment_len
 

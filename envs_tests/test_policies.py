@@ -517,17 +517,8 @@ def test_pareto_parse_args_rejects_bad_arguments(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------ Pareto: measured points only
-def _pareto_module():
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import benchmarks.pareto as pareto
-
-    return pareto
-
-
 def test_pareto_compares_learned_policies_with_measured_points_only() -> None:
-    pareto = _pareto_module()
+    import benchmarks.pareto as pareto  # the repository root is on sys.path under `python -m pytest`
 
     def row(family, method, saved, increase):
         return pareto.Result(1024, family, method, None, 25.0, increase, None, saved, 0.0, 1.0, 1 - saved / 100)
@@ -554,7 +545,7 @@ def test_pareto_compares_learned_policies_with_measured_points_only() -> None:
 
 
 def test_pareto_brackets_a_learned_cost_with_greedy_path_steps() -> None:
-    pareto = _pareto_module()
+    import benchmarks.pareto as pareto  # the repository root is on sys.path under `python -m pytest`
     from drrl_gym.allocation import AllocationPath, AllocationStep
 
     ranks = [((8,), (8,)), ((4,), (8,)), ((4,), (4,))]  # fractions 1.0, 0.75, 0.5

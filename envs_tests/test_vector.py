@@ -35,6 +35,9 @@ def assert_info_matches(batched: dict, row: int, single: dict) -> None:
     for key, value in single.items():
         assert batched[f"_{key}"].all(), key
         got = batched[key][row]
+        if key.endswith("_executed"):  # what ran depends on the batch: a layer runs at its rows' largest rank
+            assert got <= single[key.removesuffix("_executed")] + TOLERANCE, key
+            continue
         if np.asarray(value).dtype.kind == "f":
             np.testing.assert_allclose(got, value, rtol=0, atol=TOLERANCE, err_msg=key)
         else:
