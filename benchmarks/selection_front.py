@@ -94,7 +94,8 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def attention_for(backbone: Backbone, basis: torch.Tensor, per_layer: list[Setting], length: int) -> DynamicRankAttention:
+def attention_for(backbone: Backbone, basis: torch.Tensor, per_layer: list[Setting], length: int,
+                  selection: str = "group") -> DynamicRankAttention:
     """A DynamicRankAttention running ``per_layer[l]`` in layer l (one approximation kind per model)."""
     g = backbone.geometry
     kinds = {s.kind for s in per_layer} - {"full"}
@@ -107,7 +108,8 @@ def attention_for(backbone: Backbone, basis: torch.Tensor, per_layer: list[Setti
         attention.set_ranks(1)
         attention.set_keep(1e-9)
         return attention
-    attention = DynamicRankAttention(g, basis, approximation="lowrank_scores" if kind == "lowrank" else "select")
+    attention = DynamicRankAttention(g, basis, approximation="lowrank_scores" if kind == "lowrank" else "select",
+                                     selection=selection)
     ranks = torch.tensor([s.rank if s.kind != "full" else g.head_dim for s in per_layer])
     keeps = torch.tensor([s.keep if s.kind == "select" else 1.0 for s in per_layer], dtype=torch.float64)
     attention.set_ranks(ranks[None, :, None].expand(1, -1, g.num_kv_heads).clone())
@@ -185,9 +187,9 @@ def allocate(sensitivity: np.ndarray, grid: list[Setting], traffic: np.ndarray, 
 
 # ---------------------------------------------------------------------------------------------- measuring
 def measure(backbone: Backbone, basis: torch.Tensor, name: str, per_layer: list[Setting], sequences: torch.Tensor,
-            segment_len: int, batch_size: int, reference: float | None) -> Row:
+            segment_len: int, batch_size: int, reference: float | None, selection: str = "group") -> Row:
     length, d = sequences.shape[1], backbone.geometry.head_dim
-    attention = attention_for(backbone, basis, per_layer, length)
+    attention = attention_for(backbone, basis, per_layer, length, selection)
     start = time.perf_counter()
     with attention.attached(backbone.model):
         perplexity = segmented_perplexity(backbone, sequences, segment_len, batch_size, progress=False)
@@ -245,6 +247,10 @@ def main() -> None:
     parser.add_argument("--calibration-sequences", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--selection", choices=("group", "head"), default="group",
+                        help="one key set per KV head (group) or per query head (head); traffic is charged per group")
+    parser.add_argument("--only", default=None, help="measure only the methods whose name contains this (and full); "
+                        "skips the sensitivity run unless it names 'allocation'")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if any(length % args.segment_len or args.eval_tokens % length for length in args.seq_lens):
@@ -260,8 +266,9 @@ def main() -> None:
     grid = [Setting("select", r, k) for r in ranks for k in KEEPS]
     tuning = load_corpus(backbone.tokenizer, CorpusConfig(args.fit_corpus, seq_len=args.calibration_len,
                                                           calibration_sequences=1, eval_sequences=1))
+    wanted = args.only is None or "allocation" in args.only
     sensitivity = layer_sensitivities(backbone, basis, tuning.train[: args.calibration_sequences].to(device), grid,
-                                      args.segment_len)
+                                      args.segment_len) if wanted else np.zeros((g.num_layers, len(grid)))
 
     meta = {
         "command": " ".join(sys.argv),
@@ -273,7 +280,7 @@ def main() -> None:
         "protocol": {"fit_corpus": args.fit_corpus, "eval_corpus": args.eval_corpus, "eval_tokens": args.eval_tokens,
                      "segment_len": args.segment_len, "warm_up_segment": "none: every segment approximated",
                      "sink_tokens": DEFAULT_SINK_TOKENS, "recent_tokens": DEFAULT_RECENT_TOKENS,
-                     "selection": "group", "sensitivity_len": args.calibration_len,
+                     "selection": args.selection, "sensitivity_len": args.calibration_len,
                      "sensitivity_sequences": args.calibration_sequences},
         "grid": [asdict(s) for s in grid],
         "sensitivity": sensitivity.tolist(),
@@ -293,7 +300,7 @@ def main() -> None:
         methods.update({f"select r={s.rank} keep=1/{round(1 / s.keep)}": [s] * g.num_layers for s in grid})
         methods.update({f"window 1/{round(1 / k)}": [Setting("window", 0, k)] * g.num_layers for k in WINDOWS})
         traffic = np.array([s.traffic(length, g.head_dim) for s in grid])
-        for budget in BUDGETS:
+        for budget in BUDGETS if wanted else ():
             chosen = allocate(sensitivity, grid, traffic, budget)
             if chosen is None:
                 print(f"L={length}: budget {budget} is below the cheapest settings of the grid; skipped", flush=True)
@@ -302,9 +309,12 @@ def main() -> None:
             meta["allocations"][f"L={length} allocation@{budget:g}"] = [asdict(s) for s in chosen]
             print(f"L={length} allocation@{budget:g}: " + " ".join(
                 "F" if s.kind == "full" else f"{s.rank}/{round(1 / s.keep)}" for s in chosen), flush=True)
+        if args.only is not None:
+            methods = {name: chosen for name, chosen in methods.items() if name == "full" or args.only in name}
         reference = None
         for name, per_layer in tqdm(methods.items(), desc=f"L={length}"):
-            row = measure(backbone, basis, name, per_layer, held_out, args.segment_len, args.batch_size, reference)
+            row = measure(backbone, basis, name, per_layer, held_out, args.segment_len, args.batch_size, reference,
+                          args.selection)
             reference = row.perplexity if name == "full" else reference
             rows.append(row)
             print(f"L={length} {name}: ppl {row.perplexity:.3f} ({row.increase_pct:+.2f}%) traffic {row.traffic:.3f} "

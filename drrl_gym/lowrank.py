@@ -119,11 +119,14 @@ class DynamicRankAttention:
         approximation: ``"lowrank_scores"`` (attention on rank-r scores) or ``"select"`` (rank-r scores choose the
             keys, exact attention over them; calibrated basis only). :meth:`set_keep` sets the kept fractions.
         sink_tokens, recent_tokens: keys every query keeps in ``"select"`` mode (the first ones; its last ones).
+        selection: ``"group"`` (one key set per KV head, shared by its query heads: what a decode kernel reads once)
+            or ``"head"`` (one per query head); ``drrl_gym.selection``.
     """
 
     def __init__(self, geometry: AttentionGeometry, basis: torch.Tensor | None = None, mode: str = "calibrated",
                  cache_projected_keys: bool = False, approximation: str = "lowrank_scores",
-                 sink_tokens: int = DEFAULT_SINK_TOKENS, recent_tokens: int = DEFAULT_RECENT_TOKENS):
+                 sink_tokens: int = DEFAULT_SINK_TOKENS, recent_tokens: int = DEFAULT_RECENT_TOKENS,
+                 selection: str = "group"):
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"approximation={approximation!r}: unknown. Fix: choose one of {APPROXIMATIONS}.")
         if approximation == "select" and mode != "calibrated":
@@ -148,6 +151,7 @@ class DynamicRankAttention:
         self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
         self.cache_projected_keys = cache_projected_keys
         self.approximation, self.sink_tokens, self.recent_tokens = approximation, sink_tokens, recent_tokens
+        self.selection = selection
         self.start_sequence()
         self.set_ranks(torch.full((1, geometry.num_layers, geometry.num_kv_heads), d, dtype=torch.long))
         self.set_keep(1.0)
@@ -312,7 +316,7 @@ class DynamicRankAttention:
         keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                                     rotated_keys=rotated)
+                                     selection=self.selection, rotated_keys=rotated)
         return self._keep(layer, out)
 
     def _extend_projected_keys(self, layer: int, key: torch.Tensor) -> torch.Tensor:
