@@ -33,11 +33,11 @@ import transformers
 from transformers import DynamicCache
 
 from drrl_gym.backbone import DEFAULT_MODEL
-from drrl_gym.perplexity import describe_machine
-from drrl_gym.hf_compat import cache_argument
 from drrl_gym.cuda_graphs import capture_cuda_graph
 from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import kv_tensors, point_cache
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
 from drrl_gym.vector import DRRLAttentionVecEnv
 
@@ -158,7 +158,8 @@ def graphs_against_eager(graphed: DRRLAttentionVecEnv, eager: DRRLAttentionVecEn
 def profile(venv: DRRLAttentionVecEnv, path: Path, seed: int) -> None:
     """torch.profiler tables of the batched core: the n-1 steps of one episode (by GPU kernel time and by CPU
     time), and one reset."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     rng, batch = np.random.default_rng(seed), venv.batch
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -46,9 +46,8 @@ from drrl_gym.allocation import AllocationPath, greedy_static_allocation
 from drrl_gym.backbone import DEFAULT_MODEL, load_backbone, resolve_device
 from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
-from drrl_gym.perplexity import describe_machine
 from drrl_gym.export import ControllerSpec, DynamicRankRuntime, load_exported_policy
-from drrl_gym.policy_metrics import Measurement, measure_policies
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.policies import (
     FullRank,
     NERThreshold,
@@ -58,6 +57,7 @@ from drrl_gym.policies import (
     StaticRanks,
     UniformRank,
 )
+from drrl_gym.policy_metrics import Measurement, measure_policies
 
 STATIC_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 NER_TAUS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)

@@ -27,8 +27,8 @@ from drrl_gym.backbone import DEFAULT_MODEL, load_backbone
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
-from drrl_gym.perplexity import describe_machine, segmented_perplexity
 from drrl_gym.lowrank import DynamicRankAttention
+from drrl_gym.perplexity import describe_machine, segmented_perplexity
 
 
 @torch.inference_mode()

@@ -114,7 +114,7 @@ class AllocationPath:
         atomic_write_text(path, json.dumps(payload))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AllocationPath":
+    def load(cls, path: str | os.PathLike) -> AllocationPath:
         """Read a path written by :meth:`save`; anything else raises ``ValueError`` saying what is wrong."""
         try:
             payload = json.loads(Path(path).read_text())

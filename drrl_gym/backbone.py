@@ -45,7 +45,7 @@ class AttentionGeometry:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_config(cls, config) -> "AttentionGeometry":
+    def from_config(cls, config) -> AttentionGeometry:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(

@@ -24,6 +24,7 @@ from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, look
 from drrl_gym.lowrank import validate_rank_choices
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
+
 DEPRECATED_NAMES = {"alpha": "fidelity_weight", "beta": "cost_weight", "gamma": "perturbation_weight"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

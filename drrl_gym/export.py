@@ -101,7 +101,7 @@ class ControllerSpec:
     basis_mode: str
 
     @classmethod
-    def from_env_config(cls, config: EnvConfig) -> "ControllerSpec":
+    def from_env_config(cls, config: EnvConfig) -> ControllerSpec:
         # A deployed policy runs at the end of the epsilon schedule, where training finished.
         epsilon = None if math.isinf(config.epsilon_end) else float(config.epsilon_end)
         return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon, config.basis)

@@ -54,7 +54,7 @@ class AttentionFlops:
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
 
-    def __add__(self, other: "AttentionFlops") -> "AttentionFlops":
+    def __add__(self, other: AttentionFlops) -> AttentionFlops:
         return AttentionFlops(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
 
 

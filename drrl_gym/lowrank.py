@@ -231,7 +231,7 @@ class DynamicRankAttention:
                 del module.drrl_attention
 
     @contextmanager
-    def attached(self, model: PreTrainedModel) -> Iterator["DynamicRankAttention"]:
+    def attached(self, model: PreTrainedModel) -> Iterator[DynamicRankAttention]:
         self.attach(model)
         try:
             yield self

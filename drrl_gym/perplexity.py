@@ -7,8 +7,8 @@ runs them; with ``exact`` bases the basis of each segment is computed from that 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import platform
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

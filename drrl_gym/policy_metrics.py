@@ -26,7 +26,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from drrl_gym.backbone import AttentionGeometry
-from drrl_gym.perplexity import next_token_nll
 from drrl_gym.export import ControllerSpec
 from drrl_gym.flops import AttentionFlops, layer_flops
 from drrl_gym.hf_compat import cache_argument
+from drrl_gym.perplexity import next_token_nll
 from drrl_gym.policies import FullRank, RankPolicy
 
 
@@ -71,7 +71,7 @@ class _Tally:
     ranks: list[np.ndarray] = field(default_factory=list)  # per batch: (n_segments, B, layers, kv_heads)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _flops(geometry: AttentionGeometry, new_tokens: int, keys: int, ranks: tuple[int, ...] | None, statistics: bool,
            basis_mode: str, key_cache: bool) -> AttentionFlops:
     return layer_flops(geometry, new_tokens, keys, None if ranks is None else list(ranks), statistics, basis_mode,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 # Tests never touch the model/dataset hub: everything comes from registry packages or is built in code.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,20 +14,29 @@ import torch  # noqa: E402
 
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone  # noqa: E402
 
-
 # The tiny environment most tests share: 4 segments of 32 tokens on the tiny random Llama (head_dim 16).
 TINY_ENV = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
                 calibration_sequences=2, eval_sequences=2, device="cpu")
+
+
+@contextmanager
+def one_thread():
+    """One torch thread inside: many tiny ops only gain synchronisation from a second thread (milliseconds per op on
+    a busy 2-core machine, against microseconds on one thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's forwards (tiny models never gain from two; the CI's 2 cores are shared).
     Use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

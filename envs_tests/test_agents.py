@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV
 from omegaconf import OmegaConf
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
@@ -22,8 +23,6 @@ from drrl_gym.training.evaluation import NEIGHBOUR
 from drrl_gym.training.extractor import TransformerFeaturesExtractor, policy_network_from_sb3
 from drrl_gym.training.oracle import behaviour_clone, collect_demonstrations, oracle_action
 
-TINY_ENV = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
-                calibration_sequences=2, eval_sequences=2, device="cpu")
 TINY_RUN = [
     "env.model=tiny-random-llama", "env.rank_choices=[4, 8, 12, 16]", "env.seq_len=128", "env.segment_len=32",
     "env.calibration_sequences=2", "env.eval_sequences=2", "env.device=cpu", "ppo.device=cpu", "ppo.n_steps=8",
@@ -200,8 +199,8 @@ def test_evaluating_the_sb3_zip_matches_the_export(run_dir: Path, tmp_path: Path
 @pytest.mark.slow
 def test_evaluation_perplexity_matches_segmented_perplexity(run_dir: Path) -> None:
     from drrl_gym.backbone import load_backbone
-    from drrl_gym.perplexity import segmented_perplexity
     from drrl_gym.export import load_dynamic_rank_model
+    from drrl_gym.perplexity import segmented_perplexity
     from drrl_gym.training.evaluation import evaluate_model
 
     model = load_dynamic_rank_model(run_dir / "export", "cpu")
@@ -209,7 +208,6 @@ def test_evaluation_perplexity_matches_segmented_perplexity(run_dir: Path) -> No
     rows = {row.method: row for row in evaluate_model(model, sequences, batch_size=2, progress=False)}
     reference = segmented_perplexity(load_backbone("tiny-random-llama", "cpu"), sequences, 32, progress=False)
     assert rows["full rank"].perplexity == pytest.approx(reference, rel=1e-5)
-    assert rows["learned policy"].latency_ms > 0
     for name, row in rows.items():  # neighbours repeat their measured row, latency included
         if NEIGHBOUR in name:
             assert row.latency_ms == rows[name.split(f" {NEIGHBOUR}")[0]].latency_ms

@@ -12,14 +12,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV as SHARED_TINY_ENV
 from gymnasium import spaces
 
 from agents.minimal_ppo import ActorCritic, gae, train
 from drrl_gym.training.algorithms import UniformRankAction, make_env, make_model, transformer_policy_kwargs
 from drrl_gym.training.extractor import TransformerFeaturesExtractor
 
-TINY_ENV = dict(model="tiny-random-llama", rank_choices=(4, 8, 12, 16), seq_len=64, segment_len=16,
-                calibration_sequences=2, eval_sequences=2, device="cpu")
+TINY_ENV = dict(SHARED_TINY_ENV, seq_len=64, segment_len=16)  # shorter episodes: these tests train
 SMALL_NET = dict(net_arch=[32, 32])
 
 

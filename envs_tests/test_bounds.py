@@ -12,30 +12,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import one_thread
 
-from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.bounds import attention_change_bound, score_change_norm
-from drrl_gym.hf_compat import cache_argument, output_cache
+from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
+from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.lowrank import DynamicRankAttention
 
 REL_SLACK = 1e-9  # float64 rounding only: the bound is never allowed to be exceeded by more than this
-
-
-@contextmanager
-def one_thread():
-    """Thousands of tiny float64 ops: intra-op threads only add synchronisation (milliseconds per op on a busy
-    2-core machine, against microseconds on one thread)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------------- references

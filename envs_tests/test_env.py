@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV
 from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from transformers import DynamicCache
@@ -22,13 +23,12 @@ import drrl_gym
 from drrl_gym.config import EnvConfig
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.episode import EpisodeBatch
-from drrl_gym.resources import shared_backbone
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import observation_feature_names
+from drrl_gym.resources import shared_backbone
 
-SMALL_DATA = dict(calibration_sequences=2, eval_sequences=2, device="cpu")
-TINY = dict(seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16), **SMALL_DATA)
-SMOLLM2 = dict(model="smollm2-135m", seq_len=256, segment_len=64, **SMALL_DATA)
+SMOLLM2 = dict(model="smollm2-135m", seq_len=256, segment_len=64, calibration_sequences=2, eval_sequences=2,
+               device="cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +45,7 @@ def one_torch_thread():
 
 
 def tiny_env(model: str = "tiny-random-llama", **overrides) -> DRRLAttentionEnv:
-    return DRRLAttentionEnv(**{**TINY, "model": model, **overrides})
+    return DRRLAttentionEnv(**{**TINY_ENV, "model": model, **overrides})
 
 
 def run_episode(env: DRRLAttentionEnv, seed: int) -> list[tuple]:
@@ -77,7 +77,7 @@ def check_both(env: gym.Env) -> None:
 # ------------------------------------------------------------------------------------------- registration
 def test_import_registers_and_make_works() -> None:
     assert drrl_gym.ENV_ID in gym.registry
-    env = gym.make("drrl_gym:DRRL-Attention-v0", model="tiny-random-gpt2", **TINY)
+    env = gym.make("drrl_gym:DRRL-Attention-v0", **{**TINY_ENV, "model": "tiny-random-gpt2"})
     assert isinstance(env.unwrapped, DRRLAttentionEnv)
     env.reset(seed=0)
     env.close()
@@ -87,7 +87,7 @@ def test_make_with_module_prefix_imports_and_registers(monkeypatch: pytest.Monke
     # As in a fresh process: the package not imported and the id not registered (both restored afterwards).
     monkeypatch.delitem(sys.modules, "drrl_gym")
     monkeypatch.delitem(gym.registry, drrl_gym.ENV_ID)
-    env = gym.make("drrl_gym:DRRL-Attention-v0", model="tiny-random-llama", **TINY)
+    env = gym.make("drrl_gym:DRRL-Attention-v0", **TINY_ENV)
     assert drrl_gym.ENV_ID in gym.registry and isinstance(env.unwrapped, DRRLAttentionEnv)
 
 
@@ -98,7 +98,7 @@ def test_make_with_module_prefix_imports_and_registers(monkeypatch: pytest.Monke
 )
 def test_env_checkers_pass_without_warnings_on_tiny_models(model: str, granularity: str) -> None:
     # Through make so that the env has a spec and gymnasium's checker also builds it in every render mode.
-    env = gym.make("DRRL-Attention-v0", model=model, granularity=granularity, **TINY)
+    env = gym.make("DRRL-Attention-v0", **{**TINY_ENV, "model": model, "granularity": granularity})
     check_both(env.unwrapped)
 
 
@@ -165,10 +165,10 @@ def test_envs_sharing_one_model_do_not_interfere() -> None:
 
 def test_explicit_backbone_is_used_and_conflicts_are_errors() -> None:
     backbone = shared_backbone("tiny-random-llama", "cpu")
-    env = DRRLAttentionEnv(backbone=backbone, **{k: v for k, v in TINY.items() if k != "device"})
+    env = DRRLAttentionEnv(backbone=backbone, **{k: v for k, v in TINY_ENV.items() if k not in ("device", "model")})
     assert env.backbone is backbone and env.config.model == "tiny-random-llama"
     with pytest.raises(ValueError, match="model.*conflicts with the passed backbone"):
-        DRRLAttentionEnv(backbone=backbone, model="tiny-random-gpt2", **TINY)
+        DRRLAttentionEnv(backbone=backbone, **{**TINY_ENV, "model": "tiny-random-gpt2"})
 
 
 # -------------------------------------------------------------------------------------------------- mask

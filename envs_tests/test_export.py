@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV as TINY
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from conftest import TINY_ENV as TINY
 from drrl_gym.backbone import load_backbone
 from drrl_gym.calibration import load_or_calibrate_basis
-from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import (
     BASIS_FILE,
@@ -31,8 +30,8 @@ from drrl_gym.export import (
     export_dynamic_rank_model,
     load_dynamic_rank_model,
 )
+from drrl_gym.hf_compat import cache_argument, output_cache
 from drrl_gym.policies import FullRank, UniformRank
-
 
 
 @pytest.fixture(scope="module")

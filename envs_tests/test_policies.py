@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import TINY_ENV as TINY
 from conftest import random_basis
+from transformers import DynamicCache
+
 from drrl_gym.backbone import AttentionGeometry, load_backbone
 from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.env import DRRLAttentionEnv
@@ -29,7 +29,6 @@ from drrl_gym.export import (
 from drrl_gym.flops import causal_pairs, layer_flops
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import DynamicRankAttention
-from drrl_gym.policy_metrics import measure_policies
 from drrl_gym.observation import DecisionSpace
 from drrl_gym.policies import (
     RULE_POLICIES,
@@ -43,6 +42,7 @@ from drrl_gym.policies import (
     act_in_env,
     policy_from_config,
 )
+from drrl_gym.policy_metrics import measure_policies
 from drrl_gym.spectra import stable_rank
 
 GEOMETRY = AttentionGeometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64)
@@ -160,14 +160,18 @@ def test_ner_threshold_takes_the_smallest_rank_where_queries_and_keys_reach_tau(
         for r, value in zip(CHOICES, values):
             observation[0, token, names.index(f"{stem}@{r}")] = value
 
-    # token 0: queries reach 0.9 at 8, keys only at 12 -> 12 (index 2)
-    put(0, "query_ner", [0.5, 0.92, 0.95, 1.0]); put(0, "key_ner", [0.95, 0.85, 0.91, 1.0])
-    # token 1: keys reach at 4, queries at 4 -> 4 (index 0)
-    put(1, "query_ner", [0.9, 0.95, 0.99, 1.0]); put(1, "key_ner", [0.97, 0.98, 0.99, 1.0])
-    # token 2: nothing reaches tau, not even the largest choice -> the largest (index 3)
-    put(2, "query_ner", [0.1, 0.2, 0.3, 0.8]); put(2, "key_ner", [0.9, 0.95, 0.99, 1.0])
-    # token 3: queries reach only at 16 -> index 3; a decoy in a non-NER column that reaches tau is ignored
-    put(3, "query_ner", [0.3, 0.5, 0.89, 0.95]); put(3, "key_ner", [1.0, 1.0, 1.0, 1.0])
+    # unit 0: queries reach 0.9 at 8, keys only at 12 -> 12 (index 2)
+    put(0, "query_ner", [0.5, 0.92, 0.95, 1.0])
+    put(0, "key_ner", [0.95, 0.85, 0.91, 1.0])
+    # unit 1: keys reach at 4, queries at 4 -> 4 (index 0)
+    put(1, "query_ner", [0.9, 0.95, 0.99, 1.0])
+    put(1, "key_ner", [0.97, 0.98, 0.99, 1.0])
+    # unit 2: nothing reaches tau, not even the largest choice -> the largest (index 3)
+    put(2, "query_ner", [0.1, 0.2, 0.3, 0.8])
+    put(2, "key_ner", [0.9, 0.95, 0.99, 1.0])
+    # unit 3: queries reach only at 16 -> index 3; a decoy in a non-NER column that reaches tau is ignored
+    put(3, "query_ner", [0.3, 0.5, 0.89, 0.95])
+    put(3, "key_ner", [1.0, 1.0, 1.0, 1.0])
     put(3, "query_log_tail", [1.0, 1.0, 1.0, 1.0])
     action = NERThreshold(c, 0.9).act(observation, allowed)
     assert action.dtype == np.int64 and action.tolist() == [[2, 0, 3, 3]]

@@ -12,10 +12,10 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import one_thread
 
 from drrl_gym.selection import (
     SelectionFlops,
@@ -33,17 +33,6 @@ from drrl_gym.selection import (
 )
 
 REL_SLACK = 1e-9  # float64 rounding only: the bound may never be exceeded by more than this, relatively
-
-
-@contextmanager
-def one_thread():
-    """Many tiny float64 ops: intra-op threads only add synchronisation on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def orthonormal(kv_heads: int, d: int, generator: torch.Generator) -> torch.Tensor:

@@ -13,9 +13,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV
 from gymnasium.vector import AutoresetMode
 
-from conftest import TINY_ENV
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
 from drrl_gym.vector import DRRLAttentionVecEnv
@@ -205,7 +205,7 @@ def test_cuda_graphs_match_the_eager_forward(fidelity: str) -> None:
     rng = np.random.default_rng(1)
     for env in (graphed, eager):
         env.reset(seed=9)
-    for step in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
+    for _ in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
         assert np.array_equal(graphed.action_masks(), eager.action_masks())
         actions = rng.integers(0, 4, size=(N, graphed.n_units))
         (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)

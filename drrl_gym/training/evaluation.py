@@ -39,10 +39,10 @@ from drrl_gym import EnvConfig
 from drrl_gym.backbone import load_backbone, resolve_device
 from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, CorpusSplits, load_corpus
-from drrl_gym.perplexity import describe_machine
 from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
-from drrl_gym.policy_metrics import measure_policies
+from drrl_gym.perplexity import describe_machine
 from drrl_gym.policies import FullRank, RankPolicy, UniformRank
+from drrl_gym.policy_metrics import measure_policies
 from drrl_gym.training.files import atomic_write, atomic_write_text
 
 FIELDS = ("method", "rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction",
