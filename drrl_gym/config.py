@@ -21,10 +21,15 @@ import torch
 from drrl_gym.backbone import DEFAULT_MODEL, AttentionGeometry, Backbone, resolve_device
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, looks_like_path
-from drrl_gym.lowrank import validate_rank_choices
+from drrl_gym.lowrank import APPROXIMATIONS, validate_rank_choices
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
 
+# The mask's default threshold per attention mode. Low-rank scores: a bound on the RMS per-row change of attention,
+# above the sqrt(2) any row can move, so it limits the scores without certifying attention (docs/accounting.md).
+# Selection: the mean dropped softmax mass per query row, a certificate for the segment it was computed on; 0.25
+# allows some of the default choices and not others on SmolLM2 (docs/selection.md, "The mask in the env").
+DEFAULT_EPSILON = {"lowrank_scores": 4.0, "select": 0.25}
 DEPRECATED_NAMES = {"alpha": "fidelity_weight", "beta": "cost_weight", "gamma": "perturbation_weight"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,9 +84,11 @@ class EnvConfig:
     cost_weight: float = 0.15
     perturbation_weight: float = 0.01
     fidelity: str = "attention_cosine"
-    epsilon_start: float = 4.0
-    epsilon_end: float = 4.0
+    epsilon_start: float | None = None  # None: the attention mode's default (DEFAULT_EPSILON)
+    epsilon_end: float | None = None
     epsilon_anneal_steps: int = 0
+    attention: str = "lowrank_scores"
+    keep_choices: tuple[float, ...] = (0.0625, 0.125, 0.25, 1.0)
     basis: str = "calibrated"
     device: str = "auto"
     dtype: str | None = None
@@ -145,6 +152,19 @@ class EnvConfig:
         object.__setattr__(self, "rank_choices", tuple(int(r) for r in choices))
         if self.granularity not in GRANULARITIES:
             fail("granularity", self.granularity, "unknown granularity", f"choose one of {GRANULARITIES}")
+        if self.attention not in APPROXIMATIONS:
+            fail("attention", self.attention, "unknown attention mode", f"choose one of {APPROXIMATIONS}")
+        keeps = self.keep_choices
+        if isinstance(keeps, (str, bytes)) or not hasattr(keeps, "__iter__"):
+            fail("keep_choices", keeps, "must be a sequence of fractions", "pass e.g. (0.0625, 0.125, 0.25, 1.0)")
+        keeps = tuple(real_number(k) for k in keeps)
+        if not keeps or any(k is None or not 0 < k <= 1 for k in keeps) or any(a >= b for a, b in zip(keeps, keeps[1:])):
+            fail("keep_choices", self.keep_choices, "must be strictly increasing fractions in (0, 1]",
+                 "pass e.g. (0.0625, 0.125, 0.25, 1.0)")
+        if self.attention == "select" and keeps[-1] != 1.0:
+            fail("keep_choices", self.keep_choices, "must end at 1.0 in selection mode (exact attention is the "
+                 "choice the mask always allows)", f"append 1.0: {(*keeps, 1.0)}")
+        object.__setattr__(self, "keep_choices", keeps)
 
     def _check_reward_and_mask(self) -> None:
         for name in ("fidelity_weight", "cost_weight", "perturbation_weight"):
@@ -156,6 +176,8 @@ class EnvConfig:
         if self.fidelity not in tuple(FIDELITY_METRICS):
             fail("fidelity", self.fidelity, "unknown fidelity metric", f"choose one of {tuple(FIDELITY_METRICS)}")
         for name in ("epsilon_start", "epsilon_end"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, DEFAULT_EPSILON.get(self.attention, 4.0))
             value = real_number(getattr(self, name))
             if value is None or value < 0:
                 fail(name, getattr(self, name), "the mask threshold must be >= 0 (math.inf disables the mask)",
@@ -178,6 +200,8 @@ class EnvConfig:
     def _check_runtime(self) -> None:
         if self.basis not in BASIS_MODES:
             fail("basis", self.basis, "unknown basis mode", f"choose one of {BASIS_MODES}")
+        if self.attention == "select" and self.basis != "calibrated":
+            fail("basis", self.basis, "selection mode keeps keys rotated into a fixed basis", "pass basis='calibrated'")
         fix = "pass 'auto', 'cpu' or 'cuda' (on a CUDA machine)"
         try:
             device = resolve_device(self.device)

@@ -32,7 +32,7 @@ from drrl_gym.backbone import AttentionGeometry, Backbone
 from drrl_gym.config import EnvConfig, fail, is_int
 from drrl_gym.corpus import CorpusSplits
 from drrl_gym.cuda_graphs import SegmentGraphs
-from drrl_gym.flops import flops_fractions
+from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import cache_prefix
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
@@ -82,18 +82,21 @@ class EpisodeBatch:
         self.rank_choices = config.rank_choices_for(self.geometry, window)
         self.corpus: CorpusSplits = shared_corpus(self.backbone, config.corpus_config())
         basis = shared_basis(self.backbone, self.corpus) if config.basis == "calibrated" else None
-        self.attention = DynamicRankAttention(self.geometry, basis, config.basis)
+        self.attention = DynamicRankAttention(self.geometry, basis, config.basis, approximation=config.attention)
         self.reward = FidelityMinusCost(FIDELITY_METRICS[config.fidelity], config.fidelity_weight, config.cost_weight,
                                         config.perturbation_weight)
+        self.selection = config.attention == "select"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
-                                       config.n_segments)
+                                       config.n_segments, config.keep_choices if self.selection else None)
         self.n_units, self.feature_names = self.decisions.n_units, self.decisions.feature_names
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
         self.episode: EpisodeState | None = None
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
-        graphs = config.cuda_graphs and self.backbone.device.type == "cuda" and config.basis == "calibrated"
+        # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
+        graphs = (config.cuda_graphs and self.backbone.device.type == "cuda" and config.basis == "calibrated"
+                  and not self.selection)
         self._graphs = SegmentGraphs(self._device_step) if graphs else None
 
     # ---------------------------------------------------------------------------------------------- spaces
@@ -102,7 +105,7 @@ class EpisodeBatch:
         return spaces.Box(0.0, 1.0, (self.n_units * len(self.feature_names),), dtype=np.float32)
 
     def action_space(self) -> spaces.MultiDiscrete:
-        return spaces.MultiDiscrete(np.full(self.n_units, len(self.rank_choices), dtype=np.int64))
+        return spaces.MultiDiscrete(np.full(self.n_units, self.decisions.n_choices, dtype=np.int64))
 
     # ----------------------------------------------------------------------------------------- episode API
     @property
@@ -135,13 +138,14 @@ class EpisodeBatch:
         cache, full = DynamicCache(config=self.backbone.model.config), self.geometry.head_dim
         with torch.inference_mode():
             with record_function("drrl.warmup_forward"):
+                self.attention.set_keep(1.0)
                 _, stats = self._forward(cache, self._segment_tokens(0), full, statistics=True, outputs=False)
             with record_function("drrl.reference_forward"):
                 reference = self._reference_forward(cache, self.reward.needs_attention_outputs)
             if self._graphs is not None:  # the graphs read the warm-up cache and the reference at fixed places
                 self._graphs.pin_cache(cache)
                 reference = _pinned_captured(self._graphs, reference)
-        prev_index = np.full((self.batch_size, self.n_units), len(self.rank_choices) - 1)
+        prev_index = np.full((self.batch_size, self.n_units), self.decisions.n_choices - 1)
         history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
         history[:, :, 0] = full
         observed = self.decisions.observe(stats, prev_index, 1)
@@ -161,6 +165,8 @@ class EpisodeBatch:
         chosen, projected = self.decisions.project(requested, self.allowed())
         perturbation = episode.observed.transition[rows, np.arange(self.n_units), chosen].mean(-1)
         layer_ranks = self.decisions.layer_ranks(chosen)  # (B, layers, kv_heads)
+        layer_keeps = self.decisions.layer_keeps(chosen)
+        self.attention.set_keep(layer_keeps)
         # record_function labels name the parts of a step in torch.profiler tables (benchmarks/env_throughput.py).
         with torch.inference_mode(), record_function("drrl.device_step"):
             fidelity, summary, stats, executed = self._run_device_step(t, layer_ranks)
@@ -168,10 +174,15 @@ class EpisodeBatch:
             episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
         episode.stats = stats
         keys = (t + 1) * length
-        counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
-        ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
+        if self.selection:
+            counted = selection_fractions(self.geometry, layer_ranks.numpy(), layer_keeps.numpy(), length, keys)
+            ran = selection_fractions(self.geometry, layer_ranks.numpy(), layer_keeps.numpy(), length, keys,
+                                      dense_reference=True)
+        else:
+            counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
+            ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
         components = self.reward.components(fidelity.double().cpu().numpy(), counted.scores, perturbation)
-        ranks = self.decisions.choices[chosen]
+        ranks = self.decisions.choice_ranks[chosen]
         episode.rank_history[:, :, t] = ranks
         episode.prev_index, episode.segment = chosen, t + 1
         self.total_steps += 1
@@ -180,6 +191,7 @@ class EpisodeBatch:
             **components,
             "ranks": ranks,
             "rank_fraction": ranks.mean(-1) / self.geometry.head_dim,
+            "keeps": self.decisions.choice_keeps[chosen],
             "flops_saved_scores": counted.saved_scores,
             "flops_saved_attention": counted.saved_attention,
             "flops_saved_scores_executed": ran.saved_scores,
@@ -214,7 +226,7 @@ class EpisodeBatch:
 
     def check_indices(self, values: Any, shape: tuple[int | None, ...], what: str, fix: str) -> np.ndarray:
         """``values`` as int64 choice indices of ``shape`` (None: any positive length), or a ValueError."""
-        n = len(self.rank_choices)
+        n = self.decisions.n_choices
         try:
             array = np.asarray(values)
         except ValueError:  # ragged nesting: numpy's own message would not say what an action must be
@@ -244,7 +256,9 @@ class EpisodeBatch:
                 reference = episode.probe_reference = self._reference_forward(episode.cache, outputs=True)
             cache = copy.deepcopy(episode.cache)
             cache.batch_repeat_interleave(count)
-            ranks = self.decisions.layer_ranks(np.tile(candidates, (self.batch_size, 1)))
+            tiled = np.tile(candidates, (self.batch_size, 1))
+            ranks = self.decisions.layer_ranks(tiled)
+            self.attention.set_keep(self.decisions.layer_keeps(tiled))
             tokens = self._segment_tokens(t).repeat_interleave(count, dim=0)
             agent, _ = self._forward(cache, tokens, ranks, statistics=False, outputs=True)
         reference = reference.tokens((t - 1) * length, t * length).repeat_rows(count)
@@ -307,7 +321,8 @@ class EpisodeBatch:
         attention = self.attention
         if ranks is not None:
             attention.set_ranks(ranks)
-        with attention.attached(self.backbone.model), attention.recording(statistics, outputs) as recorded:
+        grid = self.decisions.selection_grid if statistics else None
+        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None
@@ -318,6 +333,7 @@ class EpisodeBatch:
         ran at full rank and never rewrites."""
         length = self.config.segment_len
         prefix = cache_prefix(cache, length, self.backbone.model.config)
+        self.attention.set_keep(1.0)  # exact: every key kept (and, below, every rank)
         captured, _ = self._forward(prefix, self._tokens[:, length:], self.geometry.head_dim, statistics=False,
                                     outputs=outputs)
         return captured

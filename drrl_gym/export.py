@@ -99,12 +99,21 @@ class ControllerSpec:
     seq_len: int
     epsilon: float | None
     basis_mode: str
+    attention: str = "lowrank_scores"
+    keep_choices: tuple[float, ...] | None = None  # selection mode's kept fractions
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank_choices", tuple(self.rank_choices))
+        if self.keep_choices is not None:
+            object.__setattr__(self, "keep_choices", tuple(self.keep_choices))
 
     @classmethod
     def from_env_config(cls, config: EnvConfig) -> ControllerSpec:
         # A deployed policy runs at the end of the epsilon schedule, where training finished.
         epsilon = None if math.isinf(config.epsilon_end) else float(config.epsilon_end)
-        return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon, config.basis)
+        keeps = tuple(config.keep_choices) if config.attention == "select" else None
+        return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon,
+                   config.basis, config.attention, keeps)
 
     @property
     def n_segments(self) -> int:
@@ -112,7 +121,8 @@ class ControllerSpec:
 
     def controller(self, geometry: AttentionGeometry) -> DecisionSpace:
         """The rank controller this spec describes, for ``geometry`` (build policies with it)."""
-        return DecisionSpace(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments)
+        return DecisionSpace(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments,
+                             self.keep_choices)
 
 
 class DynamicRankRuntime:
@@ -161,7 +171,8 @@ class DynamicRankRuntime:
         self.unmodified = isinstance(policy, FullRank) and not self.recording_statistics
         self._position = self._batch = 0  # a call continuing the old sequence now fails clearly (_sync)
         self.attention = DynamicRankAttention(self.geometry, self.basis, spec.basis_mode,
-                                              cache_projected_keys=spec.basis_mode == "calibrated" and not self.unmodified)
+                                              cache_projected_keys=spec.basis_mode == "calibrated" and not self.unmodified,
+                                              approximation=spec.attention)
         if hasattr(self.model, "drrl"):  # installed: route the model to the new attention object
             self.attention.attach(self.model)
 
@@ -248,7 +259,8 @@ class DynamicRankRuntime:
                 piece["attention_mask"] = mask[:, : start + b]
             needed = b - a if last == 0 else min(b - a, max(0, b - (length - last)))
             outputs_wanted = self._outputs is not None
-            with self.attention.recording(statistics=self.recording_statistics, outputs=outputs_wanted) as recorded:
+            grid = self.controller.selection_grid if self.recording_statistics else None
+            with self.attention.recording(self.recording_statistics, outputs_wanted, grid) as recorded:
                 if needed == 0:  # no logit of this piece is wanted: skip the LM head
                     out = self.model.base_model(**piece)
                 elif "logits_to_keep" in self._signature.parameters:
@@ -281,7 +293,7 @@ class DynamicRankRuntime:
         """Start a new sequence at position 0; otherwise the cache must continue the runtime's sequence."""
         if start == 0:
             self._batch, self._position, self.rank_history = batch, 0, []
-            self._prev_index = np.full((batch, self.controller.n_units), len(self.spec.rank_choices) - 1)
+            self._prev_index = np.full((batch, self.controller.n_units), self.controller.n_choices - 1)
             self._stats: SegmentStats | None = None
             self.policy.reset(batch)
             self.attention.start_sequence()
@@ -297,9 +309,12 @@ class DynamicRankRuntime:
         segment, offset = divmod(position, self.spec.segment_len)
         if offset == 0:
             if segment == 0:
-                self.attention.set_ranks(self.geometry.head_dim)  # warm-up segment at full rank
+                self.attention.set_ranks(self.geometry.head_dim)  # warm-up segment at full rank, every key
+                self.attention.set_keep(1.0)
             else:
-                self.attention.set_ranks(self._decide(segment))
+                chosen = self._decide(segment)
+                self.attention.set_ranks(self.controller.layer_ranks(chosen))
+                self.attention.set_keep(self.controller.layer_keeps(chosen))
             self._stats = None
             ranks = self.attention.ranks
             self.rank_history.append(ranks.expand(self._batch, -1, -1).clone())
@@ -309,11 +324,15 @@ class DynamicRankRuntime:
             self._stats = new
         else:  # query moments add over the segment's pieces; the newest key moment already covers every key
             old = self._stats
+            bound = None
+            if new.selection_bound is not None:  # means over query rows: weight each piece by its rows
+                total = old.num_queries + new.num_queries
+                bound = (old.selection_bound * old.num_queries + new.selection_bound * new.num_queries) / total
             self._stats = SegmentStats(old.query_gram + new.query_gram, new.key_gram, old.num_queries + new.num_queries,
-                                       new.num_keys)
+                                       new.num_keys, bound)
 
-    def _decide(self, segment: int) -> torch.Tensor:
-        """(B, num_layers, num_kv_heads) ranks for ``segment`` from the last segment's statistics."""
+    def _decide(self, segment: int) -> np.ndarray:
+        """(B, n_units) choice indices for ``segment`` from the last segment's statistics."""
         controller = self.controller
         if self.recording_statistics:
             observed = controller.observe(self._stats, self._prev_index, segment)
@@ -322,10 +341,10 @@ class DynamicRankRuntime:
             allowed = controller.allowed(observed.to_full, epsilon)
         else:  # the policy ignores the observation and there is no mask
             observation = np.zeros((self._batch, controller.n_units, len(controller.feature_names)), dtype=np.float32)
-            allowed = np.ones((self._batch, controller.n_units, len(controller.rank_choices)), dtype=bool)
+            allowed = np.ones((self._batch, controller.n_units, controller.n_choices), dtype=bool)
         chosen, _ = controller.project(self.policy.act(observation, allowed), allowed)
         self._prev_index = chosen
-        return self.controller.layer_ranks(chosen)
+        return chosen
 
 
 def build_dynamic_rank_model(backbone: Backbone, policy: RankPolicy | RankPolicyNetwork, basis: torch.Tensor | None,
@@ -432,7 +451,7 @@ def load_exported_policy(path: str | Path) -> ExportedPolicy:
     e.g. to run several exported policies through one model (``benchmarks/pareto.py``)."""
     path = Path(path)
     config = read_export_config(path)
-    spec = ControllerSpec(**{**config["controller"], "rank_choices": tuple(config["controller"]["rank_choices"])})
+    spec = ControllerSpec(**config["controller"])
     source = config["backbone"]
     geometry = AttentionGeometry(**source["geometry"])
     controller, block = spec.controller(geometry), config["policy"]

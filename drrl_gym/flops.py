@@ -31,9 +31,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES
+from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, full_attention_flops, selection_flops
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,30 @@ def flops_fractions(
         scores=scores.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.scores),
         attention=total.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.total),
     )
+
+
+def selection_fractions(geometry: AttentionGeometry, ranks: np.ndarray, keeps: np.ndarray, new_tokens: int,
+                        keys: int, dense_reference: bool = False) -> FlopsFractions:
+    """Fractions for selection attention at ``ranks`` and ``keeps`` (..., num_layers, num_kv_heads), one per row.
+
+    Counted as a deployed kernel executes them (``drrl_gym.selection``, (9)): ``scores`` = scoring, choosing and
+    exact scores over the chosen keys against full attention's QK^T; ``attention`` = every term (rotation, softmax
+    and A V too) against full attention's scores, softmax and A V. A (head_dim, 1.0) setting is full attention
+    itself. ``dense_reference=True`` gives what the reference implementation executes instead: exact attention over
+    every key plus the rank-r scoring, choosing and rotation on top (more than full attention)."""
+    g = geometry
+    rank, keep = np.asarray(ranks), np.asarray(keeps, dtype=np.float64)
+    cost = selection_flops(torch.as_tensor(rank), torch.as_tensor(keep), new_tokens=new_tokens, keys=keys,
+                           head_dim=g.head_dim, group_size=g.group_size, sink_tokens=DEFAULT_SINK_TOKENS,
+                           recent_tokens=DEFAULT_RECENT_TOKENS)
+    full = full_attention_flops(new_tokens=new_tokens, keys=keys, head_dim=g.head_dim, group_size=g.group_size)
+    exact = (rank == g.head_dim) & (keep == 1.0)
+    overhead = (cost.scoring + cost.choosing).double().numpy()
+    if dense_reference:
+        scores = np.where(exact, float(full.scores), float(full.scores) + overhead)
+        total = np.where(exact, float(full.total), float(full.total) + overhead + cost.rotation.double().numpy())
+    else:
+        scores = np.where(exact, float(full.scores), overhead + cost.scores.double().numpy())
+        total = np.where(exact, float(full.total), cost.total.double().numpy())
+    return FlopsFractions(scores=scores.mean((-2, -1)) / float(full.scores),
+                          attention=total.mean((-2, -1)) / float(full.total))

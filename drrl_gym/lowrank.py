@@ -33,7 +33,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES, exact_basis
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, selection_attention
+from drrl_gym.selection import (
+    DEFAULT_RECENT_TOKENS,
+    DEFAULT_SINK_TOKENS,
+    dropped_mass_bound_table,
+    selection_attention,
+)
 
 ATTENTION_NAME = "drrl_dynamic_rank"
 APPROXIMATIONS = ("lowrank_scores", "select")
@@ -64,6 +69,9 @@ class SegmentStats:
     key_gram: torch.Tensor  # (B, num_layers, num_kv_heads, d, d), float32
     num_queries: int  # T: new tokens per sequence in the segment
     num_keys: int  # L: keys visible to the last query
+    # Selection mode: mean over each KV group's query rows of the dropped-mass bound for every candidate setting,
+    # (B, num_layers, num_kv_heads, n_ranks, n_keeps) float64 (drrl_gym.selection.dropped_mass_bound_table)
+    selection_bound: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,15 +88,18 @@ class Recording:
     query_gram: list[torch.Tensor | None]
     key_gram: list[torch.Tensor | None]
     attention_outputs: list[torch.Tensor | None]
+    selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # candidate (ranks, keeps) to bound
+    selection_bound: list[torch.Tensor | None] | None = None
     num_queries: int = 0
     num_keys: int = 0
 
     def stats(self) -> SegmentStats:
-        """The second moments of the last forward pass as one :class:`SegmentStats`."""
+        """The second moments (and, in selection mode, the candidates' bounds) of the last forward pass."""
         if not self.statistics or any(g is None for g in self.query_gram):
             raise RuntimeError("no statistics recorded. Fix: run a forward inside recording(statistics=True).")
+        bound = None if self.selection_bound is None else torch.stack(self.selection_bound, 1)
         return SegmentStats(torch.stack(self.query_gram, 1), torch.stack(self.key_gram, 1), self.num_queries,
-                            self.num_keys)
+                            self.num_keys, bound)
 
 
 def _dispatch(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
@@ -245,16 +256,22 @@ class DynamicRankAttention:
         self._running_key_gram: list[torch.Tensor | None] = [None] * self.geometry.num_layers  # (B, kv_heads, d, d)
 
     @contextmanager
-    def recording(self, statistics: bool = False, outputs: bool = False) -> Iterator[Recording]:
+    def recording(self, statistics: bool = False, outputs: bool = False,
+                  selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> Iterator[Recording]:
         """Record, in the forward passes run inside the context, the statistics and/or attention outputs.
 
         ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
-        statistics makes even full rank take the projection path (the Grams are taken in the basis).
+        statistics makes even full rank take the projection path (the Grams are taken in the basis). In selection
+        mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting.
         """
         if self._recording is not None:
             raise RuntimeError("this DynamicRankAttention is already recording. Fix: finish the outer recording first.")
+        if selection_grid is not None and (self.approximation != "select" or not statistics):
+            raise ValueError("selection_grid needs approximation='select' and statistics=True.")
         layers = self.geometry.num_layers
-        self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers)
+        bounds = None if selection_grid is None else [None] * layers
+        self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers,
+                                    selection_grid, bounds)
         try:
             yield self._recording
         finally:
@@ -270,7 +287,7 @@ class DynamicRankAttention:
         recording = self._recording
         statistics = recording is not None and recording.statistics
         cached_keys = self._extend_projected_keys(layer, key) if self.cache_projected_keys else None
-        if self.approximation == "select" and not self._layer_keeps_all[layer]:
+        if self.approximation == "select" and (statistics or not self._layer_keeps_all[layer]):
             return self._select(layer, query, key, value, scaling, statistics, cached_keys), None
         if r_max == d and uniform and not statistics:
             # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
@@ -308,10 +325,17 @@ class DynamicRankAttention:
         basis = self._basis_like(query)[layer]
         rotated = key @ basis if cached_keys is None else cached_keys  # K~ = K P: one cache serves both uses
         if statistics:
-            grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d)
+            recording = self._recording
+            grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d) @ basis
             key_gram = _gram(rotated) if cached_keys is None else self._running_key_gram[layer]
-            self._recording.query_gram[layer], self._recording.key_gram[layer] = _gram(grouped @ basis), key_gram
-            self._recording.num_queries, self._recording.num_keys = n_queries, key.shape[2]
+            recording.query_gram[layer], recording.key_gram[layer] = _gram(grouped), key_gram
+            recording.num_queries, recording.num_keys = n_queries, key.shape[2]
+            if recording.selection_grid is not None:
+                rotated_query = grouped.reshape(batch, heads, n_queries, d)  # heads j*G..j*G+G-1: KV head j
+                ranks, keeps = recording.selection_grid
+                recording.selection_bound[layer], _ = dropped_mass_bound_table(
+                    rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
+                    recent_tokens=self.recent_tokens, selection=self.selection)
         ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
         keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,

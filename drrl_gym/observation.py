@@ -63,17 +63,34 @@ _Array = TypeVar("_Array", np.ndarray, torch.Tensor)
 class StatsSummary:
     """What the observation needs from one segment's statistics, reduced on their device (see summarize)."""
 
-    columns: torch.Tensor  # (B, n_units, 4 + 5 * n_choices) float32: the features before transition_bound@r
-    bound: torch.Tensor  # (B, n_units, m, m) float64 normalised bounds between the choices (and full rank, last)
+    columns: torch.Tensor  # (B, n_units, 4 + 5 * n_ranks) float32: the features before transition_bound@r
+    bound: torch.Tensor  # (B, n_units, m, m) float64 normalised bounds between the ranks (and full rank, last)
+    selection: torch.Tensor | None = None  # selection mode: (B, n_units, n_choices) dropped-mass bound per setting
 
 
-def observation_feature_names(rank_choices: tuple[int, ...]) -> tuple[str, ...]:
-    """Column names of the observation for these rank choices: 8 + 6 * len(rank_choices) features."""
+def observation_feature_names(rank_choices: tuple[int, ...],
+                              settings: tuple[tuple[int, float], ...] | None = None) -> tuple[str, ...]:
+    """Column names of the observation for these rank choices: 8 + 6 * len(rank_choices) features, plus in
+    selection mode (``settings``: the (rank, keep) choices) one ``dropped_mass_bound@r/keep`` per choice and
+    ``prev_keep``."""
     names: list[str] = []
     for feature in OBSERVATION_FEATURES:
         stem, per_choice, _ = feature.partition("@")
         names.extend(f"{stem}@{r}" for r in rank_choices) if per_choice else names.append(feature)
+    if settings is not None:
+        names.extend(f"dropped_mass_bound@{r}/{keep:g}" for r, keep in settings)
+        names.append("prev_keep")
     return tuple(names)
+
+
+def selection_settings(rank_choices: tuple[int, ...], keep_choices: tuple[float, ...],
+                       head_dim: int) -> tuple[tuple[int, float], ...]:
+    """Every (rank, keep < 1) pair, then (largest rank, 1.0), by decode traffic r / (2d) + keep (ties: the smaller
+    rank first). Keeping every key is exact attention whatever the rank, so keep 1 appears once, last: the choice
+    the mask always allows."""
+    pairs = [(r, k) for r in rank_choices for k in keep_choices if k < 1]
+    ordered = sorted(pairs, key=lambda s: (s[0] / (2 * head_dim) + s[1], s[0]))
+    return (*ordered, (rank_choices[-1], 1.0))
 
 
 class Observed(NamedTuple):
@@ -88,12 +105,15 @@ class DecisionSpace:
     """Observation, mask, projection and rank layout for one model geometry and rank-choice set.
 
     Units are layers (``granularity="layer"``: all KV heads of a layer share its rank) or (layer, KV head)
-    pairs, layer-major. Choice indices index ``rank_choices``; the initial previous choice is the largest.
+    pairs, layer-major. With ``keep_choices=None`` (low-rank scores) a choice is a rank of ``rank_choices``; with
+    ``keep_choices`` (selection mode) a choice is a (rank, keep) pair of :func:`selection_settings`, and the bounds
+    the mask and the perturbation term read are each choice's dropped-mass bound. The initial previous choice is
+    the last (the largest).
     """
 
     def __init__(
         self, geometry: AttentionGeometry, rank_choices: tuple[int, ...], granularity: str, segment_len: int,
-        n_segments: int,
+        n_segments: int, keep_choices: tuple[float, ...] | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}: unknown. Fix: choose one of {GRANULARITIES}.")
@@ -103,9 +123,22 @@ class DecisionSpace:
         units_per_layer = 1 if self.per_layer else geometry.num_kv_heads
         self.kv_heads_per_unit = geometry.num_kv_heads // units_per_layer
         self.n_units = geometry.num_layers * units_per_layer
-        self.feature_names = observation_feature_names(self.rank_choices)
-        self.choices = np.asarray(self.rank_choices)
         d = geometry.head_dim
+        self.selection = keep_choices is not None
+        if self.selection:
+            self.settings = selection_settings(self.rank_choices, tuple(keep_choices), d)
+            self.keep_choices = tuple(keep_choices)
+            # where each setting sits in the (rank, keep) grid the attention records bounds on
+            self._grid_index = torch.tensor([self.rank_choices.index(r) * len(self.keep_choices)
+                                             + self.keep_choices.index(k) for r, k in self.settings])
+        else:
+            self.settings = tuple((r, 1.0) for r in self.rank_choices)
+        self.feature_names = observation_feature_names(self.rank_choices, self.settings if self.selection else None)
+        self.n_choices = len(self.settings)
+        self.choice_ranks = np.asarray([r for r, _ in self.settings])
+        self.choice_keeps = np.asarray([k for _, k in self.settings])
+        # projection distance: rank value (low-rank scores) or decode traffic (selection)
+        self.choice_costs = self.choice_ranks / (2 * d) + self.choice_keeps if self.selection else self.choice_ranks
         # Bounds are computed for the choices plus full rank d (the last index) when d is not a choice.
         self._bound_ranks = self.rank_choices if self.rank_choices[-1] == d else (*self.rank_choices, d)
         layer = np.repeat(np.arange(geometry.num_layers), units_per_layer) / max(geometry.num_layers - 1, 1)
@@ -154,22 +187,40 @@ class DecisionSpace:
             _log_scaled(tail_energy(e_key, choices) / n_keys, LOG_ENERGY_SCALE),
             _log_scaled(bound[..., :n, -1], LOG_BOUND_SCALE),
         ]
-        return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound)
+        selection = None
+        if self.selection:
+            if stats.selection_bound is None:
+                raise ValueError("selection mode needs statistics recorded with a selection_grid. Fix: record with "
+                                 "attention.recording(statistics=True, selection_grid=decisions.selection_grid).")
+            grid = stats.selection_bound.flatten(-2)[..., self._grid_index.to(stats.selection_bound.device)]
+            selection = grid.mean(2) if self.per_layer else grid.flatten(1, 2)  # a layer: mean over its rows
+        return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound, selection)
+
+    @property
+    def selection_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """The (ranks, keeps) grid the attention must record bounds on in selection mode; None otherwise."""
+        return (self.rank_choices, self.keep_choices) if self.selection else None
 
     def observe_summary(self, summary: StatsSummary, prev_index: np.ndarray, segment: int) -> Observed:
         """:meth:`observe` from a :meth:`summarize` result: adds what depends on the previous ranks, on the CPU."""
         g, n = self.geometry, len(self.rank_choices)
         summarized, bound = summary.columns.cpu().numpy(), summary.bound.cpu().numpy()
         batch = np.arange(len(bound))[:, None]
-        transition = bound[batch, np.arange(self.n_units), prev_index, :n]  # (B, n_units, n)
-        to_full = bound[..., :n, -1]  # (B, n_units, n): the last bound index is full rank d
+        prev_rank = self.choice_ranks[prev_index]
+        prev_rank_index = np.searchsorted(np.asarray(self.rank_choices), prev_rank)
+        transition = bound[batch, np.arange(self.n_units), prev_rank_index, :n]  # (B, n_units, n_ranks)
+        to_full = bound[..., :n, -1]  # (B, n_units, n_ranks): the last bound index is full rank d
         columns = [
             summarized,
             _log_scaled(transition, LOG_BOUND_SCALE),
-            (self.choices[prev_index] / g.head_dim)[..., None],
+            (prev_rank / g.head_dim)[..., None],
             np.full((*prev_index.shape, 1), segment / self.n_segments),
             np.broadcast_to(self._static, (*prev_index.shape, 2)),
         ]
+        if self.selection:  # the mask and the perturbation term read each choice's dropped-mass bound
+            mass = summary.selection.cpu().numpy()
+            columns += [mass, self.choice_keeps[prev_index][..., None]]
+            transition = to_full = mass
         observation = np.concatenate(columns, axis=-1).astype(np.float32)
         # nan_to_num: zero energies cannot give NaN here, but an observation must never carry one.
         return Observed(np.clip(np.nan_to_num(observation), 0.0, 1.0), transition, to_full)
@@ -187,22 +238,34 @@ class DecisionSpace:
         return allowed
 
     def project(self, requested: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Replace each disallowed choice by the allowed one nearest in rank value, ties to the larger rank.
+        """Replace each disallowed choice by the allowed one nearest in cost (rank value, or decode traffic in
+        selection mode), ties to the larger.
 
         ``requested``: (B, n_units) indices; ``allowed``: (B, n_units, n_choices). Returns the indices applied and
         a (B, n_units) bool array saying which were projected.
         """
-        distance = np.abs(self.choices[requested][..., None] - self.choices).astype(np.float64)
+        costs = self.choice_costs
+        distance = np.abs(costs[requested][..., None] - costs).astype(np.float64)
         distance[~allowed] = np.inf
-        # argmin returns the first minimum; searching the reversed choices makes that the largest rank.
-        nearest = len(self.choices) - 1 - np.argmin(distance[..., ::-1], axis=-1)
+        # argmin returns the first minimum; searching the reversed choices makes that the largest.
+        nearest = self.n_choices - 1 - np.argmin(distance[..., ::-1], axis=-1)
         projected = ~np.take_along_axis(allowed, requested[..., None], axis=-1)[..., 0]
         return np.where(projected, nearest, requested), projected
 
+    @property
+    def choices(self) -> np.ndarray:
+        """The rank of every choice (with the keep, :attr:`choice_keeps`, it is the setting in selection mode)."""
+        return self.choice_ranks
+
     def layer_ranks(self, chosen: np.ndarray) -> torch.Tensor:
         """(B, n_units) choice indices -> (B, num_layers, num_kv_heads) ranks for ``DynamicRankAttention``."""
-        ranks = self.choices[chosen].reshape(len(chosen), self.geometry.num_layers, -1)
+        ranks = self.choice_ranks[chosen].reshape(len(chosen), self.geometry.num_layers, -1)
         return torch.from_numpy(ranks.repeat(self.kv_heads_per_unit, axis=2))
+
+    def layer_keeps(self, chosen: np.ndarray) -> torch.Tensor:
+        """(B, n_units) choice indices -> (B, num_layers, num_kv_heads) kept fractions (1 for low-rank scores)."""
+        keeps = self.choice_keeps[chosen].reshape(len(chosen), self.geometry.num_layers, -1)
+        return torch.from_numpy(keeps.repeat(self.kv_heads_per_unit, axis=2))
 
 
 def _log_scaled(x: _Array, scale: float) -> _Array:

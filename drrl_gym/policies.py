@@ -57,18 +57,27 @@ class RankPolicy(Protocol):
 def act_in_env(policy: RankPolicy, env: Any, observation: np.ndarray) -> np.ndarray:
     """The action of a single ``DRRL-Attention-v0`` env (flat observation, flat mask) from a batch-of-one call."""
     unwrapped = env.unwrapped
-    allowed = unwrapped.action_masks().reshape(1, unwrapped.n_units, len(unwrapped.rank_choices))
+    allowed = unwrapped.action_masks().reshape(1, unwrapped.n_units, unwrapped.decisions.n_choices)
     return policy.act(observation.reshape(1, *unwrapped.unit_shape), allowed)[0]
 
 
 def _choice_index(controller: DecisionSpace, rank: int, what: str) -> int:
+    _require_rank_choices(controller, f"{what}={rank}")
     if rank not in controller.rank_choices:
         raise ValueError(f"{what}={rank} is not one of the rank choices {controller.rank_choices}. "
                          "Fix: pick one of them, or build the controller with rank_choices that include it.")
     return controller.rank_choices.index(rank)
 
 
+def _require_rank_choices(controller: DecisionSpace, what: str) -> None:
+    """Rank rules index choices by rank; in selection mode a choice is a (rank, keep) pair."""
+    if controller.selection:
+        raise ValueError(f"{what}: this rule picks ranks for low-rank scores; in selection mode a choice is a (rank, "
+                         "keep) pair. Fix: use FullRank, RandomRanks or a learned policy there.")
+
+
 def _columns(controller: DecisionSpace, stem: str) -> list[int]:
+    _require_rank_choices(controller, type(controller).__name__)
     """Observation column indices of a per-choice feature (``stem@r`` for every r of the choices)."""
     return [controller.feature_names.index(f"{stem}@{r}") for r in controller.rank_choices]
 
@@ -90,7 +99,7 @@ class FullRank(_Stateless):
     kind = "full_rank"
 
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        return np.full(observation.shape[:2], len(self.controller.rank_choices) - 1, dtype=np.int64)
+        return np.full(observation.shape[:2], self.controller.n_choices - 1, dtype=np.int64)
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -182,6 +191,7 @@ class StableRankPolicy:
 
     def __init__(self, controller: DecisionSpace, safety: float = 1.5, ema: float = 0.8, change_threshold: float = 2.0,
                  max_step: int = 1) -> None:
+        _require_rank_choices(controller, "StableRankPolicy")
         checks = {"safety": (safety, safety > 0), "ema": (ema, 0 <= ema < 1),
                   "change_threshold": (change_threshold, change_threshold >= 0),
                   "max_step": (max_step, isinstance(max_step, (int, np.integer)) and max_step >= 1)}
@@ -331,7 +341,7 @@ class NetworkPolicy:
 
     def __init__(self, controller: DecisionSpace, network: RankPolicyNetwork) -> None:
         arch = network.arch
-        expected = (controller.n_units, len(controller.feature_names), len(controller.rank_choices))
+        expected = (controller.n_units, len(controller.feature_names), controller.n_choices)
         if (arch.n_units, arch.n_features, arch.n_choices) != expected:
             raise ValueError(f"the policy expects (n_units, n_features, n_choices)="
                              f"{(arch.n_units, arch.n_features, arch.n_choices)} but this model and controller give "

@@ -30,7 +30,7 @@ from drrl_gym.env import DRRLAttentionEnv
 
 def oracle_action(env: DRRLAttentionEnv, fidelity_target: float) -> np.ndarray:
     """(n_units,) choice indices for the env's current segment: smallest choice reaching the target, masked."""
-    n_choices = len(env.rank_choices)
+    n_choices = env.decisions.n_choices
     candidates = np.repeat(np.arange(n_choices)[:, None], env.n_units, axis=1)  # candidate k: every token at k
     cosine = env.probe_layer_fidelity(candidates)  # (n_choices, n_units)
     reaches = cosine >= fidelity_target
