@@ -135,7 +135,8 @@ class DynamicRankRuntime:
     (``recording_statistics``); a :class:`~drrl_gym.policies.FullRank` policy without a mask runs the unmodified
     attention (no basis work at all). Otherwise the calibrated basis runs with the projected-key cache
     (``DynamicRankAttention(cache_projected_keys=True)``): each segment projects only its new keys.
-    ``rank_history`` holds the (B, num_layers, num_kv_heads) ranks of every segment of the current sequence.
+    ``rank_history`` holds the (B, num_layers, num_kv_heads) ranks of every segment of the current sequence, and
+    ``keep_history`` the kept fractions (all 1 for low-rank scores).
     ``env_config``, when known, is the environment configuration the policy was trained with (its corpus and
     splits say which text is held out).
     """
@@ -146,6 +147,7 @@ class DynamicRankRuntime:
         self.env_config = env_config
         self.basis = None if basis is None else basis.to(backbone.device)
         self.rank_history: list[torch.Tensor] = []
+        self.keep_history: list[torch.Tensor] = []
         self._position, self._batch = 0, 0
         self._outputs: list[list[torch.Tensor]] | None = None
         self.attention: DynamicRankAttention | None = None
@@ -292,7 +294,7 @@ class DynamicRankRuntime:
     def _sync(self, start: int, batch: int) -> None:
         """Start a new sequence at position 0; otherwise the cache must continue the runtime's sequence."""
         if start == 0:
-            self._batch, self._position, self.rank_history = batch, 0, []
+            self._batch, self._position, self.rank_history, self.keep_history = batch, 0, [], []
             self._prev_index = np.full((batch, self.controller.n_units), self.controller.n_choices - 1)
             self._stats: SegmentStats | None = None
             self.policy.reset(batch)
@@ -318,6 +320,7 @@ class DynamicRankRuntime:
             self._stats = None
             ranks = self.attention.ranks
             self.rank_history.append(ranks.expand(self._batch, -1, -1).clone())
+            self.keep_history.append(self.attention.keep.expand(self._batch, -1, -1).clone())
 
     def _add_statistics(self, new: SegmentStats) -> None:
         if self._stats is None:

@@ -47,7 +47,7 @@ def basis(env: DRRLAttentionEnv) -> torch.Tensor:
 def random_policy(env: DRRLAttentionEnv, seed: int = 0) -> RankPolicyNetwork:
     torch.manual_seed(seed)
     n_units, n_features = env.unit_shape
-    policy = RankPolicyNetwork(PolicyArch(n_units, n_features, len(env.rank_choices), d_model=16, n_heads=2,
+    policy = RankPolicyNetwork(PolicyArch(n_units, n_features, env.decisions.n_choices, d_model=16, n_heads=2,
                                           dim_feedforward=32, pi_layers=(32,)))
     with torch.no_grad():  # larger logits than the default init, so that choices differ between observations
         policy.action.weight.mul_(20)
@@ -158,7 +158,7 @@ def test_model_decides_like_the_environment(env, basis, seed, epsilon) -> None:
     if epsilon is not None:  # a tight mask, so that masking changes what the policy would pick
         env = DRRLAttentionEnv(**{**TINY, "epsilon_start": epsilon, "epsilon_end": epsilon})
     policy = random_policy(env, seed)
-    n_choices = len(env.rank_choices)
+    n_choices = env.decisions.n_choices
     if epsilon is not None:  # push the policy towards the lowest rank, which the tight mask forbids from full rank
         with torch.no_grad():
             policy.action.bias.view(env.n_units, n_choices)[:, 0] += 50
@@ -250,3 +250,32 @@ def test_export_trained_on_a_local_corpus_loads_where_that_corpus_is_missing(env
     model = load_dynamic_rank_model(path, "cpu")  # loading only records the training config: no check of its files
     assert model.drrl.env_config.corpus == str(corpus)
     assert model(torch.zeros((1, 40), dtype=torch.long)).logits.shape[:2] == (1, 40)
+
+
+def test_selection_model_decides_like_the_environment(tmp_path) -> None:
+    """Selection mode end to end: the exported model picks the (rank, keep) settings the env applies, and
+    generate() switches them every segment."""
+    env = DRRLAttentionEnv(**{**TINY, "attention": "select", "keep_choices": (0.25, 0.5, 1.0), "epsilon_start": 0.3,
+                              "epsilon_end": 0.3})
+    basis = env.batch.attention.basis
+    policy = random_policy(env, seed=4)
+    observation, _ = env.reset(options={"sequence_index": 1})
+    applied, terminated = [], False
+    while not terminated:
+        allowed = env.action_masks().reshape(1, env.n_units, env.decisions.n_choices)
+        action = policy.act(observation.reshape(1, *env.unit_shape), allowed)[0]
+        observation, _, terminated, _, info = env.step(action)
+        applied.append((info["ranks"], info["keeps"]))
+    assert len({tuple(k) for _, k in applied}) > 1 or len({tuple(r) for r, _ in applied}) > 1  # settings vary
+    path = export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config)
+    model = load_dynamic_rank_model(path, "cpu")
+    assert model.drrl.spec.attention == "select" and model.drrl.attention.approximation == "select"
+    with torch.no_grad():
+        model(env.corpus.train[1:2])
+    runtime = model.drrl
+    for (ranks, keeps), rank, keep in zip(applied, runtime.rank_history[1:], runtime.keep_history[1:], strict=True):
+        assert np.array_equal(ranks, rank[0, :, 0].numpy()) and np.allclose(keeps, keep[0, :, 0].numpy())
+    with torch.no_grad():
+        model.generate(env.corpus.eval[:1, :8], max_new_tokens=70, do_sample=False)
+    assert len(runtime.rank_history) == 3  # 78 tokens: segments 0, 1 and 2 of 32
+

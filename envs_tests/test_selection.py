@@ -453,3 +453,39 @@ def test_select_mode_in_the_model_reproduces_it_when_every_key_is_kept(tiny_llam
         few.set_keep(0.0)
     with pytest.raises(ValueError, match="needs the calibrated basis"):
         DynamicRankAttention(g, None, mode="exact", approximation="select")
+
+
+# --------------------------------------------------------------------------------------------- in the env
+def test_env_in_selection_mode_masks_by_the_dropped_mass_bound():
+    import numpy as np
+    from conftest import TINY_ENV
+
+    from drrl_gym.env import DRRLAttentionEnv
+    from drrl_gym.flops import selection_fractions
+
+    env = DRRLAttentionEnv(**{**TINY_ENV, "attention": "select", "keep_choices": (0.25, 0.5, 1.0),
+                              "epsilon_start": 0.27, "epsilon_end": 0.27})
+    settings = env.decisions.settings
+    assert settings[-1] == (16, 1.0) and all(keep < 1 for _, keep in settings[:-1])  # keep 1 once: exact attention
+    assert env.action_space.nvec.tolist() == [len(settings)] * env.n_units
+    assert env.observation_space.shape == (env.n_units * len(env.decisions.feature_names),)
+    env.reset(seed=0)
+    bounds = env.full_rank_bounds
+    assert (0 <= bounds).all() and (bounds <= 1).all() and (bounds[:, -1] == 0).all()
+    mask = env.action_masks().reshape(env.n_units, len(settings))
+    expected = bounds <= 0.27
+    expected[:, -1] = True
+    assert np.array_equal(mask, expected) and not mask.all()  # the default-sized threshold binds
+    cheapest = np.zeros(env.n_units, dtype=np.int64)
+    *_, info = env.step(cheapest)
+    assert info["mask_rejections"] == (~mask[:, 0]).sum()  # projected to an allowed setting
+    ranks, keeps = info["ranks"], info["keeps"]
+    layer_ranks = np.repeat(ranks[None, :, None], 2, axis=2)
+    layer_keeps = np.repeat(keeps[None, :, None], 2, axis=2)
+    counted = selection_fractions(env.geometry, layer_ranks, layer_keeps, 32, 64)
+    assert info["flops_cost"] == pytest.approx(counted.scores[0])
+    assert info["flops_saved_scores_executed"] < 0  # the dense reference runs more than full attention
+    env.reset(seed=0)  # exact attention on a fresh trajectory: the reference itself
+    *_, info = env.step(np.full(env.n_units, len(settings) - 1))
+    assert info["fidelity"] == pytest.approx(1.0, abs=1e-5) and info["perturbation"] == 0.0
+    assert info["flops_cost"] == pytest.approx(1.0)
