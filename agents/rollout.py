@@ -2,9 +2,9 @@
 
 Agents: ``random`` samples the action space uniformly, ignoring the safety mask (the env projects masked
 sub-actions and counts them as rejections); ``full`` always takes the largest rank choice (full rank with the
-default choices). Runs offline on the embedded default model:
+default choices; exact attention with ``--attention select``). Runs offline on the embedded default model:
 
-    PYTHONPATH=. python agents/rollout.py --agent both --episodes 2 --seq-len 512 --segment-len 128 --device cpu
+    python agents/rollout.py --agent both --episodes 2 --seq-len 512 --segment-len 128 --device cpu
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank-choices", type=int_list(1), default=None,
                         help="comma-separated, e.g. 4,8,12,16 for the tiny models (default: the env's)")
     parser.add_argument("--fidelity", choices=["attention_cosine", "kl", "hidden_cosine"], default="attention_cosine")
+    parser.add_argument("--attention", choices=["lowrank_scores", "select"], default="lowrank_scores",
+                        help="low-rank scores (a choice is a rank) or selection (a choice is a (rank, keep) pair)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=number_in(int, 0, 2**32), default=0)
     parser.add_argument("--threads", type=number_in(int, 1), default=None,
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     kwargs = dict(model=args.model, corpus=args.corpus, seq_len=args.seq_len, segment_len=args.segment_len,
-                  fidelity=args.fidelity, device=args.device)
+                  fidelity=args.fidelity, device=args.device, attention=args.attention)
     if args.rank_choices is not None:
         kwargs["rank_choices"] = args.rank_choices
     start = time.perf_counter()
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     unwrapped = env.unwrapped
     print(f"env built in {time.perf_counter() - start:.1f} s: {unwrapped.backbone.name} on {unwrapped.backbone.device} "
-          f"({unwrapped.backbone.dtype}), {unwrapped.n_units} tokens x {len(unwrapped.feature_names)} features, "
-          f"rank choices {unwrapped.rank_choices}, {unwrapped.config.n_segments - 1} steps per episode, "
+          f"({unwrapped.backbone.dtype}), {unwrapped.n_units} units x {len(unwrapped.feature_names)} features, "
+          f"{unwrapped.decisions.n_choices} choices ({args.attention}), {unwrapped.config.n_segments - 1} steps per episode, "
           f"{torch.get_num_threads()} torch threads")
     names = list(AGENTS) if args.agent == "both" else [args.agent]
     print_table([roll_out(env, AGENTS[name], args.episodes, args.seed).row(name) for name in names])

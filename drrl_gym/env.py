@@ -21,13 +21,15 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     segment_len`` segments through a KV cache, so segment t attends to all ``(t+1) * segment_len`` tokens so far.
     Segment 0 is a warm-up at full rank. At step t (t = 1 .. n_segments-1) the agent picks, for every decision unit
     (a layer, or a (layer, KV head) pair), the rank r of that attention's scores S_r = (Q P_r)(K P_r)^T / sqrt(d)
-    in an orthonormal basis P (``drrl_gym.lowrank``). Segment t runs at those ranks in the agent's trajectory (its
+    in an orthonormal basis P (``drrl_gym.lowrank``); with ``attention="select"`` it picks a (rank, keep) pair
+    instead: rank-r scores choose ``keep`` of the visible keys, exact attention computes them (docs/selection.md). Segment t runs at those ranks in the agent's trajectory (its
     own KV cache, so truncations compound) and is compared with a full-rank reference trajectory, computed once per
     reset. The model's weights never change. ``gymnasium.make_vec`` gives the same env as N rows of one batched
     forward (``drrl_gym.vector``).
 
     ## Action Space
-    ``MultiDiscrete([len(rank_choices)] * n_units)``: an index into ``rank_choices`` per unit. ``n_units`` is
+    ``MultiDiscrete([n_choices] * n_units)``: an index into ``rank_choices`` per unit (selection mode: into the
+    (rank, keep) pairs of ``env.unwrapped.decisions.settings``). ``n_units`` is
     ``num_layers`` (``granularity="layer"``) or ``num_layers * num_kv_heads`` (``"kv_head"``, layer-major).
     ``action_masks()`` (MaskablePPO's name) allows choice i of a unit iff the normalised bound from full rank
     b(d -> r_i) <= epsilon_t; the largest choice is always allowed. Disallowed sub-actions are projected to the
@@ -71,8 +73,10 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     * seq_len=1024, segment_len=128 (seq_len a multiple of segment_len, >= 2 segments).
     * rank_choices=(16, 32, 48, 64): strictly increasing, within [1, head_dim]; granularity="layer" or "kv_head".
     * fidelity_weight=1.0, cost_weight=0.15, perturbation_weight=0.01, fidelity="attention_cosine".
-    * epsilon_start=epsilon_end=4.0, epsilon_anneal_steps=0: the mask threshold, linear over env steps (counted
-      over the env's lifetime); math.inf turns the mask off.
+    * attention="lowrank_scores" or "select"; keep_choices=(0.0625, 0.125, 0.25, 1.0): the kept fractions of
+      selection mode (a choice is then a (rank, keep) pair; the mask, perturbation and cost are selection's).
+    * epsilon_start=epsilon_end=None (4.0 for low-rank scores, 0.25 for selection), epsilon_anneal_steps=0: the
+      mask threshold, linear over env steps (counted over the env's lifetime); math.inf turns the mask off.
     * basis="calibrated" (fixed, cached on disk) or "exact" (per-segment eigenbasis, for comparison).
     * device="auto", dtype=None (bf16 on CUDA, fp32 on CPU); cuda_graphs=True (replay each segment's step as a
       CUDA graph on a GPU; same results up to rounding).
