@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--segment-len", type=int, default=128)
     parser.add_argument("--rank-choices", type=int, nargs="+", default=None)
+    parser.add_argument("--attention", choices=["lowrank_scores", "select"], default="lowrank_scores")
     parser.add_argument("--episodes", type=int, default=5, help="timed episodes of the batched env (after warm-up)")
     parser.add_argument("--dummy-envs", type=int, default=16, help="single envs under DummyVecEnv (per-env cost is "
                         "linear in their number, so a few stand for N)")
@@ -225,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
 
     kwargs: dict[str, Any] = dict(model=args.model, seq_len=args.seq_len, segment_len=args.segment_len,
-                                  device=args.device, dtype=args.dtype)
+                                  device=args.device, dtype=args.dtype, attention=args.attention)
     if args.rank_choices:
         kwargs["rank_choices"] = tuple(args.rank_choices)
     n, n_steps = args.num_envs, args.seq_len // args.segment_len - 1
@@ -249,7 +250,7 @@ def main() -> None:
             if round_:  # round 0 warms up
                 times[name] += steps
                 times[f"{name}_reset"].append(reset)
-        tokens = venv.corpus.train[torch.from_numpy(venv.batch.sequence_index)].to(backbone.device)
+        tokens = venv.corpus.train[torch.from_numpy(venv.batch.episode.sequence_index)].to(backbone.device)
         for name, lm_head in (("model", True), ("base_model", False)):
             segments = plain_forward(model, tokens, args.segment_len, lm_head)
             if round_:
@@ -283,7 +284,8 @@ def main() -> None:
     result = dict(
         config=dict(model=args.model, dtype=str(backbone.dtype), num_envs=n, seq_len=args.seq_len,
                     segment_len=args.segment_len, steps_per_episode=n_steps, rank_choices=list(venv.rank_choices),
-                    fidelity=venv.config.fidelity, episodes=args.episodes, dummy_envs=dummy_envs,
+                    fidelity=venv.config.fidelity, attention=args.attention, episodes=args.episodes,
+                    dummy_envs=dummy_envs,
                     cuda_graphs=graphs),
         plain_forward_ms=forward * 1e3,
         plain_forward_no_lm_head_ms=body * 1e3,
