@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drrl_gym.training.cli import number_in
+from drrl_gym.cli import number_in
 from drrl_gym.training.evaluation import Row, evaluate_export, evaluate_sb3
 
 

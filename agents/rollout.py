@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import drrl_gym
-from drrl_gym.training.cli import int_list, number_in
+from drrl_gym.cli import int_list, number_in
 
 Agent = Callable[[gym.Env], np.ndarray]
 COMPONENTS = ("reward", "fidelity", "flops_cost", "perturbation", "rank_fraction", "flops_saved_scores",

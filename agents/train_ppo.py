@@ -26,7 +26,6 @@ import copy
 import sys
 import time
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +39,21 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
 
 from drrl_gym.calibration import load_or_calibrate_basis
+from drrl_gym.cli import number_in
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.export import ACTIVATIONS, export_dynamic_rank_model
-from drrl_gym.training.cli import number_in
+from drrl_gym.files import atomic_write
 from drrl_gym.training.config import (
     ConfigError,
     TrainConfig,
     algorithm_name,
     check_sb3_sections,
     load_config,
+    open_run_dir,
     sb3_algorithms,
-    write_resolved_config,
 )
 from drrl_gym.training.evaluation import evaluate_export
 from drrl_gym.training.extractor import TransformerFeaturesExtractor, policy_network_from_sb3
-from drrl_gym.training.files import atomic_write
 from drrl_gym.training.oracle import behaviour_clone, collect_demonstrations
 from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
 
@@ -199,12 +198,7 @@ def _resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     name = "default" if config_path is None else config_path.stem
     run_dir = args.run_dir or (Path(config.run_dir) if config.run_dir else None) or resumed_run \
         or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = replace(config, run_dir=str(run_dir))
-    write_resolved_config(config, run_dir)
-    return config, run_dir
+    return open_run_dir(config, run_dir), run_dir
 
 
 def _behaviour_cloning(config: TrainConfig, model: BaseAlgorithm, env: DRRLAttentionEnv, run_dir: Path) -> None:

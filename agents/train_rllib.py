@@ -48,7 +48,6 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +56,15 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from drrl_gym import EnvConfig
-from drrl_gym.training.cli import int_list, number_in
+from drrl_gym.cli import int_list, number_in
 from drrl_gym.training.config import (
     ConfigError,
     RLlibConfig,
     TrainConfig,
     load_config,
+    open_run_dir,
     parse_assignment,
     read_yaml,
-    write_resolved_config,
 )
 
 ENV_ID = "DRRL-Attention-v0"
@@ -207,12 +206,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
             raise ConfigError(f"--resume with {', '.join(changed)} changed: these define the run's learning problem "
                               "and come from its config.yaml. Fix: drop them, or start a new run.")
     check_runner_env(config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = replace(config, run_dir=str(run_dir))
-    write_resolved_config(config, run_dir)
-    return config, run_dir
+    return open_run_dir(config, run_dir), run_dir
 
 
 # ------------------------------------------------------------------------------------------------ Ray pieces

@@ -36,6 +36,7 @@ import torch
 import transformers
 
 import drrl_gym
+from drrl_gym.cli import number_in
 from drrl_gym.perplexity import describe_machine
 
 try:
@@ -153,25 +154,18 @@ def soak(steps: Iterator[StepBatch], total: int, checks: Checks, monitor: RssMon
     return done
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, default=20_000, help="env steps (over all sub-envs)")
-    parser.add_argument("--num-envs", type=positive_int, default=1, help="1: one env; more: the batched vector env")
+    parser.add_argument("--steps", type=number_in(int, 1), default=20_000, help="env steps (over all sub-envs)")
+    parser.add_argument("--num-envs", type=number_in(int, 1), default=1, help="1: one env; more: the batched vector env")
     parser.add_argument("--model", default="tiny-random-llama")
-    parser.add_argument("--rank-choices", type=positive_int, nargs="+", default=[4, 8, 12, 16])
-    parser.add_argument("--seq-len", type=positive_int, default=64)
-    parser.add_argument("--segment-len", type=positive_int, default=16)
+    parser.add_argument("--rank-choices", type=number_in(int, 1), nargs="+", default=[4, 8, 12, 16])
+    parser.add_argument("--seq-len", type=number_in(int, 1), default=64)
+    parser.add_argument("--segment-len", type=number_in(int, 1), default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: cores are shared)")
-    parser.add_argument("--warmup", type=positive_int, default=1_000, help="env steps before the first RSS sample")
-    parser.add_argument("--sample-every", type=positive_int, default=500, help="env steps between RSS samples")
+    parser.add_argument("--threads", type=number_in(int, 1), default=1, help="torch CPU threads (1: cores are shared)")
+    parser.add_argument("--warmup", type=number_in(int, 1), default=1_000, help="env steps before the first RSS sample")
+    parser.add_argument("--sample-every", type=number_in(int, 1), default=500, help="env steps between RSS samples")
     parser.add_argument("--max-growth-pct", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/results/soak_cpu.json"))

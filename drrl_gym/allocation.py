@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from drrl_gym.calibration import load_or_calibrate_basis
+from drrl_gym.cli import number_in
 from drrl_gym.corpus import DEFAULT_CORPUS, CorpusConfig, load_corpus
 from drrl_gym.files import atomic_write_text
 from drrl_gym.lowrank import DynamicRankAttention, validate_rank_choices
@@ -352,12 +353,6 @@ def _fraction_arg(text: str) -> float:
     return value
 
 
-def _positive_int_arg(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer. Fix: pass an int >= 1.")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -367,15 +362,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank-grid", type=_rank_grid_arg, default=DEFAULT_RANK_GRID,
                         help="comma-separated, ending at head_dim (e.g. 4,8,12,16 for the tiny models)")
     parser.add_argument("--min-fraction", type=_fraction_arg, default=0.25, help="stop at this QK^T FLOPs fraction")
-    parser.add_argument("--calibration-sequences", type=_positive_int_arg, default=4,
+    parser.add_argument("--calibration-sequences", type=number_in(int, 1), default=4,
                         help="sequences of the calibration split the losses are measured on (its first ones)")
-    parser.add_argument("--basis-sequences", type=_positive_int_arg, default=CorpusConfig.calibration_sequences,
+    parser.add_argument("--basis-sequences", type=number_in(int, 1), default=CorpusConfig.calibration_sequences,
                         help="size of the calibration split the basis is calibrated on; keep the env's "
                              "calibration_sequences so the search uses the env's basis")
-    parser.add_argument("--seq-len", type=_positive_int_arg, default=1024)
-    parser.add_argument("--batch-size", type=_positive_int_arg, default=64, help="most rows per forward pass")
+    parser.add_argument("--seq-len", type=number_in(int, 1), default=1024)
+    parser.add_argument("--batch-size", type=number_in(int, 1), default=64, help="most rows per forward pass")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=_positive_int_arg, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=number_in(int, 1), default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.calibration_sequences > args.basis_sequences:
         parser.error(f"--calibration-sequences {args.calibration_sequences} exceeds --basis-sequences "

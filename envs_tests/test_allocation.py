@@ -176,7 +176,7 @@ def test_bad_inputs_raise(tiny_llama, basis, sequences, overrides, message):
     (["--rank-grid", "8,x"], "strictly increasing comma-separated"),
     (["--rank-grid", "16,8"], "strictly increasing comma-separated"),
     (["--min-fraction", "0"], "not a number in (0, 1]"),
-    (["--seq-len", "-3"], "not a positive integer"),
+    (["--seq-len", "-3"], "-3 must be >= 1"),
     (["--calibration-sequences", "9", "--basis-sequences", "8"], "exceeds --basis-sequences"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):

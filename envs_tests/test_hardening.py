@@ -227,7 +227,7 @@ BAD_WEIGHTS = st.floats(max_value=-1e-9) | INFINITE | NOT_A_REAL
 def invalid_field(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     """(the argument the error must name, kwargs with one invalid value or one broken cross-field rule)."""
     count = st.integers(max_value=0) | NOT_AN_INT
-    threshold = st.floats(max_value=-1e-9) | st.just(-math.inf) | NOT_A_REAL
+    threshold = st.floats(max_value=-1e-9) | st.just(-math.inf) | NOT_A_REAL.filter(lambda v: v is not None)  # None: the default
     cases: dict[str, st.SearchStrategy[Any]] = {
         "model": NOT_A_NAME, "corpus": NOT_A_NAME, "seq_len": count, "segment_len": count,
         "calibration_sequences": count, "eval_sequences": count, "rank_choices": BAD_RANK_CHOICES,

@@ -20,7 +20,7 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from drrl_gym import EnvConfig
-from drrl_gym.training.files import atomic_write_text
+from drrl_gym.files import atomic_write_text
 
 VEC_ENVS = ("dummy", "batched")
 ALGORITHM_NAMES = ("auto", "ppo", "maskable_ppo")
@@ -317,11 +317,15 @@ def load_config(path: Path | None = None, sets: Sequence[str] = (),
         raise
 
 
-def write_resolved_config(config: TrainConfig, run_dir: Path) -> Path:
-    """``run_dir/config.yaml``: the resolved tree, what ``--resume`` reads back (atomically: never half written)."""
-    path = run_dir / "config.yaml"
-    atomic_write_text(path, config.to_yaml())
-    return path
+def open_run_dir(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """Create ``run_dir`` and write ``run_dir/config.yaml``, the resolved tree ``--resume`` reads back (atomically:
+    never half written); returns the config with ``run_dir`` filled in."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} exists and is not a directory. Fix: pass another --run-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = replace(config, run_dir=str(run_dir))
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    return config
 
 
 # ------------------------------------------------------------------------------------------ SB3 sections

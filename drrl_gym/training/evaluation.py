@@ -38,12 +38,12 @@ from transformers import PreTrainedModel
 from drrl_gym import EnvConfig
 from drrl_gym.backbone import load_backbone, resolve_device
 from drrl_gym.calibration import load_or_calibrate_basis
-from drrl_gym.corpus import CorpusConfig, CorpusSplits, load_corpus
+from drrl_gym.corpus import CorpusSplits, load_corpus
 from drrl_gym.export import ControllerSpec, build_dynamic_rank_model, load_dynamic_rank_model
+from drrl_gym.files import atomic_write, atomic_write_text
 from drrl_gym.perplexity import describe_machine
 from drrl_gym.policies import FullRank, RankPolicy, UniformRank
 from drrl_gym.policy_metrics import measure_policies
-from drrl_gym.training.files import atomic_write, atomic_write_text
 
 FIELDS = ("method", "rank", "perplexity", "fidelity", "scores_flops_fraction", "attention_flops_fraction",
           "scores_flops_reduction_pct", "attention_flops_reduction_pct", "latency_ms", "note")
@@ -168,8 +168,7 @@ def write_results(rows: list[Row], meta: dict[str, Any], out_dir: Path) -> str:
 
 def corpus_splits(tokenizer: Any, config: EnvConfig) -> CorpusSplits:
     """The calibration/train/eval splits an env with ``config`` trains and is evaluated on."""
-    return load_corpus(tokenizer, CorpusConfig(config.corpus, config.seq_len, config.calibration_sequences,
-                                               config.eval_sequences))
+    return load_corpus(tokenizer, config.corpus_config())
 
 
 def _evaluate_and_write(model: PreTrainedModel, source: str, out_dir: Path, eval_sequences: int, batch_size: int) -> list[Row]:

@@ -1,4 +1,4 @@
-"""argparse value types shared by the training and evaluation scripts: bounded numbers and lists of them."""
+"""argparse value types shared by the command-line scripts: bounded numbers and lists of them."""
 
 from __future__ import annotations
 
