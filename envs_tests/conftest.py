@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone  # noqa: E402
+from drrl_gym.lowrank import DynamicRankAttention  # noqa: E402
 
 # The tiny environment most tests share: 4 segments of 32 tokens on the tiny random Llama (head_dim 16).
 TINY_ENV = dict(model="tiny-random-llama", seq_len=128, segment_len=32, rank_choices=(4, 8, 12, 16),
@@ -76,3 +77,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class CapturingAttention(DynamicRankAttention):
+    """Dynamic-rank attention that also keeps the post-RoPE q, k and the v each layer received (real activations
+    for the bound tests)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        self.captured[module.layer_idx] = (query.detach().clone(), key.detach().clone(), value.detach().clone(),
+                                           scaling)
+        return super().__call__(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+

@@ -15,13 +15,12 @@ import math
 
 import pytest
 import torch
-from conftest import one_thread
+from conftest import CapturingAttention, one_thread
 
 from drrl_gym.bounds import attention_change_bound, score_change_norm
 from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.hf_compat import cache_argument, output_cache
-from drrl_gym.lowrank import DynamicRankAttention
 
 REL_SLACK = 1e-9  # float64 rounding only: the bound is never allowed to be exceeded by more than this
 
@@ -219,18 +218,6 @@ def test_batched_shapes_and_symmetry():
 
 
 # ------------------------------------------------------------------------------------------- real activations
-class CapturingAttention(DynamicRankAttention):
-    """Dynamic-rank attention that also keeps the post-RoPE q and k each layer received."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        self.captured[module.layer_idx] = (query.detach().clone(), key.detach().clone(), scaling)
-        return super().__call__(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
 def _check_real_model(backbone, rank_choices: tuple[int, ...], seq_len: int, expected_scaling: float) -> dict:
     splits = load_corpus(backbone.tokenizer, CorpusConfig(seq_len=seq_len, calibration_sequences=4, eval_sequences=2))
     basis = load_or_calibrate_basis(backbone, splits.calibration, splits.fingerprint)
@@ -255,7 +242,7 @@ def _check_real_model(backbone, rank_choices: tuple[int, ...], seq_len: int, exp
             assert (stats.num_queries, stats.num_keys) == (n_queries, seq_len)
             mask = visible_keys(n_queries, seq_len)
             for layer in range(g.num_layers):
-                query, key, scaling = captured[layer]
+                query, key, _, scaling = captured[layer]
                 assert scaling == pytest.approx(expected_scaling)
                 assert query.shape == (1, g.num_heads, n_queries, g.head_dim)
                 assert key.shape == (1, g.num_kv_heads, seq_len, g.head_dim)

@@ -489,3 +489,33 @@ def test_env_in_selection_mode_masks_by_the_dropped_mass_bound():
     *_, info = env.step(np.full(env.n_units, len(settings) - 1))
     assert info["fidelity"] == pytest.approx(1.0, abs=1e-5) and info["perturbation"] == 0.0
     assert info["flops_cost"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_dropped_mass_bound_holds_on_smollm2_activations(smollm2):
+    """The bound (7) against the true dropped mass on real post-RoPE activations: every layer of SmolLM2 on held-out
+    text, ranks 8 to 32, keeps 1/16 to 1/4, both selection modes."""
+    from conftest import CapturingAttention
+
+    from drrl_gym.calibration import load_or_calibrate_basis
+    from drrl_gym.corpus import CorpusConfig, load_corpus
+
+    splits = load_corpus(smollm2.tokenizer, CorpusConfig(seq_len=256, calibration_sequences=4, eval_sequences=2))
+    basis = load_or_calibrate_basis(smollm2, splits.calibration, splits.fingerprint)
+    capture = CapturingAttention(smollm2.geometry, basis)
+    with torch.no_grad(), capture.attached(smollm2.model):
+        smollm2.model(splits.eval[:1], use_cache=False)
+    rows = violations = 0
+    worst = 0.0
+    with one_thread():
+        for layer, (query, key, value, scaling) in capture.captured.items():
+            for rank, keep, mode in ((8, 1 / 16, "group"), (16, 1 / 8, "group"), (32, 1 / 4, "head"), (16, 1 / 4, "head")):
+                _, details = selection_attention(query.double(), key.double(), value.double(), basis[layer].double(),
+                                                 rank, keep, scaling=scaling, selection=mode, return_details=True)
+                excess = details.dropped_mass - details.dropped_mass_bound
+                violations += int((excess > 1e-9).sum())
+                rows += excess.numel()
+                worst = max(worst, float((details.dropped_mass / details.dropped_mass_bound.clamp_min(1e-300)).max()))
+    assert rows >= 1000 and violations == 0, (rows, violations)
+    assert worst <= 1 + 1e-9
+
