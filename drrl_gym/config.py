@@ -23,7 +23,7 @@ from drrl_gym.bases import BASIS_MODES
 from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, looks_like_path
 from drrl_gym.lowrank import APPROXIMATIONS, validate_rank_choices
 from drrl_gym.observation import GRANULARITIES
-from drrl_gym.reward import FIDELITY_METRICS
+from drrl_gym.reward import FIDELITY_METRICS, REWARDS
 
 # The mask's default threshold per attention mode. Low-rank scores: a bound on the RMS per-row change of attention,
 # above the sqrt(2) any row can move, so it limits the scores without certifying attention (docs/accounting.md).
@@ -84,6 +84,9 @@ class EnvConfig:
     cost_weight: float = 0.15
     perturbation_weight: float = 0.01
     fidelity: str = "attention_cosine"
+    reward: str = "fidelity_minus_cost"  # or "kl_budget" (drrl_gym.reward.KLBudget)
+    cost_budget: float = 0.75  # kl_budget: the cost fraction above which cost is charged
+    budget_penalty: float = 2.0  # kl_budget: nats per unit of cost fraction above the budget
     epsilon_start: float | None = None  # None: the attention mode's default (DEFAULT_EPSILON)
     epsilon_end: float | None = None
     epsilon_anneal_steps: int = 0
@@ -175,6 +178,14 @@ class EnvConfig:
             object.__setattr__(self, name, value)
         if self.fidelity not in tuple(FIDELITY_METRICS):
             fail("fidelity", self.fidelity, "unknown fidelity metric", f"choose one of {tuple(FIDELITY_METRICS)}")
+        if self.reward not in REWARDS:
+            fail("reward", self.reward, "unknown reward", f"choose one of {REWARDS}")
+        for name in ("cost_budget", "budget_penalty"):
+            value = real_number(getattr(self, name))
+            if value is None or not 0 <= value < math.inf:
+                fail(name, getattr(self, name), "must be finite and >= 0",
+                     f"pass a float >= 0 (default {getattr(EnvConfig, name)})")
+            object.__setattr__(self, name, value)
         for name in ("epsilon_start", "epsilon_end"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, DEFAULT_EPSILON.get(self.attention, 4.0))

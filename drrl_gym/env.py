@@ -72,7 +72,9 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
       dataset); calibration_sequences=8 and eval_sequences=16 are held out of the train split.
     * seq_len=1024, segment_len=128 (seq_len a multiple of segment_len, >= 2 segments).
     * rank_choices=(16, 32, 48, 64): strictly increasing, within [1, head_dim]; granularity="layer" or "kv_head".
-    * fidelity_weight=1.0, cost_weight=0.15, perturbation_weight=0.01, fidelity="attention_cosine".
+    * fidelity_weight=1.0, cost_weight=0.15, perturbation_weight=0.01, fidelity="attention_cosine";
+      reward="fidelity_minus_cost" or "kl_budget" (-KL - budget_penalty * max(0, cost - cost_budget); cost_budget=0.75,
+      budget_penalty=2.0; docs/env.md).
     * attention="lowrank_scores" or "select"; keep_choices=(0.0625, 0.125, 0.25, 1.0): the kept fractions of
       selection mode (a choice is then a (rank, keep) pair; the mask, perturbation and cost are selection's).
     * epsilon_start=epsilon_end=None (4.0 for low-rank scores, 0.25 for selection), epsilon_anneal_steps=0: the

@@ -38,7 +38,7 @@ from drrl_gym.kv_cache import cache_prefix
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
-from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, attention_cosine_per_head
+from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, KLBudget, attention_cosine_per_head
 
 RESET_OPTIONS = ("sequence_index",)
 
@@ -83,8 +83,10 @@ class EpisodeBatch:
         self.corpus: CorpusSplits = shared_corpus(self.backbone, config.corpus_config())
         basis = shared_basis(self.backbone, self.corpus) if config.basis == "calibrated" else None
         self.attention = DynamicRankAttention(self.geometry, basis, config.basis, approximation=config.attention)
-        self.reward = FidelityMinusCost(FIDELITY_METRICS[config.fidelity], config.fidelity_weight, config.cost_weight,
-                                        config.perturbation_weight)
+        self.reward: FidelityMinusCost | KLBudget = (
+            KLBudget(config.cost_budget, config.budget_penalty) if config.reward == KLBudget.name
+            else FidelityMinusCost(FIDELITY_METRICS[config.fidelity], config.fidelity_weight, config.cost_weight,
+                                   config.perturbation_weight))
         self.selection = config.attention == "select"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
                                        config.n_segments, config.keep_choices if self.selection else None)

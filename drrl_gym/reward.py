@@ -9,6 +9,8 @@ The reward of a step that runs segment t at ranks r (DR-RL's objective, with the
 * fidelity_t compares the agent's low-rank trajectory with the full-rank reference on the same segment, by a
   :class:`FidelityMetric`; every metric lies in [-1, 1] (cosines) or (0, 1] (KL), and equals 1 (up to float
   rounding) when nothing was truncated. A metric says whether it needs the attention outputs recorded.
+* :class:`KLBudget` (``reward="kl_budget"``) is the alternative whose returns separate policies: KL in nats from
+  full attention, and a hinge on cost above a budget, (K) below.
 * the cost is the QK^T ("scores") term that the rank acts on, counted at the chosen ranks
   (``drrl_gym.flops.flops_fractions``); the whole-attention fraction and the executed fraction are reported beside
   it in the step's info, never used in its place.
@@ -71,15 +73,20 @@ def attention_cosine(agent: Sequence[torch.Tensor], reference: Sequence[torch.Te
     return attention_cosine_per_head(agent, reference).mean(dim=(1, 2))
 
 
+def next_token_kl(agent_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean over tokens of KL(p_full || p_approx) of next-token distributions, in nats: (B,)."""
+    log_p = F.log_softmax(reference_logits.float(), dim=-1)
+    log_q = F.log_softmax(agent_logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)  # clamp: rounding can make a zero KL slightly negative
+    return kl.mean(dim=-1)
+
+
 def kl_fidelity(agent_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
     """Per row, exp(-mean over tokens of KL(p_full || p_lowrank)) of next-token distributions, in (0, 1]: (B,).
 
     The exponential maps "no change" to 1 and a KL of 1 nat per token to 1/e, on the same scale as the cosines.
     """
-    log_p = F.log_softmax(reference_logits.float(), dim=-1)
-    log_q = F.log_softmax(agent_logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)  # clamp: rounding can make a zero KL slightly negative
-    return torch.exp(-kl.mean(dim=-1))
+    return torch.exp(-next_token_kl(agent_logits, reference_logits))
 
 
 def hidden_cosine(agent_hidden: torch.Tensor, reference_hidden: torch.Tensor) -> torch.Tensor:
@@ -126,6 +133,16 @@ class HiddenCosine:
 FIDELITY_METRICS: dict[str, FidelityMetric] = {m.name: m for m in (AttentionCosine(), NextTokenKL(), HiddenCosine())}
 
 
+class NextTokenKLNats:
+    """Mean KL(p_full || p_approx) of the next-token distributions, in nats (0 when nothing changed): what
+    :class:`KLBudget` charges. Not a fidelity in [0, 1], so not among ``FIDELITY_METRICS``."""
+
+    name, needs_attention_outputs = "kl_nats", False
+
+    def __call__(self, agent: Captured, reference: Captured, lm_head: LMHead) -> torch.Tensor:
+        return next_token_kl(lm_head(agent.hidden), lm_head(reference.hidden))
+
+
 # -------------------------------------------------------------------------------------------------- reward
 @dataclass(frozen=True)
 class FidelityMinusCost:
@@ -147,4 +164,31 @@ class FidelityMinusCost:
         return {"fidelity": fidelity, "flops_cost": flops_cost, "perturbation": perturbation, "reward": reward}
 
 
-REWARDS = {FidelityMinusCost.name: FidelityMinusCost}
+@dataclass(frozen=True)
+class KLBudget:
+    """A reward whose returns separate policies: KL from full attention, plus a penalty for cost above a budget,
+
+        R_t = -KL_t - budget_penalty * max(0, flops_cost_t - cost_budget)                                     (K)
+
+    KL_t is the mean KL(p_full || p_agent) of the segment's next-token distributions in nats: a direct measure of
+    what the approximation does to the model's predictions (0.01 nats per token is about +1% perplexity at most),
+    unbounded where (R)'s cosines saturate near 1. The hinge makes ``cost_budget`` a soft constraint: below it cost is
+    free, above it each unit of cost fraction costs ``budget_penalty`` nats. Full attention pays only the hinge; a
+    policy that meets the budget pays only its KL. ``fidelity`` in the components is exp(-KL_t), on (R)'s scale.
+    """
+
+    cost_budget: float
+    budget_penalty: float
+    fidelity: ClassVar[NextTokenKLNats] = NextTokenKLNats()
+    name: ClassVar[str] = "kl_budget"
+    needs_attention_outputs: ClassVar[bool] = False
+
+    def components(self, kl: np.ndarray, flops_cost: np.ndarray, perturbation: np.ndarray) -> dict[str, np.ndarray]:
+        """(K) elementwise, with its terms, the perturbation bound (reported, not charged) and exp(-KL)."""
+        over = np.maximum(0.0, flops_cost - self.cost_budget)
+        reward = -kl - self.budget_penalty * over
+        return {"fidelity": np.exp(-kl), "kl": kl, "flops_cost": flops_cost, "over_budget": over,
+                "perturbation": perturbation, "reward": reward}
+
+
+REWARDS = (FidelityMinusCost.name, KLBudget.name)

@@ -479,3 +479,19 @@ def test_deprecated_reward_weight_names_still_work_for_one_release() -> None:
     env = tiny_env()
     with pytest.warns(DeprecationWarning, match="unit_shape"):
         assert env.unwrapped.token_shape == env.unwrapped.unit_shape
+
+
+def test_kl_budget_reward_is_kl_plus_a_hinge_on_cost() -> None:
+    env = tiny_env(reward="kl_budget", cost_budget=0.5, budget_penalty=3.0, epsilon_start=math.inf,
+                   epsilon_end=math.inf)
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(np.array([3, 3]))  # full rank: no KL, cost 1, half of it above the budget
+    assert info["kl"] == pytest.approx(0.0, abs=1e-6) and info["over_budget"] == pytest.approx(0.5)
+    assert reward == pytest.approx(-3.0 * 0.5, abs=1e-6)
+    for action in ([0, 0], [1, 2]):
+        _, reward, _, _, info = env.step(np.array(action))
+        expected = -info["kl"] - 3.0 * max(0.0, info["flops_cost"] - 0.5)
+        assert reward == pytest.approx(expected) and info["kl"] >= 0
+        assert info["fidelity"] == pytest.approx(np.exp(-info["kl"]))
+    with pytest.raises(ValueError, match="reward='nope': unknown reward"):
+        EnvConfig(reward="nope")
