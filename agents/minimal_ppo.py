@@ -1,6 +1,6 @@
 """Single-file PPO for DRRL-Attention-v0, written only against the Gymnasium API (no Stable-Baselines3).
 
-A template for plugging in a custom algorithm: a small torch actor-critic with one categorical head per token
+A template for plugging in a custom algorithm: a small torch actor-critic with one categorical head per decision unit
 (``MultiDiscrete``), optional safety masks from ``env.unwrapped.action_masks()`` (used when the env has it), GAE
 and the clipped PPO objective. One env, CPU-friendly, ~200 lines.
 

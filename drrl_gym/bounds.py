@@ -11,7 +11,7 @@ columns D = P[:, r:r']. The score change and the bound are
 already records (``SegmentStats``). (3) holds row by row because the softmax Jacobian diag(p) - p p^T has spectral
 norm <= 1/2 (Gershgorin), and the causal mask only removes entries. Summed over the query heads of one KV head,
 Gq is the group's summed Gram, which is what ``SegmentStats.query_gram`` holds. By Cauchy-Schwarz (2) never
-exceeds the energy-product bound s * ||Q P_D||_F * ||K P_D||_F of DESIGN-NOTES sec. 3, and is often far below it.
+exceeds the energy-product bound s * ||Q P_D||_F * ||K P_D||_F (docs/bounds.md), and is often far below it.
 """
 
 from __future__ import annotations

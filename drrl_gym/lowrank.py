@@ -62,7 +62,7 @@ class SegmentStats:
 
     query_gram[b, l, g] = sum over the group's query heads and the T new queries of (q P)^T (q P)   (d x d)
     key_gram[b, l, g]   = sum over the L visible keys of (k P)^T (k P)                               (d x d)
-    Their diagonals are the per-direction energies e_j (DESIGN-NOTES sec. 2).
+    Their diagonals are the per-direction energies e_j (``drrl_gym.spectra``).
     """
 
     query_gram: torch.Tensor  # (B, num_layers, num_kv_heads, d, d), float32

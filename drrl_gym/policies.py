@@ -147,7 +147,7 @@ class NERThreshold(_Stateless):
     """Smallest rank r with NER(r) >= ``tau`` for both the queries and the keys of the last segment, per unit.
 
     NER(r) is the fraction of energy in the first r basis directions (observation columns ``query_ner@r`` and
-    ``key_ner@r``; DESIGN-NOTES sec. 2). The largest choice when no choice reaches ``tau``.
+    ``key_ner@r``; NER is defined in ``drrl_gym.spectra``). The largest choice when no choice reaches ``tau``.
     """
 
     kind = "ner_threshold"

@@ -1,14 +1,14 @@
 """Spectral state from second moments in the basis: energies, NER and tail energies, all without a decomposition.
 
 With an orthonormal basis P and X's Gram matrix in that basis G = (XP)^T (XP), the energy of direction j is
-e_j = ||X p_j||^2 = G_jj (DESIGN-NOTES sec. 2). For every rank r at once (cumulative sums):
+e_j = ||X p_j||^2 = G_jj. For every rank r at once (cumulative sums):
 
     NER(r)  = sum_{j<=r} e_j / sum_j e_j          (the paper's Normalized Energy Ratio)
     tail(r) = ||X - X P_r P_r^T||_F^2 = sum_{j>r} e_j   (exact for any orthonormal P; equals the Eckart-Young
                                                         optimum when P is X's own singular basis)
 
 and the stable rank ||X||_F^2 / sigma_max(X)^2 = tr(G) / lambda_max(G), the signal of the ALRT rank controller
-(``../shared/seeds/alrt-tech-report.md`` sec. 2.2), with lambda_max from a few power iterations on the d x d Gram:
+(the ALRT technical report's signal: the stable rank of the activations), with lambda_max from a few power iterations on the d x d Gram:
 matmuls only, no decomposition and no host synchronisation.
 """
 

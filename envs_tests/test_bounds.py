@@ -69,7 +69,7 @@ def grams(q: torch.Tensor, k: torch.Tensor, basis: torch.Tensor) -> tuple[torch.
 
 
 def energy_product_bound(query_gram, key_gram, ranks, scaling) -> torch.Tensor:
-    """DESIGN-NOTES sec. 3: s ||Q P_D||_F ||K P_D||_F for every pair (on the scores, before the factor 1/2)."""
+    """The energy-product bound (docs/bounds.md): s ||Q P_D||_F ||K P_D||_F for every pair (on the scores, before the factor 1/2)."""
     out = torch.zeros(len(ranks), len(ranks), dtype=torch.float64)
     for a, b in itertools.product(range(len(ranks)), repeat=2):
         lo, hi = sorted((ranks[a], ranks[b]))
@@ -158,7 +158,7 @@ def _random_cases():
         ratios.append(ratio)
         worst = max(worst, float(ratio.max()) if ratio.numel() else 0.0)
 
-        # Never looser than the energy-product bound of DESIGN-NOTES sec. 3 (Cauchy-Schwarz for PSD matrices).
+        # Never looser than the energy-product bound (Cauchy-Schwarz for PSD matrices).
         scores = score_change_norm(query_gram, key_gram, ranks, scaling)
         assert torch.all(2 * bound <= energy_product_bound(query_gram, key_gram, ranks, scaling) * (1 + 1e-12) + 1e-300)
         # Without a mask, (2) is an identity: the norm of the true score change over the G heads.

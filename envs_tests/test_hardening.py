@@ -1,4 +1,4 @@
-"""Hardening (issue 8): fuzzed env inputs, determinism on the CPU, crash safety of training, CLI validation.
+"""Hardening: fuzzed env inputs, determinism on the CPU, crash safety of training, CLI validation.
 
 * Fuzz (hypothesis): random valid actions and configurations give finite observations inside the observation space
   and finite rewards; invalid actions, reset options and env arguments raise the documented ``ValueError`` (naming

@@ -1,7 +1,7 @@
 """Oracle demonstrations and behaviour cloning (the first of the two training stages).
 
 Oracle: at every step, probe the current segment at each uniform rank choice k (all tokens at choice k:
-``env.probe_layer_fidelity``, which does not advance the episode) and give each token (layer) the smallest choice
+``env.probe_layer_fidelity``, which does not advance the episode) and give each decision unit (layer) the smallest choice
 whose attention-output cosine reaches ``fidelity_target``, else the largest; then apply the safety mask with the
 environment's own projection. The probe measures a token's cosine with every layer at the same choice, so it sees
 the error that earlier layers pass on at that rank; mixing per-token picks is a heuristic, not an optimum, which
