@@ -97,8 +97,11 @@ class Observed(NamedTuple):
     """One observation of a batch: the matrices and the bounds the mask and the perturbation term read."""
 
     matrix: np.ndarray  # (B, n_units, n_features) float32 in [0, 1]
-    transition: np.ndarray  # (B, n_units, n_choices): normalised bound from each unit's previous choice
-    to_full: np.ndarray  # (B, n_units, n_choices): normalised bound from full rank d (what the mask compares)
+    # (B, n_units, n_choices). Low-rank scores: normalised bounds from each unit's previous rank (what the
+    # perturbation term charges) and from full rank d (what the mask compares). Selection: both are each choice's
+    # dropped-mass bound.
+    transition: np.ndarray
+    to_full: np.ndarray
 
 
 class DecisionSpace:
@@ -227,7 +230,8 @@ class DecisionSpace:
 
     @staticmethod
     def allowed(to_full: np.ndarray, epsilon: float) -> np.ndarray:
-        """The safety mask: choices whose bound from full rank is <= epsilon, (B, n_units, n_choices) bool.
+        """The safety mask: choices whose bound from full rank (selection: dropped-mass bound) is <= epsilon,
+        (B, n_units, n_choices) bool.
 
         Bounding the distance from full rank, not the step from the previous choice, means a chain of small steps
         (64 -> 48 -> 32 -> 16 over three segments) is held to the same threshold as one big step. The largest
