@@ -53,7 +53,8 @@ from drrl_gym.files import atomic_write_text
 from drrl_gym.flops import layer_flops
 from drrl_gym.lowrank import DynamicRankAttention
 from drrl_gym.perplexity import describe_machine, segmented_perplexity
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, full_attention_flops, selection_flops
+from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from drrl_gym.selection_cost import full_attention_flops, selection_flops
 
 RANKS = (8, 16, 32)
 KEEPS = (1 / 16, 1 / 8, 1 / 4)

@@ -35,7 +35,8 @@ import torch
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, full_attention_flops, selection_flops
+from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from drrl_gym.selection_cost import full_attention_flops, selection_flops
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from drrl_gym.backbone import AttentionGeometry
-from drrl_gym.export import ControllerSpec
 from drrl_gym.flops import AttentionFlops, layer_flops
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.perplexity import next_token_nll
 from drrl_gym.policies import FullRank, RankPolicy
+from drrl_gym.runtime import ControllerSpec
 
 
 @dataclass

@@ -26,21 +26,15 @@ and row, for ANY kept set S, from the rank-r scores and the tails beyond r:
          U = sum_{j in V \\ S} exp(s^_j + delta_j),  W = sum_{j in S} exp(s^_j - delta_j)                           (7)
     ||p - p^S||_1 = 2 m,    ||o - o^S|| <= 2 m max_{j in V} ||v_j||                                              (8)
 
-Costs are charged for what a deployed kernel executes, not for the dense reference below. Per KV group (G query
-heads) and segment, with P = sum_i n_i visible pairs and K = sum_i k_i chosen ones:
-
-    rotation  2 G T d^2 + 2 T d^2    (queries to full width, the T new keys into K~ once)
-    scoring   2 G P r                choosing  5 G P + P (group: log-normalise, max over heads, select) or G P (head)
-    scores    2 G K d                softmax   5 G K          values  2 G K d                                    (9)
-    full attention: scores 2 G P d, softmax 5 G P, values 2 G P d, nothing else
-    decode traffic relative to full attention (2 L d values read per KV head):  r / (2 d) + k / L                 (10)
+Costs, (9) FLOPs and (10) decode traffic, are charged for what a deployed kernel executes, not for the dense
+reference below: ``drrl_gym.selection_cost``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +58,7 @@ def forced_mask(new_tokens: int, keys: int, sink_tokens: int, recent_tokens: int
                 device: torch.device | str | None = None) -> torch.Tensor:
     """(T, L) keys every query keeps whatever the scores: the first ``sink_tokens`` and its last ``recent_tokens``
     visible keys (itself included), both clipped to what it sees."""
-    _check_window(sink_tokens, recent_tokens)
+    check_window(sink_tokens, recent_tokens)
     position = torch.arange(new_tokens, device=device)[:, None] + (keys - new_tokens)
     j = torch.arange(keys, device=device)[None, :]
     return (j <= position) & ((j < sink_tokens) | (j > position - recent_tokens))
@@ -78,8 +72,8 @@ def kept_counts(keep: torch.Tensor | float, visible: torch.Tensor | int, sink_to
     exactly the number of forced keys. ceil forgives a relative KEEP_RTOL so that binary rounding of keep
     (0.1 * 30 = 3.0000000000000004) does not add a key; keep in (0, 1] makes 1 <= k <= n.
     """
-    _check_window(sink_tokens, recent_tokens)
-    keep = _checked_keep(keep)
+    check_window(sink_tokens, recent_tokens)
+    keep = checked_keep(keep)
     n = torch.as_tensor(visible, device=keep.device).long()
     product = keep[..., None] * n.double()
     wanted = torch.ceil(product * (1 - KEEP_RTOL)).long()
@@ -148,7 +142,7 @@ def selection_attention(
     batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(query, key, value, basis, rotated_keys)
     group = heads // kv_heads
     scaling = _checked_scaling(scaling, d)
-    _check_selection(selection)
+    check_selection(selection)
     rank, keep = _settings(rank, keep, batch, kv_heads, d, query.device)
     work = torch.promote_types(query.dtype, torch.float32)
     visible = visible_mask(n_queries, n_keys, query.device)
@@ -253,7 +247,7 @@ def dropped_mass_bound_table(
     """
     batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     scaling = _checked_scaling(scaling, d)
-    _check_selection(selection)
+    check_selection(selection)
     if not ranks or not keeps:
         raise ValueError("ranks and keeps must be non-empty. Fix: pass the candidate settings, e.g. ranks=(16, 64), "
                          "keeps=(0.125, 1.0).")
@@ -281,81 +275,6 @@ def dropped_mass_bound_table(
         means.append(bound.mean((2, 3)))
         maxes.append(bound.amax((2, 3)))
     return torch.stack(means, 2), torch.stack(maxes, 2)
-
-
-# ------------------------------------------------------------------------------------------------------- costs
-@dataclass(frozen=True)
-class SelectionFlops:
-    """FLOPs of one segment by term of (9), per KV group (its G query heads): tensors shaped like the settings."""
-
-    rotation: torch.Tensor
-    scoring: torch.Tensor
-    choosing: torch.Tensor
-    scores: torch.Tensor
-    softmax: torch.Tensor
-    values: torch.Tensor
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.rotation + self.scoring + self.choosing + self.scores + self.softmax + self.values
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {**asdict(self), "total": self.total}
-
-
-def selection_flops(
-    rank: torch.Tensor | int,
-    keep: torch.Tensor | float,
-    *,
-    new_tokens: int,
-    keys: int,
-    head_dim: int,
-    group_size: int,
-    sink_tokens: int = DEFAULT_SINK_TOKENS,
-    recent_tokens: int = DEFAULT_RECENT_TOKENS,
-    selection: str = "group",
-) -> SelectionFlops:
-    """FLOPs (9) a deployed selection kernel executes for one segment, per KV group; rank and keep broadcast
-    (e.g. (B, H_kv) settings give (B, H_kv) counts; sum over the last axis for a layer's row)."""
-    _check_selection(selection)
-    rank, keep, visible, counts = _cost_settings(rank, keep, new_tokens, keys, head_dim, sink_tokens, recent_tokens)
-    d, g, pairs, chosen = head_dim, group_size, visible.sum(), counts.sum(-1)
-    rotation = torch.full_like(rank, 2 * g * new_tokens * d * d + 2 * new_tokens * d * d)
-    choosing = (5 * g * pairs + pairs) if selection == "group" else g * pairs
-    return SelectionFlops(rotation=rotation, scoring=2 * g * pairs * rank,
-                          choosing=torch.full_like(rank, int(choosing)),
-                          scores=2 * g * chosen * d, softmax=5 * g * chosen, values=2 * g * chosen * d)
-
-
-def full_attention_flops(*, new_tokens: int, keys: int, head_dim: int, group_size: int) -> SelectionFlops:
-    """FLOPs of plain causal attention for the same segment, per KV group: 2 G P d + 5 G P + 2 G P d (0-dim tensors)."""
-    pairs = int(visible_mask(new_tokens, keys).sum())
-    zero, g, d = torch.tensor(0), group_size, head_dim
-    return SelectionFlops(rotation=zero, scoring=zero, choosing=zero, scores=torch.tensor(2 * g * pairs * d),
-                          softmax=torch.tensor(5 * g * pairs), values=torch.tensor(2 * g * pairs * d))
-
-
-def decode_traffic(
-    rank: torch.Tensor | int,
-    keep: torch.Tensor | float,
-    *,
-    keys: int,
-    head_dim: int,
-    sink_tokens: int = DEFAULT_SINK_TOKENS,
-    recent_tokens: int = DEFAULT_RECENT_TOKENS,
-    group_size: int = 1,
-    selection: str = "group",
-) -> torch.Tensor:
-    """Values one decoded token reads per KV head, relative to full attention's 2 L d: r/(2d) + k/L by (10).
-
-    k is (4) for the token at position L - 1 (it sees all L keys). With selection="head" the G heads of a group may
-    choose different keys; the group then reads their union, counted here at its worst, min(G k, L). Above 1 means
-    selection reads more than full attention (r = d and keep = 1 read 1.5 times as much).
-    """
-    _check_selection(selection)
-    rank, keep, _, counts = _cost_settings(rank, keep, 1, keys, head_dim, sink_tokens, recent_tokens)
-    chosen = counts[..., 0] if selection == "group" else torch.clamp(group_size * counts[..., 0], max=keys)
-    return rank.double() / (2 * head_dim) + chosen.double() / keys
 
 
 # ------------------------------------------------------------------------------------------------------ internals
@@ -437,7 +356,7 @@ def _check_shapes(query, key, value, basis, rotated_keys):
     return batch, heads, n_queries, d, kv_heads, n_keys
 
 
-def _checked_keep(keep) -> torch.Tensor:
+def checked_keep(keep) -> torch.Tensor:
     keep = torch.as_tensor(keep).double()
     if keep.numel() and not bool(((keep > 0) & (keep <= 1)).all()):
         raise ValueError(f"keep must lie in (0, 1] (the fraction of visible keys kept), got min {float(keep.min())} "
@@ -447,7 +366,7 @@ def _checked_keep(keep) -> torch.Tensor:
 
 def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """rank (long) and keep (float64) broadcast to (B, H_kv) on ``device``, after the range checks."""
-    rank, keep = torch.as_tensor(rank, device=device), _checked_keep(keep).to(device)
+    rank, keep = torch.as_tensor(rank, device=device), checked_keep(keep).to(device)
     if rank.is_floating_point() or rank.dtype == torch.bool:
         raise ValueError(f"rank must be integers, got dtype {rank.dtype}. Fix: pass rank.long() (values in [1, {d}]).")
     if rank.numel() and not bool(((rank >= 1) & (rank <= d)).all()):
@@ -460,17 +379,6 @@ def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[to
                          f"{(batch, kv_heads)}. Fix: pass a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
 
 
-def _cost_settings(rank, keep, new_tokens, keys, head_dim, sink_tokens, recent_tokens):
-    """rank (long) and keep broadcast together, n_i (T,) and k_i (..., T) for the cost formulas."""
-    rank = torch.as_tensor(rank)
-    if rank.is_floating_point() or rank.numel() == 0 or not bool(((rank >= 1) & (rank <= head_dim)).all()):
-        raise ValueError(f"rank must be integers in [1, head_dim={head_dim}], got {rank}. Fix: clip the ranks.")
-    keep = _checked_keep(keep)
-    rank, keep = torch.broadcast_tensors(rank.long(), keep)
-    visible = visible_mask(new_tokens, keys).sum(-1)
-    return rank, keep, visible, kept_counts(keep, visible, sink_tokens, recent_tokens)
-
-
 def _checked_scaling(scaling: float | None, d: int) -> float:
     scaling = d**-0.5 if scaling is None else float(scaling)
     if not (math.isfinite(scaling) and scaling > 0):
@@ -478,12 +386,12 @@ def _checked_scaling(scaling: float | None, d: int) -> float:
     return scaling
 
 
-def _check_selection(selection: str) -> None:
+def check_selection(selection: str) -> None:
     if selection not in SELECTION_MODES:
         raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTION_MODES}")
 
 
-def _check_window(sink_tokens: int, recent_tokens: int) -> None:
+def check_window(sink_tokens: int, recent_tokens: int) -> None:
     for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}. Fix: pass 0 to force none.")

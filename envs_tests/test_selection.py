@@ -18,19 +18,16 @@ import torch
 from conftest import one_thread
 
 from drrl_gym.selection import (
-    SelectionFlops,
-    decode_traffic,
     dropped_mass_bound,
     dropped_mass_bound_table,
     forced_mask,
-    full_attention_flops,
     kept_counts,
     output_change_bound,
     rotate,
     selection_attention,
-    selection_flops,
     visible_mask,
 )
+from drrl_gym.selection_cost import SelectionFlops, decode_traffic, full_attention_flops, selection_flops
 
 REL_SLACK = 1e-9  # float64 rounding only: the bound may never be exceeded by more than this, relatively
 
