@@ -54,7 +54,7 @@ from drrl_gym.flops import layer_flops
 from drrl_gym.lowrank import DynamicRankAttention
 from drrl_gym.perplexity import describe_machine, segmented_perplexity
 from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
-from drrl_gym.selection_cost import full_attention_flops, selection_flops
+from drrl_gym.selection_cost import decode_traffic, full_attention_flops, selection_flops
 
 RANKS = (8, 16, 32)
 KEEPS = (1 / 16, 1 / 8, 1 / 4)
@@ -77,10 +77,9 @@ class Setting:
             return 1.0
         if self.kind == "lowrank":
             return (self.rank + head_dim) / (2 * head_dim)
-        kept = min(keys, max(math.ceil(self.keep * keys), DEFAULT_SINK_TOKENS + DEFAULT_RECENT_TOKENS))
         if self.kind == "window":
             return min(keys, DEFAULT_SINK_TOKENS + round(self.keep * keys)) / keys
-        return self.rank / (2 * head_dim) + kept / keys
+        return float(decode_traffic(self.rank, self.keep, keys=keys, head_dim=head_dim))
 
 
 @dataclass

@@ -188,7 +188,7 @@ class EnvConfig:
             object.__setattr__(self, name, value)
         for name in ("epsilon_start", "epsilon_end"):
             if getattr(self, name) is None:
-                object.__setattr__(self, name, DEFAULT_EPSILON.get(self.attention, 4.0))
+                object.__setattr__(self, name, DEFAULT_EPSILON[self.attention])
             value = real_number(getattr(self, name))
             if value is None or value < 0:
                 fail(name, getattr(self, name), "the mask threshold must be >= 0 (math.inf disables the mask)",
