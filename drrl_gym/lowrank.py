@@ -281,7 +281,7 @@ class DynamicRankAttention:
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
         batch, heads, n_queries, d = query.shape
-        kv_heads, n_keys = key.shape[1], key.shape[2]
+        kv_heads = key.shape[1]
         scaling = d**-0.5 if scaling is None else scaling  # never 1/sqrt(r): the rank must not change the temperature
         r_max, uniform = self._layer_max[layer], self._layer_uniform[layer]
         recording = self._recording
@@ -304,9 +304,7 @@ class DynamicRankAttention:
         q_proj = grouped @ basis
         k_proj = key @ basis if cached_keys is None else cached_keys
         if statistics:
-            key_gram = _gram(k_proj) if cached_keys is None else self._running_key_gram[layer]
-            recording.query_gram[layer], recording.key_gram[layer] = _gram(q_proj), key_gram
-            recording.num_queries, recording.num_keys = n_queries, n_keys
+            self._record_grams(layer, q_proj, k_proj, cached_keys is not None, n_queries)
             q_proj = q_proj[..., :r_max]
         k_proj = k_proj[..., :r_max]
         if not uniform:
@@ -327,9 +325,7 @@ class DynamicRankAttention:
         if statistics:
             recording = self._recording
             grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d) @ basis
-            key_gram = _gram(rotated) if cached_keys is None else self._running_key_gram[layer]
-            recording.query_gram[layer], recording.key_gram[layer] = _gram(grouped), key_gram
-            recording.num_queries, recording.num_keys = n_queries, key.shape[2]
+            self._record_grams(layer, grouped, rotated, cached_keys is not None, n_queries)
             if recording.selection_grid is not None:
                 rotated_query = grouped.reshape(batch, heads, n_queries, d)  # heads j*G..j*G+G-1: KV head j
                 ranks, keeps = recording.selection_grid
@@ -342,6 +338,14 @@ class DynamicRankAttention:
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)
         return self._keep(layer, out)
+
+    def _record_grams(self, layer: int, q_proj: torch.Tensor, k_proj: torch.Tensor, keys_cached: bool,
+                      n_queries: int) -> None:
+        """Record the layer's query and key Grams in the basis (the running key Gram when keys are cached)."""
+        recording = self._recording
+        key_gram = self._running_key_gram[layer] if keys_cached else _gram(k_proj)
+        recording.query_gram[layer], recording.key_gram[layer] = _gram(q_proj), key_gram
+        recording.num_queries, recording.num_keys = n_queries, k_proj.shape[2]
 
     def _extend_projected_keys(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """Project the keys not seen yet onto the full basis, append them and add their Gram to the running one."""
