@@ -84,3 +84,26 @@ def selection_decode_reference(
                                      sink_tokens=sink_tokens, recent_tokens=recent_tokens, selection="group")
         rows.append(out[:, 0])  # (1, H, dv)
     return torch.cat(rows)
+
+
+def selection_decode(
+    rotated_query: torch.Tensor,
+    rotated_keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    rank: torch.Tensor | int,
+    keep: torch.Tensor | float,
+    *,
+    scaling: float | None = None,
+    sink_tokens: int = DEFAULT_SINK_TOKENS,
+    recent_tokens: int = DEFAULT_RECENT_TOKENS,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selection attention of one new token per row, (B, H, dv): :func:`selection_decode_reference`'s arguments.
+
+    ``backend``: ``"auto"`` or ``"reference"``; both run the PyTorch reference in this version.
+    """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"unknown backend {backend!r}. Fix: pass 'auto' or 'reference'.")
+    return selection_decode_reference(rotated_query, rotated_keys, values, lengths, rank, keep, scaling=scaling,
+                                      sink_tokens=sink_tokens, recent_tokens=recent_tokens)
