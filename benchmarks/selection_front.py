@@ -47,7 +47,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone, resolve_device
-from drrl_gym.calibration import load_or_calibrate_basis
+from drrl_gym.calibration import corpus_basis
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.files import atomic_write_text
 from drrl_gym.flops import layer_flops
@@ -259,9 +259,7 @@ def main() -> None:
     device = resolve_device(args.device)
     backbone = load_backbone(args.model, device)
     g = backbone.geometry
-    fit = load_corpus(backbone.tokenizer, CorpusConfig(args.fit_corpus, seq_len=1024, calibration_sequences=8,
-                                                       eval_sequences=1))
-    basis = load_or_calibrate_basis(backbone, fit.calibration, fit.fingerprint).to(device)
+    basis = corpus_basis(backbone, args.fit_corpus).to(device)
     ranks = [r for r in RANKS if r < g.head_dim] or [g.head_dim // 2]
     grid = [Setting("select", r, k) for r in ranks for k in KEEPS]
     tuning = load_corpus(backbone.tokenizer, CorpusConfig(args.fit_corpus, seq_len=args.calibration_len,

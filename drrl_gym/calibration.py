@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from drrl_gym import downloads
 from drrl_gym.backbone import Backbone
 from drrl_gym.bases import exact_basis
+from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.files import atomic_write
 from drrl_gym.lowrank import DynamicRankAttention
 
@@ -42,3 +43,12 @@ def load_or_calibrate_basis(backbone: Backbone, sequences: torch.Tensor, corpus_
     basis = calibrate_basis(backbone, sequences)
     atomic_write(path, lambda tmp: save_file({"basis": basis.contiguous()}, tmp))
     return basis
+
+
+def corpus_basis(backbone: Backbone, corpus: str = "shakespeare-plays", seq_len: int = 1024,
+                 sequences: int = 8) -> torch.Tensor:
+    """The calibrated basis fitted on the first ``sequences`` blocks of ``seq_len`` tokens of ``corpus`` (cached on
+    disk): the fit ``benchmarks/selection_front.py`` uses, disjoint from its held-out text (``britannica-1911``)."""
+    fit = load_corpus(backbone.tokenizer, CorpusConfig(corpus, seq_len=seq_len, calibration_sequences=sequences,
+                                                       eval_sequences=1))
+    return load_or_calibrate_basis(backbone, fit.calibration, fit.fingerprint)
