@@ -22,17 +22,21 @@ from drrl_gym.kv_cache import KVTensors, kv_tensors, point_cache
 _T = TypeVar("_T")
 
 
-def capture_cuda_graph(run: Callable[[], _T], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, _T]:
+def capture_cuda_graph(run: Callable[[], _T], pool: Any = None,
+                       rewind: Callable[[], object] | None = None) -> tuple[torch.cuda.CUDAGraph, _T]:
     """A CUDA graph of ``run()`` and the outputs it writes on every replay (recorded, not run: replay it).
 
     Capture needs one eager run first, on a side stream (library handles, workspaces, cached index tensors), so
-    ``run`` is called twice and must start from the same state each time.
+    ``run`` is called twice and must start from the same state each time: ``rewind()``, if given, runs between the
+    two, outside the graph (e.g. to put a cache's length back after the eager decode step advanced it).
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         run()
     torch.cuda.current_stream().wait_stream(side)
+    if rewind is not None:
+        rewind()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         outputs = run()

@@ -10,7 +10,10 @@ same rank-r scores only *choose* which keys each query attends to (a ``keep`` fr
 (layer, KV head), plus sink and recent tokens), and attention over the chosen keys is exact
 (``drrl_gym.selection``, docs/selection.md). With ``cache_projected_keys`` (deployed models, ``drrl_gym.export``) the keys are projected once, at full
 width, when they enter, and kept beside the KV cache together with a running key Gram, so a segment projects and
-accumulates only its T new keys instead of all L visible ones; without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
+accumulates only its T new keys instead of all L visible ones; without it (the environment, whose CUDA graphs need fixed buffers) every forward re-projects them. In ``"select"`` mode
+with cached projected keys, one decoded token on CUDA (``DECODE_KERNEL_DEVICES``) runs through
+``drrl_gym.selection_decode.selection_decode`` over that cache, which reads only the keys it chooses; longer forwards,
+the CPU and the environment run the dense reference. q and k arrive post-RoPE, so the projection happens after the rotation. When the ranks of one layer differ
 across KV heads or batch rows, the prefix is taken at the largest of them and the extra columns of q are zeroed: the
 result is the same as slicing each head separately; FLOPs are accounted per head (``drrl_gym.flops``).
 
@@ -39,9 +42,14 @@ from drrl_gym.selection import (
     dropped_mass_bound_table,
     selection_attention,
 )
+from drrl_gym.rotated_cache import rotate_precisely
+from drrl_gym.selection_decode import selection_decode
 
 ATTENTION_NAME = "drrl_dynamic_rank"
 APPROXIMATIONS = ("lowrank_scores", "select")
+# Devices on which one decoded token with cached projected keys goes through selection_decode (a kernel that reads
+# only the chosen keys) instead of the dense reference; elsewhere the reference runs, as in the environment.
+DECODE_KERNEL_DEVICES = ("cuda",)
 
 
 def validate_rank_choices(rank_choices: Sequence[int], head_dim: int) -> tuple[int, ...]:
@@ -334,6 +342,15 @@ class DynamicRankAttention:
                     recent_tokens=self.recent_tokens, selection=self.selection)
         ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
         keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
+        if (n_queries == 1 and cached_keys is not None and self.selection == "group"
+                and query.device.type in DECODE_KERNEL_DEVICES):
+            # One decoded token over the projected-key cache: the decode kernel reads only what it chooses. Every
+            # cached key is visible to the new token (the cache holds this sequence's keys, the new one last).
+            rotated_query = rotate_precisely(query, self.basis[layer])[:, :, 0]  # q~ = q P, (B, H, d)
+            lengths = torch.full((batch,), rotated.shape[2], dtype=torch.long, device=query.device)
+            out = selection_decode(rotated_query, rotated, value, lengths, ranks, keep, scaling=scaling,
+                                   sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
+            return self._keep(layer, out[:, None])
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)

@@ -35,8 +35,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.hf_compat import cache_argument, pop_cache
 from drrl_gym.lowrank import ATTENTION_NAME
-from drrl_gym.rotated_cache import RotatedCache, check_basis, stream_capturing
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, check_window, checked_keep, rotate, visible_mask
+from drrl_gym.rotated_cache import RotatedCache, check_basis, rotate_precisely, stream_capturing
+from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, check_window, checked_keep, visible_mask
 from drrl_gym.selection_decode import rows_layout, selection_decode
 
 PRESS_ATTENTION = "drrl_selection_press"
@@ -122,8 +122,8 @@ class SelectionPress:
         rotated_cache = key.dim() == 5
         basis = self.basis[layer]
         if new == 1:
-            rotated_query = rotate(query.float(), basis).to(query.dtype)[:, :, 0]  # q~ = q P, (B, H, d)
-            keys = key if rotated_cache else rotate(key.float(), basis).to(key.dtype)  # K~ = K P
+            rotated_query = rotate_precisely(query, basis)[:, :, 0]  # q~ = q P, (B, H, d)
+            keys = key if rotated_cache else rotate_precisely(key, basis)  # K~ = K P
             out = selection_decode(rotated_query, keys, value, lengths, self.ranks[layer], self.keeps[layer],
                                    scaling=scaling, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                    backend=self.backend)
@@ -133,7 +133,7 @@ class SelectionPress:
             raise NotImplementedError("padding is not supported inside a selection press: rows have different "
                                       "positions. Fix: run sequences of equal length without padding.")
         if rotated_cache:  # exact in the rotated frame: (q P)(K P)^T = q K^T
-            query = rotate(query.float(), basis).to(query.dtype)
+            query = rotate_precisely(query, basis)
             key = rows_layout(key[:, :, :, :visible])
         else:
             key = key[:, :, :visible]

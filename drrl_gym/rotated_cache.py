@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from drrl_gym.selection import rotate
 from drrl_gym.selection_decode import DIM_BLOCK
 
 ORTHONORMAL_TOLERANCE = 1e-3  # max |P^T P - I|: a float32 eigenbasis is orthonormal to ~1e-6; anything else is wrong
@@ -40,8 +41,13 @@ def stream_capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def rotate_precisely(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """x P (``drrl_gym.selection.rotate``) computed in at least float32 and returned in x's dtype: one rounding."""
+    return rotate(x.to(torch.promote_types(x.dtype, torch.float32)), basis).to(x.dtype)
+
+
 def check_basis(basis: torch.Tensor, num_layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """``basis`` as float32 after checking its shape (num_layers, H_kv, d, d), d % DIM_BLOCK and orthonormality."""
+    """``basis`` in at least float32 after checking its shape (num_layers, H_kv, d, d), d % DIM_BLOCK and orthonormality."""
     expected = (num_layers, kv_heads, head_dim, head_dim)
     if not isinstance(basis, torch.Tensor) or tuple(basis.shape) != expected:
         got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
@@ -50,8 +56,8 @@ def check_basis(basis: torch.Tensor, num_layers: int, kv_heads: int, head_dim: i
     if head_dim % DIM_BLOCK:
         raise ValueError(f"head_dim {head_dim} is not a multiple of {DIM_BLOCK}: the dim-blocked key layout cannot hold "
                          "it. Fix: use a model whose head_dim is a multiple of 16 (Llama-family models are).")
-    basis = basis.detach().float()
-    error = (basis.transpose(-1, -2) @ basis - torch.eye(head_dim, device=basis.device)).abs().max()
+    basis = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
+    error = (basis.transpose(-1, -2) @ basis - torch.eye(head_dim, dtype=basis.dtype, device=basis.device)).abs().max()
     if float(error) > ORTHONORMAL_TOLERANCE:
         raise ValueError(f"the basis is not orthonormal (max |P^T P - I| = {float(error):.2e}): rotated scores would not "
                          "equal the model's. Fix: pass orthonormal columns, e.g. an eigenbasis from drrl_gym.calibration.")
@@ -69,7 +75,7 @@ class RotatedLayer(CacheLayerMixin):
                  device: torch.device | str, value_dim: int | None = None):
         super().__init__()
         kv_heads, head_dim = basis.shape[0], basis.shape[-1]
-        self.basis = basis.to(device=device, dtype=torch.float32)  # (H_kv, d, d): rotation in float32, one rounding
+        self.basis = basis.to(device)  # (H_kv, d, d), at least float32
         self.max_cache_len, self.batch_size, self.num_heads = max_length, batch_size, kv_heads
         self.dtype, self.device = dtype, torch.device(device)
         self.keys = torch.zeros(batch_size, kv_heads, head_dim // DIM_BLOCK, max_length, DIM_BLOCK, dtype=dtype,
@@ -96,7 +102,7 @@ class RotatedLayer(CacheLayerMixin):
                 raise ValueError(f"the rotated cache holds {self.max_cache_len} positions, {written} are written and "
                                  f"{new} more arrived. Fix: create it with max_length >= prompt + new tokens.")
         positions = torch.arange(new, device=self.device) + self.cumulative_length
-        rotated = (key_states.float() @ self.basis).to(self.dtype)  # K~ = K P, (B, H_kv, T, d)
+        rotated = rotate_precisely(key_states, self.basis).to(self.dtype)  # K~ = K P, (B, H_kv, T, d)
         blocked = rotated.unflatten(-1, (head_dim // DIM_BLOCK, DIM_BLOCK)).transpose(2, 3)  # (B, H_kv, d/16, T, 16)
         self.keys.index_copy_(3, positions, blocked)
         self.values.index_copy_(2, positions, value_states.to(self.dtype))

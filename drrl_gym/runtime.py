@@ -22,7 +22,9 @@ runtime sits at ``model.drrl``. What a forward pass does:
 When the policy reads statistics (or a mask is set) they are recorded on every call: the queries at full width
 and their Gram; keys are projected once, when they enter, into a cache of projected keys with a running Gram
 (``DynamicRankAttention(cache_projected_keys=True)``), so a call costs work proportional to its new tokens, not to
-the keys visible (``drrl_gym.flops``, ``key_cache=True``). Unsupported (clear error): padding (an ``attention_mask`` with zeros: segment boundaries
+the keys visible (``drrl_gym.flops``, ``key_cache=True``). In selection mode a decoded token (one new token, on CUDA) attends through
+``drrl_gym.selection_decode.selection_decode`` over that projected (rotated) key cache instead of the dense
+reference. Unsupported (clear error): padding (an ``attention_mask`` with zeros: segment boundaries
 would differ per row), a cache that does not continue the runtime's sequence (e.g. beam search reordering rows or
 a cropped cache), compilable (static) caches.
 """
