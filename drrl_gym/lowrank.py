@@ -36,13 +36,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES, exact_basis
+from drrl_gym.rotated_cache import rotate_precisely
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     dropped_mass_bound_table,
     selection_attention,
 )
-from drrl_gym.rotated_cache import rotate_precisely
 from drrl_gym.selection_decode import selection_decode
 
 ATTENTION_NAME = "drrl_dynamic_rank"
