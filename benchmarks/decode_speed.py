@@ -269,6 +269,8 @@ def fill_comparisons(rows: list[Row], quality: dict[int, dict[str, float]]) -> N
                  and (r.length, r.batch) == (row.length, row.batch)]
         if row.tokens_per_s and plain:
             row.speedup = row.tokens_per_s / max(plain)
+            if row.method == "plain" and row.tokens_per_s == max(plain) and len(plain) > 1:
+                row.note = (row.note + " fastest plain").strip()
 
 
 def markdown(rows: list[Row], header: str) -> str:

@@ -248,3 +248,30 @@ def test_decode_step_captured_as_a_cuda_graph_equals_eager() -> None:
         torch.cuda.synchronize()
         assert int(cache.get_seq_length()) == 65
     torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_equals_the_reference_backend_and_the_export_decodes_alike(monkeypatch) -> None:
+    """The GPU kernel (backend "auto") against the PyTorch reference: the press's generate, and the exported
+    selection model's decode path against its dense reference."""
+    backbone = load_backbone("tiny-random-llama", "cuda", dtype=torch.float32)
+    basis = random_basis(backbone).cuda()
+    ranks, keeps = allocation(backbone, seed=4)
+    prompt = tokens(backbone, PROMPT, seed=4).cuda()
+    options = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for backend in ("auto", "reference"):
+        with selection_press(backbone.model, basis, ranks, keeps, backend=backend):
+            runs[backend] = backbone.model.generate(prompt, **options)
+    assert torch.equal(runs["auto"].sequences, runs["reference"].sequences)
+    torch.testing.assert_close(torch.stack(runs["auto"].logits), torch.stack(runs["reference"].logits), rtol=1e-4,
+                               atol=1e-4)
+
+    spec = ControllerSpec((4, 8, 12, 16), "layer", segment_len=16, seq_len=64, epsilon=None, basis_mode="calibrated",
+                          attention="select", keep_choices=(0.25, 0.5, 1.0))
+    model = build_dynamic_rank_model(backbone, RandomRanks(spec.controller(backbone.geometry), seed=4), basis, spec)
+    kernel = model.generate(prompt, **options)
+    monkeypatch.setattr(lowrank, "DECODE_KERNEL_DEVICES", ())
+    dense = model.generate(prompt, **options)
+    assert torch.equal(kernel.sequences, dense.sequences)
+    torch.testing.assert_close(torch.stack(kernel.logits), torch.stack(dense.logits), rtol=1e-4, atol=1e-4)
