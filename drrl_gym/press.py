@@ -87,7 +87,7 @@ class SelectionPress:
         check_window(sink_tokens, recent_tokens)
         self.sink_tokens, self.recent_tokens, self.backend = sink_tokens, recent_tokens, backend
         self.ranks = self._per_head(ranks, torch.long, "ranks").to(self.device)
-        if self.ranks.is_floating_point() or int(self.ranks.min()) < 1 or int(self.ranks.max()) > g.head_dim:
+        if int(self.ranks.min()) < 1 or int(self.ranks.max()) > g.head_dim:
             raise ValueError(f"ranks must be integers in [1, head_dim={g.head_dim}], got {ranks!r}. Fix: clip them.")
         self.keeps = checked_keep(self._per_head(keeps, torch.float64, "keeps")).to(self.device)
 
@@ -158,6 +158,9 @@ class SelectionPress:
         if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens") is not None:
             raise NotImplementedError("assisted decoding is not supported inside a selection press (it crops the "
                                       "cache). Fix: generate without an assistant.")
+        if setting("use_cache") is False:
+            raise NotImplementedError("generate inside a selection press decodes from its cache. Fix: keep "
+                                      "use_cache=True (the default).")
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and not bool(mask.all()):
             raise NotImplementedError("padding is not supported inside a selection press: rows must have equal "

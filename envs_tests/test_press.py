@@ -165,6 +165,8 @@ def test_bad_inputs_fail_clearly(tiny_llama, tiny_gpt2) -> None:
         selection_press(model, 2 * basis, 4, 0.5).__enter__()
     with pytest.raises(ValueError, match=r"ranks must be integers in \[1, head_dim=16\]"):
         selection_press(model, basis, 17, 0.5).__enter__()
+    with pytest.raises(ValueError, match="ranks must be integers, got torch.float32"):
+        selection_press(model, basis, torch.full((g.num_layers, g.num_kv_heads), 8.0), 0.5).__enter__()
     with pytest.raises(ValueError, match=r"keeps must be a number or a \(2, 2\)"):
         selection_press(model, basis, 4, torch.ones(3)).__enter__()
     with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\]"):
@@ -178,6 +180,8 @@ def test_bad_inputs_fail_clearly(tiny_llama, tiny_gpt2) -> None:
             model.generate(prompt, max_new_tokens=4, num_beams=2)
         with pytest.raises(NotImplementedError, match="padding.*Fix"):
             model.generate(prompt, attention_mask=padded, max_new_tokens=4)
+        with pytest.raises(NotImplementedError, match="use_cache=True"):
+            model.generate(prompt, max_new_tokens=4, use_cache=False)
         with pytest.raises(NotImplementedError, match="padding.*Fix"):
             model(prompt, attention_mask=padded, **cache_argument(press.new_cache(2, 8)))
         with pytest.raises(TypeError, match="DynamicCache cannot serve.*Fix"):
