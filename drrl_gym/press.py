@@ -138,8 +138,9 @@ class SelectionPress:
         else:
             key = key[:, :, :visible]
         causal = new == visible  # a fresh prompt; otherwise the T queries are the last T of the visible keys
-        group = query.shape[1] // key.shape[1]  # KV heads repeated for the query heads (as transformers' repeat_kv):
-        key, value = key.repeat_interleave(group, 1), value[:, :, :visible].repeat_interleave(group, 1)  # any backend
+        # Each KV head repeated for its query heads, as transformers' repeat_kv does: every SDPA backend takes that.
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, 1), value[:, :, :visible].repeat_interleave(group, 1)
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=causal,
                                              attn_mask=None if causal else visible_mask(new, visible, query.device))
         return out.transpose(1, 2).contiguous()
