@@ -1,0 +1,345 @@
+"""Triton kernels of one-token selection attention over a rotated key cache (the math: ``drrl_gym.selection``).
+
+Four kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph):
+
+1. ``_score_kernel``, grid (B H_kv, score splits): the rank-r scores (2) of the G query heads of a group against
+   every visible key, reading only the first r columns of K~ (column blocks of 16 up to ceil(r/16), columns >= r
+   masked, so a masked sector is never fetched; the dim-blocked layout makes those columns contiguous). It writes
+   the G scores per key to a float32 scratch (G L_max per group, small next to K~ and L2-resident) and, per split
+   and head, the running (max, sum exp) of the scores for the logsumexp of (3).
+2. ``_threshold_kernel``, grid (B H_kv): one program holds all of a group's keys in registers (L_max <=
+   MAX_KEYS). It combines the partials into logsumexp_h, forms the priorities (3), computes k by (4) on the device,
+   and finds the (k - forced)-th largest priority among the non-forced visible keys exactly, by a radix select on
+   the float bit pattern (4 passes of 8 bits, one 256-bin histogram each: 4 block reductions where a bisection
+   needs 32). The kept keys (forced, or priority >= that threshold) are compacted into an index list.
+3. ``_attend_kernel``, grid (B H_kv, attend splits): exact attention (5) over the kept list only, flash-decoding
+   style: each split gathers its share of the kept K~ rows (full width) and V rows, so an unkept key costs no
+   traffic and no arithmetic, and writes an online-softmax partial (normalised output, max, sum exp).
+4. ``_combine_kernel``, grid (B H_kv): merges the partials of the splits into the output.
+
+Why this split: choosing needs the global logsumexp of every head before any key can be ranked, and the exact pass
+needs the threshold, so there are three dependent reductions over L; a grid-wide barrier is a kernel boundary. The
+split counts fill the GPU at any batch (B H_kv programs alone are 48 at B = 16, against 132 SMs), and the kept-list
+gather makes the exact pass cost k rows, not L.
+
+Ties: every non-forced key whose priority equals the threshold is kept, so a row may keep a few more than k keys
+when priorities tie exactly (never fewer). The reference breaks ties by position instead; random data has no ties.
+
+Settings (lengths, rank, keep) are read on the device with their strides (a broadcast (B, 1) or scalar view costs
+no copy) and clamped into range (n into [1, L_max], r into [1, d], k into [1, n]): the kernel path cannot check
+values without a host sync; the reference checks them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from drrl_gym.selection import KEEP_RTOL
+
+DIM_BLOCK = 16  # columns per block of the dim-blocked layout (drrl_gym.selection_decode.DIM_BLOCK)
+MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
+SCORE_BLOCK = 128  # keys per tile of the score kernel
+ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
+WAVES = 4  # programs per SM the split counts aim at
+RTOL_INVERSE = round(1 / KEEP_RTOL)
+assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
+
+
+@triton.jit
+def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr, len_s, rank_ptr, rank_sb, rank_sg,
+                  scores_ptr, pmax_ptr, psum_ptr, L_max, H_kv, n_splits, scaling,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    bg, split = tl.program_id(0), tl.program_id(1)
+    b, g = bg // H_kv, bg % H_kv
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
+    r = tl.minimum(tl.maximum(tl.load(rank_ptr + b * rank_sb + g * rank_sg).to(tl.int32), 1), D)
+    per = tl.cdiv(tl.cdiv(n, n_splits), BLOCK) * BLOCK
+    start = split * per
+    stop = tl.minimum(start + per, n)
+    heads = tl.arange(0, G_PAD)
+    cols = tl.arange(0, DIM_BLOCK)
+    q_rows = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh
+    keys = k_ptr + b * k_sb + g * k_sg
+    row_max = tl.full([G_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([G_PAD], tl.float32)
+    for j0 in range(start, stop, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        in_range = j < stop
+        acc = tl.zeros([G_PAD, BLOCK], tl.float32)
+        for c0 in range(0, r, DIM_BLOCK):  # (2): only the column blocks below r, columns >= r never loaded
+            col_ok = (c0 + cols) < r
+            q = tl.load(q_rows + c0 + cols[None, :], mask=(heads[:, None] < G) & col_ok[None, :], other=0.0)
+            k = tl.load(keys + (c0 // DIM_BLOCK) * k_sblk + j[:, None] * k_srow + cols[None, :],
+                        mask=in_range[:, None] & col_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                acc += tl.dot(q, tl.trans(k))  # bf16/fp16 products are exact in the fp32 accumulator
+        s = tl.where(in_range[None, :], acc * scaling, float("-inf"))
+        tl.store(scores_ptr + (bg * G + heads[:, None]) * L_max + j[None, :], s,
+                 mask=(heads[:, None] < G) & in_range[None, :])
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+        row_max = new_max
+    partial = (bg * G + heads) * n_splits + split
+    tl.store(pmax_ptr + partial, row_max, mask=heads < G)
+    tl.store(psum_ptr + partial, row_sum, mask=heads < G)
+
+
+@triton.jit
+def _radix_step(key, match, prefix, remaining, SHIFT: tl.constexpr, HIGH: tl.constexpr):
+    """One 8-bit digit of the k-th largest: among the keys whose higher digits equal ``prefix``, the largest digit
+    with at least ``remaining`` keys at or above it. Keys are int32 whose unsigned order is the priority order."""
+    match = match & ((key & HIGH) == prefix)
+    digit = (key >> SHIFT) & 255
+    hist = tl.histogram(digit, 256, mask=match)
+    bins = tl.arange(0, 256)
+    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    chosen = tl.max(tl.where(at_or_above >= remaining, bins, 0), 0)
+    remaining -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
+    return prefix | (chosen << SHIFT), remaining
+
+
+@triton.jit
+def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
+                      total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
+                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    bg = tl.program_id(0)
+    b, g = bg // H_kv, bg % H_kv
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
+    j = tl.arange(0, BLOCK_N)
+    visible = j < n
+    splits = tl.arange(0, SPLITS_PAD)
+    priority = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for h in tl.static_range(G):  # (3): max over heads of the score minus that head's logsumexp over V
+        part = (bg * G + h) * n_splits + splits
+        pmax = tl.load(pmax_ptr + part, mask=splits < n_splits, other=float("-inf"))
+        psum = tl.load(psum_ptr + part, mask=splits < n_splits, other=0.0)
+        top = tl.max(pmax, 0)
+        lse = top + tl.log(tl.sum(psum * tl.exp(pmax - top), 0))
+        s = tl.load(scores_ptr + (bg * G + h) * L_max + j, mask=visible, other=float("-inf"))
+        priority = tl.maximum(priority, s - lse)
+    forced = visible & ((j < sink_tokens) | (j > n - 1 - recent_tokens))
+    candidate = visible & ~forced
+    # (4) as drrl_gym.selection.kept_counts: k = max(ceil(keep n (1 - rtol)), min(n, sinks + recent)), 1 <= k <= n
+    keep = tl.load(keep_ptr + b * keep_sb + g * keep_sg).to(tl.float64)
+    one = tl.full([], 1.0, tl.float64)
+    rtol = one / RTOL_INVERSE  # KEEP_RTOL in float64 (a float argument or literal would be rounded to float32)
+    wanted = tl.ceil(keep * n.to(tl.float64) * (one - rtol)).to(tl.int32)
+    k = tl.minimum(tl.maximum(tl.maximum(wanted, tl.minimum(n, sink_tokens + recent_tokens)), 1), n)
+    need = k - tl.sum(forced.to(tl.int32), 0)
+    # float bits -> int32 whose signed order is the float order, then the sign bit flipped: unsigned order
+    bits = priority.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = ordered ^ -2147483648
+    prefix = tl.zeros([], tl.int32)
+    prefix, remaining = _radix_step(key, candidate, prefix, need, 24, 0)
+    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 16, -(1 << 24))
+    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 8, -(1 << 16))
+    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 0, -(1 << 8))
+    threshold = prefix ^ -2147483648  # back to the signed order of ``ordered``
+    kept = forced | (candidate & (ordered >= threshold) & (need > 0))
+    kept_int = kept.to(tl.int32)
+    place = tl.cumsum(kept_int, 0) - 1
+    tl.store(index_ptr + bg * L_max + place, j, mask=kept)
+    tl.store(total_ptr + bg, tl.sum(kept_int, 0))
+
+
+@triton.jit
+def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, v_sb, v_sg, v_srow, index_ptr,
+                   total_ptr, out_ptr, omax_ptr, osum_ptr, L_max, H_kv, n_splits, scaling,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                   IEEE: tl.constexpr):
+    bg, split = tl.program_id(0), tl.program_id(1)
+    b, g = bg // H_kv, bg % H_kv
+    total = tl.load(total_ptr + bg)
+    per = tl.cdiv(total, n_splits)
+    start = split * per
+    stop = tl.minimum(start + per, total)
+    heads = tl.arange(0, G_PAD)
+    cols = tl.arange(0, D)
+    vcols = tl.arange(0, DV)
+    q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :], mask=heads[:, None] < G,
+                other=0.0)
+    key_cols = (cols // DIM_BLOCK) * k_sblk + cols % DIM_BLOCK  # either layout: block stride, then within block
+    keys = k_ptr + b * k_sb + g * k_sg
+    values = v_ptr + b * v_sb + g * v_sg
+    row_max = tl.full([G_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV], tl.float32)
+    for p0 in range(start, stop, BLOCK):
+        place = p0 + tl.arange(0, BLOCK)
+        in_range = place < stop
+        j = tl.load(index_ptr + bg * L_max + place, mask=in_range, other=0)
+        k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(values + j[:, None] * v_srow + vcols[None, :], mask=in_range[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(in_range[None, :], s * scaling, float("-inf"))  # (5): exact scores, full width, fp32
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        alpha = tl.exp(row_max - new_max)
+        p = tl.exp(s - new_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:  # tf32 keeps p to 2^-11 where a bf16 p would round to 2^-8; bf16/fp16 values are exact in tf32
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
+        row_max = new_max
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    slot = (bg * n_splits + split) * G_PAD + heads
+    tl.store(out_ptr + slot[:, None] * DV + vcols[None, :], out)
+    tl.store(omax_ptr + slot, row_max)
+    tl.store(osum_ptr + slot, row_sum)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, H_kv, n_splits,
+                    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    bg = tl.program_id(0)
+    b, g = bg // H_kv, bg % H_kv
+    heads = tl.arange(0, G_PAD)
+    vcols = tl.arange(0, DV)
+    splits = tl.arange(0, SPLITS_PAD)
+    slots = (bg * n_splits + splits)[:, None] * G_PAD + heads[None, :]
+    pmax = tl.load(omax_ptr + slots, mask=(splits < n_splits)[:, None], other=float("-inf"))
+    top = tl.max(pmax, 0)  # (G_PAD,): finite, every group keeps at least one key
+    total = tl.sum(tl.load(osum_ptr + slots, mask=(splits < n_splits)[:, None], other=0.0)
+                   * tl.exp(pmax - top[None, :]), 0)
+    acc = tl.zeros([G_PAD, DV], tl.float32)
+    for split in range(n_splits):
+        slot = (bg * n_splits + split) * G_PAD + heads
+        weight = tl.load(osum_ptr + slot) * tl.exp(tl.load(omax_ptr + slot) - top)
+        acc += weight[:, None] * tl.load(part_ptr + slot[:, None] * DV + vcols[None, :])
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * o_sb + (g * G + heads)[:, None] * o_sh + vcols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=heads[:, None] < G)
+
+
+def _setting(value: torch.Tensor | float, batch: int, kv_heads: int, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """A (B, H_kv) view of a per-(row, KV head) setting: a broadcast view of a device tensor (no copy, no sync), or a
+    filled tensor for a Python number."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch, kv_heads), value, dtype=dtype, device=device)
+    if value.device != device:
+        raise ValueError(f"settings must live on the keys' device {device}, got {value.device}. Fix: move rank, keep "
+                         "and lengths to the device once (a host tensor would need a copy in every step).")
+    try:
+        return value.expand(batch, kv_heads)
+    except RuntimeError:
+        raise ValueError(f"setting {tuple(value.shape)} must broadcast to (B, H_kv) = {(batch, kv_heads)}. Fix: pass "
+                         "a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
+
+
+def _split_count(groups: int, device: torch.device, most: int) -> int:
+    """Splits per group so that the grid is about WAVES programs per SM, at most ``most``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(most, triton.cdiv(WAVES * sms, groups)))
+
+
+def selection_decode_triton(
+    rotated_query: torch.Tensor,
+    rotated_keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    rank: torch.Tensor | int,
+    keep: torch.Tensor | float,
+    *,
+    scaling: float,
+    sink_tokens: int,
+    recent_tokens: int,
+) -> torch.Tensor:
+    """The kernel path of ``drrl_gym.selection_decode.selection_decode`` (same arguments, shapes checked here)."""
+    if rotated_query.dim() != 3:
+        raise ValueError(f"rotated_query must be (B, H, d), got {tuple(rotated_query.shape)}")
+    batch, heads, d = rotated_query.shape
+    if rotated_keys.dim() == 4 and rotated_keys.shape[0] == batch and rotated_keys.shape[-1] == d:
+        kv_heads, l_max = rotated_keys.shape[1], rotated_keys.shape[2]
+        k_sblk, k_srow = DIM_BLOCK, rotated_keys.stride(2)  # rows: column block c starts 16 c elements into a row
+        column_stride = rotated_keys.stride(3)
+    elif rotated_keys.dim() == 5 and rotated_keys.shape[0] == batch and rotated_keys.shape[2:5:2] == (
+            d // DIM_BLOCK, DIM_BLOCK):
+        kv_heads, l_max = rotated_keys.shape[1], rotated_keys.shape[3]
+        k_sblk, k_srow = rotated_keys.stride(2), rotated_keys.stride(3)
+        column_stride = rotated_keys.stride(4)
+    else:
+        raise ValueError(f"rotated keys {tuple(rotated_keys.shape)} fit neither (B, H_kv, L, d) nor (B, H_kv, d // "
+                         f"{DIM_BLOCK}, L, {DIM_BLOCK}) for the query's B = {batch}, d = {d}")
+    dv = values.shape[-1]
+    if d % DIM_BLOCK or d & (d - 1) or dv & (dv - 1) or dv < 16:
+        raise ValueError(f"the kernel needs head_dim a power of two >= {DIM_BLOCK} (got d = {d}, dv = {dv}). Fix: use "
+                         "backend='reference'.")
+    if values.dim() != 4 or tuple(values.shape[:3]) != (batch, kv_heads, l_max):
+        raise ValueError(f"values must be (B, H_kv, L_max, dv) = {(batch, kv_heads, l_max, dv)}, got "
+                         f"{tuple(values.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if not rotated_query.dtype == rotated_keys.dtype == values.dtype or rotated_query.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"query, keys and values need one dtype among float32, bfloat16, float16; got "
+                         f"{rotated_query.dtype}, {rotated_keys.dtype}, {values.dtype}. Fix: cast the query to the "
+                         "cache's dtype.")
+    if rotated_query.stride(2) != 1 or column_stride != 1 or values.stride(3) != 1:
+        raise ValueError("the last dimension of the query, keys and values must be contiguous. Fix: .contiguous().")
+    if l_max > MAX_KEYS:
+        raise ValueError(f"L_max = {l_max} exceeds MAX_KEYS = {MAX_KEYS} (the threshold kernel holds a group's "
+                         "priorities in registers). Fix: use backend='reference' for longer caches.")
+    if lengths.dim() != 1 or lengths.shape[0] != batch or lengths.is_floating_point():
+        raise ValueError(f"lengths must be an integer (B,) = ({batch},) tensor, got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    device = rotated_query.device
+    for name, tensor in (("keys", rotated_keys), ("values", values), ("lengths", lengths)):
+        if tensor.device != device:
+            raise ValueError(f"{name} on {tensor.device}, the query on {device}. Fix: keep them on one device.")
+    rank = _setting(rank, batch, kv_heads, device, torch.int32)
+    keep = _setting(keep, batch, kv_heads, device, torch.float64)
+    if rank.is_floating_point() or not keep.is_floating_point():
+        raise ValueError(f"rank must be integers and keep floats, got {rank.dtype} and {keep.dtype}")
+
+    group, groups = heads // kv_heads, batch * kv_heads
+    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    ieee = rotated_query.dtype == torch.float32
+    score_splits = _split_count(groups, device, triton.cdiv(l_max, SCORE_BLOCK))
+    attend_splits = _split_count(groups, device, triton.cdiv(l_max, ATTEND_BLOCK))
+    f32 = dict(dtype=torch.float32, device=device)
+    scores = torch.empty(groups, group, l_max, **f32)
+    score_max = torch.empty(groups, group, score_splits, **f32)
+    score_sum = torch.empty(groups, group, score_splits, **f32)
+    kept_index = torch.empty(groups, l_max, dtype=torch.int32, device=device)
+    kept_total = torch.empty(groups, dtype=torch.int32, device=device)
+    partial = torch.empty(groups, attend_splits, g_pad, dv, **f32)
+    partial_max = torch.empty(groups, attend_splits, g_pad, **f32)
+    partial_sum = torch.empty(groups, attend_splits, g_pad, **f32)
+    out = torch.empty(batch, heads, dv, dtype=values.dtype, device=device)
+
+    q_strides = (rotated_query.stride(0), rotated_query.stride(1))
+    k_strides = (rotated_keys.stride(0), rotated_keys.stride(1), k_sblk, k_srow)
+    _score_kernel[(groups, score_splits)](
+        rotated_query, *q_strides, rotated_keys, *k_strides, lengths, lengths.stride(0), rank, *rank.stride(),
+        scores, score_max, score_sum, l_max, kv_heads, score_splits, scaling,
+        G=group, G_PAD=g_pad, D=d, BLOCK=SCORE_BLOCK, IEEE=ieee, num_warps=4)
+    block_n = triton.next_power_of_2(l_max)
+    _threshold_kernel[(groups,)](
+        scores, score_max, score_sum, lengths, lengths.stride(0), keep, *keep.stride(), kept_index, kept_total,
+        l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
+        RTOL_INVERSE=RTOL_INVERSE, G=group, SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK_N=block_n,
+        num_warps=16 if block_n >= 4096 else 4)
+    _attend_kernel[(groups, attend_splits)](
+        rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
+        values.stride(2), kept_index, kept_total, partial, partial_max, partial_sum, l_max, kv_heads, attend_splits,
+        scaling, G=group, G_PAD=g_pad, D=d, DV=dv, BLOCK=ATTEND_BLOCK, IEEE=ieee, num_warps=4)
+    _combine_kernel[(groups,)](
+        partial, partial_max, partial_sum, out, out.stride(0), out.stride(1), kv_heads, attend_splits,
+        G=group, G_PAD=g_pad, DV=dv, SPLITS_PAD=triton.next_power_of_2(attend_splits), num_warps=4)
+    return out
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
