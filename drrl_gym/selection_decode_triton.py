@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 
 from drrl_gym.selection import KEEP_RTOL
+from drrl_gym.selection_decode import DIM_BLOCK
 
-DIM_BLOCK = 16  # columns per block of the dim-blocked layout (drrl_gym.selection_decode.DIM_BLOCK)
+COLUMN_BLOCK = tl.constexpr(DIM_BLOCK)  # the kernels' view of DIM_BLOCK
 MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
 SCORE_BLOCK = 128  # keys per tile of the score kernel
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
@@ -61,7 +62,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
     start = split * per
     stop = tl.minimum(start + per, n)
     heads = tl.arange(0, G_PAD)
-    cols = tl.arange(0, DIM_BLOCK)
+    cols = tl.arange(0, COLUMN_BLOCK)
     q_rows = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh
     keys = k_ptr + b * k_sb + g * k_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -70,10 +71,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
         j = j0 + tl.arange(0, BLOCK)
         in_range = j < stop
         acc = tl.zeros([G_PAD, BLOCK], tl.float32)
-        for c0 in range(0, r, DIM_BLOCK):  # (2): only the column blocks below r, columns >= r never loaded
+        for c0 in range(0, r, COLUMN_BLOCK):  # (2): only the column blocks below r, columns >= r never loaded
             col_ok = (c0 + cols) < r
             q = tl.load(q_rows + c0 + cols[None, :], mask=(heads[:, None] < G) & col_ok[None, :], other=0.0)
-            k = tl.load(keys + (c0 // DIM_BLOCK) * k_sblk + j[:, None] * k_srow + cols[None, :],
+            k = tl.load(keys + (c0 // COLUMN_BLOCK) * k_sblk + j[:, None] * k_srow + cols[None, :],
                         mask=in_range[:, None] & col_ok[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -165,7 +166,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
     vcols = tl.arange(0, DV)
     q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :], mask=heads[:, None] < G,
                 other=0.0)
-    key_cols = (cols // DIM_BLOCK) * k_sblk + cols % DIM_BLOCK  # either layout: block stride, then within block
+    key_cols = (cols // COLUMN_BLOCK) * k_sblk + cols % COLUMN_BLOCK  # either layout: block stride, then within block
     keys = k_ptr + b * k_sb + g * k_sg
     values = v_ptr + b * v_sb + g * v_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
