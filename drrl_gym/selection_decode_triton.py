@@ -3,19 +3,20 @@
 Four kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph):
 
 1. ``_score_kernel``, grid (B H_kv, score splits): the rank-r scores (2) of the G query heads of a group against
-   every visible key, reading only the first r columns of K~ (column blocks of 16 up to ceil(r/16), columns >= r
-   masked, so a masked sector is never fetched; the dim-blocked layout makes those columns contiguous). It writes
-   the G scores per key to a float32 scratch (G L_max per group, small next to K~ and L2-resident) and, per split
-   and head, the running (max, sum exp) of the scores for the logsumexp of (3).
-2. ``_threshold_kernel``, grid (B H_kv): one program holds all of a group's keys in registers (L_max <=
-   MAX_KEYS). It combines the partials into logsumexp_h, forms the priorities (3), computes k by (4) on the device,
-   and finds the (k - forced)-th largest priority among the non-forced visible keys exactly, by a radix select on
-   the float bit pattern (4 passes of 8 bits, one 256-bin histogram each: 4 block reductions where a bisection
-   needs 32). The kept keys (forced, or priority >= that threshold) are compacted into an index list.
+   every visible key, reading only the column blocks of K~ that start below r (a block-uniform mask: a skipped
+   block is never fetched, and the loads stay vectorised; the dim-blocked layout makes those blocks contiguous).
+   It writes the G scores per key to a float32 scratch (G L_max per group, small next to K~ and L2-resident) and,
+   per split and head, the running (max, sum exp) of the scores for the logsumexp of (3).
+2. ``_threshold_kernel``, grid (B H_kv): one program holds all of a group's keys in registers (L_max <= MAX_KEYS).
+   It combines the partials into logsumexp_h, forms the priorities (3), computes k by (4) on the device, and finds
+   the (k - forced)-th largest priority among the non-forced visible keys exactly: a search over the float bit
+   pattern (as int32, in the float order) with SEARCH_WAYS probes per pass, each pass one block reduction, that
+   stops as soon as the count at the lower bound is exactly the number wanted (about log_4 n passes). The kept keys
+   (forced, or priority >= that bound) are compacted into an index list.
 3. ``_attend_kernel``, grid (B H_kv, attend splits): exact attention (5) over the kept list only, flash-decoding
    style: each split gathers its share of the kept K~ rows (full width) and V rows, so an unkept key costs no
    traffic and no arithmetic, and writes an online-softmax partial (normalised output, max, sum exp).
-4. ``_combine_kernel``, grid (B H_kv): merges the partials of the splits into the output.
+4. ``_combine_kernel``, grid (B H): merges the partials of the splits into the output.
 
 Why this split: choosing needs the global logsumexp of every head before any key can be ranked, and the exact pass
 needs the threshold, so there are three dependent reductions over L; a grid-wide barrier is a kernel boundary. The
@@ -46,6 +47,8 @@ MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
 SCORE_BLOCK = 128  # keys per tile of the score kernel
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
 WAVES = 4  # programs per SM the split counts aim at
+SEARCH_WAYS = 4  # probes per pass of the threshold search
+THRESHOLD_WARPS = 16  # warps of the threshold kernel at L_max >= 4096
 RTOL_INVERSE = round(1 / KEEP_RTOL)
 assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
 
@@ -71,11 +74,14 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
         j = j0 + tl.arange(0, BLOCK)
         in_range = j < stop
         acc = tl.zeros([G_PAD, BLOCK], tl.float32)
-        for c0 in range(0, r, COLUMN_BLOCK):  # (2): only the column blocks below r, columns >= r never loaded
-            col_ok = (c0 + cols) < r
-            q = tl.load(q_rows + c0 + cols[None, :], mask=(heads[:, None] < G) & col_ok[None, :], other=0.0)
-            k = tl.load(keys + (c0 // COLUMN_BLOCK) * k_sblk + j[:, None] * k_srow + cols[None, :],
-                        mask=in_range[:, None] & col_ok[None, :], other=0.0)
+        for block in tl.static_range(D // COLUMN_BLOCK):
+            # (2): a column block is loaded only if it starts below r (a whole block is one 32-byte sector in bf16,
+            # and a block-uniform mask keeps the loads vectorised); q's columns >= r are zero, so the partly used
+            # last block adds nothing beyond r
+            c = block * COLUMN_BLOCK + cols
+            q = tl.load(q_rows + c[None, :], mask=(heads[:, None] < G) & (c < r)[None, :], other=0.0)
+            k = tl.load(keys + block * k_sblk + j[:, None] * k_srow + cols[None, :],
+                        mask=in_range[:, None] & (block * COLUMN_BLOCK < r), other=0.0)
             if IEEE:
                 acc += tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -92,23 +98,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
 
 
 @triton.jit
-def _radix_step(key, match, prefix, remaining, SHIFT: tl.constexpr, HIGH: tl.constexpr):
-    """One 8-bit digit of the k-th largest: among the keys whose higher digits equal ``prefix``, the largest digit
-    with at least ``remaining`` keys at or above it. Keys are int32 whose unsigned order is the priority order."""
-    match = match & ((key & HIGH) == prefix)
-    digit = (key >> SHIFT) & 255
-    hist = tl.histogram(digit, 256, mask=match)
-    bins = tl.arange(0, 256)
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    chosen = tl.max(tl.where(at_or_above >= remaining, bins, 0), 0)
-    remaining -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-    return prefix | (chosen << SHIFT), remaining
-
-
-@triton.jit
 def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
                       total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
-                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      WAYS: tl.constexpr):
     bg = tl.program_id(0)
     b, g = bg // H_kv, bg % H_kv
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
@@ -133,17 +126,24 @@ def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, 
     wanted = tl.ceil(keep * n.to(tl.float64) * (one - rtol)).to(tl.int32)
     k = tl.minimum(tl.maximum(tl.maximum(wanted, tl.minimum(n, sink_tokens + recent_tokens)), 1), n)
     need = k - tl.sum(forced.to(tl.int32), 0)
-    # float bits -> int32 whose signed order is the float order, then the sign bit flipped: unsigned order
+    # float bits -> int32 keys in the float order; non-candidates get the smallest key and are never counted
     bits = priority.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = ordered ^ -2147483648
-    prefix = tl.zeros([], tl.int32)
-    prefix, remaining = _radix_step(key, candidate, prefix, need, 24, 0)
-    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 16, -(1 << 24))
-    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 8, -(1 << 16))
-    prefix, remaining = _radix_step(key, candidate, prefix, remaining, 0, -(1 << 8))
-    threshold = prefix ^ -2147483648  # back to the signed order of ``ordered``
-    kept = forced | (candidate & (ordered >= threshold) & (need > 0))
+    key = tl.where(candidate, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+    # the need-th largest key t: count(key >= t) >= need > count(key >= hi). A WAYS-ary search keeps
+    # count(key >= low) >= need > count(key >= high) and stops as soon as count(key >= low) == need (then
+    # key >= low is exactly the need highest keys): about log_WAYS(n) passes of one block reduction each.
+    low = tl.min(tl.where(candidate, key, 2147483647), 0).to(tl.int64)
+    high = tl.max(key, 0).to(tl.int64) + 1
+    at_low = tl.sum(candidate.to(tl.int32), 0)
+    step = tl.arange(1, WAYS + 1).to(tl.int64)
+    while (high - low > 1) & (at_low != need) & (need > 0):
+        probe = (low + (high - low) * step // (WAYS + 1)).to(tl.int32)  # WAYS points inside (low, high)
+        counts = tl.sum((key[None, :] >= probe[:, None]).to(tl.int32), 1)
+        enough = counts >= need
+        low = tl.max(tl.where(enough, probe, low.to(tl.int32)), 0).to(tl.int64)
+        at_low = tl.min(tl.where(enough, counts, at_low), 0)
+        high = tl.min(tl.where(enough, high, probe.to(tl.int64)), 0)
+    kept = forced | (candidate & (key >= low.to(tl.int32)) & (need > 0))
     kept_int = kept.to(tl.int32)
     place = tl.cumsum(kept_int, 0) - 1
     tl.store(index_ptr + bg * L_max + place, j, mask=kept)
@@ -162,11 +162,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
     start = split * per
     stop = tl.minimum(start + per, total)
     heads = tl.arange(0, G_PAD)
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, COLUMN_BLOCK)
     vcols = tl.arange(0, DV)
-    q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :], mask=heads[:, None] < G,
-                other=0.0)
-    key_cols = (cols // COLUMN_BLOCK) * k_sblk + cols % COLUMN_BLOCK  # either layout: block stride, then within block
+    q_rows = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh
     keys = k_ptr + b * k_sb + g * k_sg
     values = v_ptr + b * v_sb + g * v_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -176,13 +174,17 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
         place = p0 + tl.arange(0, BLOCK)
         in_range = place < stop
         j = tl.load(index_ptr + bg * L_max + place, mask=in_range, other=0)
-        k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None], other=0.0)
+        s = tl.zeros([G_PAD, BLOCK], tl.float32)
+        for block in tl.static_range(D // COLUMN_BLOCK):  # (5): exact scores at full width, block by block
+            q = tl.load(q_rows + block * COLUMN_BLOCK + cols[None, :], mask=heads[:, None] < G, other=0.0)
+            k = tl.load(keys + block * k_sblk + j[:, None] * k_srow + cols[None, :], mask=in_range[:, None],
+                        other=0.0)
+            if IEEE:
+                s += tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s += tl.dot(q, tl.trans(k))
         v = tl.load(values + j[:, None] * v_srow + vcols[None, :], mask=in_range[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(in_range[None, :], s * scaling, float("-inf"))  # (5): exact scores, full width, fp32
+        s = tl.where(in_range[None, :], s * scaling, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.exp(row_max - new_max)
         p = tl.exp(s - new_max[:, None])
@@ -200,26 +202,20 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
 
 
 @triton.jit
-def _combine_kernel(part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, H_kv, n_splits,
+def _combine_kernel(part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, H, n_splits,
                     G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    bg = tl.program_id(0)
-    b, g = bg // H_kv, bg % H_kv
-    heads = tl.arange(0, G_PAD)
+    bh = tl.program_id(0)  # one query head of one row
+    b, h = bh // H, bh % H
+    bg, head = bh // G, bh % G  # its group (b H_kv + h // G) and place in the group
     vcols = tl.arange(0, DV)
     splits = tl.arange(0, SPLITS_PAD)
-    slots = (bg * n_splits + splits)[:, None] * G_PAD + heads[None, :]
-    pmax = tl.load(omax_ptr + slots, mask=(splits < n_splits)[:, None], other=float("-inf"))
-    top = tl.max(pmax, 0)  # (G_PAD,): finite, every group keeps at least one key
-    total = tl.sum(tl.load(osum_ptr + slots, mask=(splits < n_splits)[:, None], other=0.0)
-                   * tl.exp(pmax - top[None, :]), 0)
-    acc = tl.zeros([G_PAD, DV], tl.float32)
-    for split in range(n_splits):
-        slot = (bg * n_splits + split) * G_PAD + heads
-        weight = tl.load(osum_ptr + slot) * tl.exp(tl.load(omax_ptr + slot) - top)
-        acc += weight[:, None] * tl.load(part_ptr + slot[:, None] * DV + vcols[None, :])
-    out = acc / total[:, None]
-    tl.store(out_ptr + b * o_sb + (g * G + heads)[:, None] * o_sh + vcols[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=heads[:, None] < G)
+    slots = (bg * n_splits + splits) * G_PAD + head
+    real = splits < n_splits
+    pmax = tl.load(omax_ptr + slots, mask=real, other=float("-inf"))
+    weight = tl.load(osum_ptr + slots, mask=real, other=0.0) * tl.exp(pmax - tl.max(pmax, 0))  # top is finite
+    parts = tl.load(part_ptr + slots[:, None] * DV + vcols[None, :], mask=real[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + vcols, out.to(out_ptr.dtype.element_ty))
 
 
 def _setting(value: torch.Tensor | float, batch: int, kv_heads: int, device: torch.device,
@@ -330,13 +326,13 @@ def selection_decode_triton(
         scores, score_max, score_sum, lengths, lengths.stride(0), keep, *keep.stride(), kept_index, kept_total,
         l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
         RTOL_INVERSE=RTOL_INVERSE, G=group, SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK_N=block_n,
-        num_warps=16 if block_n >= 4096 else 4)
+        WAYS=SEARCH_WAYS, num_warps=THRESHOLD_WARPS if block_n >= 4096 else 4)
     _attend_kernel[(groups, attend_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
         values.stride(2), kept_index, kept_total, partial, partial_max, partial_sum, l_max, kv_heads, attend_splits,
         scaling, G=group, G_PAD=g_pad, D=d, DV=dv, BLOCK=ATTEND_BLOCK, IEEE=ieee, num_warps=4)
-    _combine_kernel[(groups,)](
-        partial, partial_max, partial_sum, out, out.stride(0), out.stride(1), kv_heads, attend_splits,
+    _combine_kernel[(batch * heads,)](
+        partial, partial_max, partial_sum, out, out.stride(0), out.stride(1), heads, attend_splits,
         G=group, G_PAD=g_pad, DV=dv, SPLITS_PAD=triton.next_power_of_2(attend_splits), num_warps=4)
     return out
 
