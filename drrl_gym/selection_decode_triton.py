@@ -10,7 +10,7 @@ Four kernels, all on the device, no host synchronisation (one decode step can be
 2. ``_threshold_kernel``, grid (B H_kv): one program holds all of a group's keys in registers (L_max <= MAX_KEYS).
    It combines the partials into logsumexp_h, forms the priorities (3), computes k by (4) on the device, and finds
    the (k - forced)-th largest priority among the non-forced visible keys exactly: a search over the float bit
-   pattern (as int32, in the float order) with SEARCH_WAYS probes per pass, each pass one block reduction, that
+   pattern (as int32, in the float order) with 3 probes per pass, each pass one block reduction, that
    stops as soon as the count at the lower bound is exactly the number wanted (about log_4 n passes). The kept keys
    (forced, or priority >= that bound) are compacted into an index list.
 3. ``_attend_kernel``, grid (B H_kv, attend splits): exact attention (5) over the kept list only, flash-decoding
@@ -47,7 +47,6 @@ MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
 SCORE_BLOCK = 128  # keys per tile of the score kernel
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
 WAVES = 4  # programs per SM the split counts aim at
-SEARCH_WAYS = 4  # probes per pass of the threshold search
 THRESHOLD_WARPS = 16  # warps of the threshold kernel at L_max >= 4096
 RTOL_INVERSE = round(1 / KEEP_RTOL)
 assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
@@ -65,27 +64,25 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
     start = split * per
     stop = tl.minimum(start + per, n)
     heads = tl.arange(0, G_PAD)
-    cols = tl.arange(0, COLUMN_BLOCK)
-    q_rows = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh
+    cols = tl.arange(0, D)
+    # (2): a column block of K~ is loaded only if it starts below r (a whole block is one 32-byte sector in bf16, and
+    # a block-uniform mask keeps the loads vectorised); q's columns >= r are zero, so the partly used last block adds
+    # nothing beyond r. Column c of a key lies at block c // 16 (stride k_sblk), place c % 16 in either layout.
+    wanted = (cols // COLUMN_BLOCK) * COLUMN_BLOCK < r
+    key_cols = (cols // COLUMN_BLOCK) * k_sblk + cols % COLUMN_BLOCK
+    q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :],
+                mask=(heads[:, None] < G) & (cols < r)[None, :], other=0.0)
     keys = k_ptr + b * k_sb + g * k_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([G_PAD], tl.float32)
     for j0 in range(start, stop, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         in_range = j < stop
-        acc = tl.zeros([G_PAD, BLOCK], tl.float32)
-        for block in tl.static_range(D // COLUMN_BLOCK):
-            # (2): a column block is loaded only if it starts below r (a whole block is one 32-byte sector in bf16,
-            # and a block-uniform mask keeps the loads vectorised); q's columns >= r are zero, so the partly used
-            # last block adds nothing beyond r
-            c = block * COLUMN_BLOCK + cols
-            q = tl.load(q_rows + c[None, :], mask=(heads[:, None] < G) & (c < r)[None, :], other=0.0)
-            k = tl.load(keys + block * k_sblk + j[:, None] * k_srow + cols[None, :],
-                        mask=in_range[:, None] & (block * COLUMN_BLOCK < r), other=0.0)
-            if IEEE:
-                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                acc += tl.dot(q, tl.trans(k))  # bf16/fp16 products are exact in the fp32 accumulator
+        k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None] & wanted[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            acc = tl.dot(q, tl.trans(k))  # bf16/fp16 products are exact in the fp32 accumulator
         s = tl.where(in_range[None, :], acc * scaling, float("-inf"))
         tl.store(scores_ptr + (bg * G + heads[:, None]) * L_max + j[None, :], s,
                  mask=(heads[:, None] < G) & in_range[None, :])
@@ -98,10 +95,30 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
 
 
 @triton.jit
+def _merge_softmax(max_a, sum_a, max_b, sum_b):
+    """(max, sum exp) of the union of two sets of scores: the flash-decoding merge."""
+    top = tl.maximum(max_a, max_b)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    return top, sum_a * tl.exp(max_a - safe) + sum_b * tl.exp(max_b - safe)
+
+
+@triton.jit
+def _window_stats(f_a, c_a, lo_a, hi_a, f_b, c_b, lo_b, hi_b):
+    """forced count, candidate count, smallest and largest candidate key: one reduction for four statistics."""
+    return f_a + f_b, c_a + c_b, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
 def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
                       total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
-                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                      WAYS: tl.constexpr):
+                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Block-wide reductions cost a barrier each and this kernel is one program per group (few programs, serial
+    # steps), so statistics that can share a reduction do: about G + 2 + passes of them in all.
     bg = tl.program_id(0)
     b, g = bg // H_kv, bg % H_kv
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
@@ -111,43 +128,47 @@ def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, 
     priority = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for h in tl.static_range(G):  # (3): max over heads of the score minus that head's logsumexp over V
         part = (bg * G + h) * n_splits + splits
-        pmax = tl.load(pmax_ptr + part, mask=splits < n_splits, other=float("-inf"))
-        psum = tl.load(psum_ptr + part, mask=splits < n_splits, other=0.0)
-        top = tl.max(pmax, 0)
-        lse = top + tl.log(tl.sum(psum * tl.exp(pmax - top), 0))
+        top, total = tl.reduce((tl.load(pmax_ptr + part, mask=splits < n_splits, other=float("-inf")),
+                                tl.load(psum_ptr + part, mask=splits < n_splits, other=0.0)), 0, _merge_softmax)
         s = tl.load(scores_ptr + (bg * G + h) * L_max + j, mask=visible, other=float("-inf"))
-        priority = tl.maximum(priority, s - lse)
+        priority = tl.maximum(priority, s - (top + tl.log(total)))
     forced = visible & ((j < sink_tokens) | (j > n - 1 - recent_tokens))
     candidate = visible & ~forced
+    # float bits -> int32 keys in the float order
+    bits = priority.to(tl.int32, bitcast=True)
+    key = tl.where(candidate, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+    n_forced, at_low, low, high = tl.reduce((forced.to(tl.int32), candidate.to(tl.int32),
+                                             tl.where(candidate, key, 2147483647), key), 0, _window_stats)
     # (4) as drrl_gym.selection.kept_counts: k = max(ceil(keep n (1 - rtol)), min(n, sinks + recent)), 1 <= k <= n
     keep = tl.load(keep_ptr + b * keep_sb + g * keep_sg).to(tl.float64)
     one = tl.full([], 1.0, tl.float64)
     rtol = one / RTOL_INVERSE  # KEEP_RTOL in float64 (a float argument or literal would be rounded to float32)
     wanted = tl.ceil(keep * n.to(tl.float64) * (one - rtol)).to(tl.int32)
     k = tl.minimum(tl.maximum(tl.maximum(wanted, tl.minimum(n, sink_tokens + recent_tokens)), 1), n)
-    need = k - tl.sum(forced.to(tl.int32), 0)
-    # float bits -> int32 keys in the float order; non-candidates get the smallest key and are never counted
-    bits = priority.to(tl.int32, bitcast=True)
-    key = tl.where(candidate, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-    # the need-th largest key t: count(key >= t) >= need > count(key >= hi). A WAYS-ary search keeps
-    # count(key >= low) >= need > count(key >= high) and stops as soon as count(key >= low) == need (then
-    # key >= low is exactly the need highest keys): about log_WAYS(n) passes of one block reduction each.
-    low = tl.min(tl.where(candidate, key, 2147483647), 0).to(tl.int64)
-    high = tl.max(key, 0).to(tl.int64) + 1
-    at_low = tl.sum(candidate.to(tl.int32), 0)
-    step = tl.arange(1, WAYS + 1).to(tl.int64)
+    need = k - n_forced  # non-forced keys to keep
+    # The need-th largest candidate key: a 4-ary search over [low, high) that keeps
+    # count(key >= low) = at_low >= need > count(key >= high) and stops as soon as at_low == need (key >= low is then
+    # exactly the need highest keys): about log_4 of the keys' spread over the gap at the threshold, ~8 passes.
+    low = low.to(tl.int64)
+    high = high.to(tl.int64) + 1
     while (high - low > 1) & (at_low != need) & (need > 0):
-        probe = (low + (high - low) * step // (WAYS + 1)).to(tl.int32)  # WAYS points inside (low, high)
-        counts = tl.sum((key[None, :] >= probe[:, None]).to(tl.int32), 1)
-        enough = counts >= need
-        low = tl.max(tl.where(enough, probe, low.to(tl.int32)), 0).to(tl.int64)
-        at_low = tl.min(tl.where(enough, counts, at_low), 0)
-        high = tl.min(tl.where(enough, high, probe.to(tl.int64)), 0)
-    kept = forced | (candidate & (key >= low.to(tl.int32)) & (need > 0))
-    kept_int = kept.to(tl.int32)
-    place = tl.cumsum(kept_int, 0) - 1
+        width = high - low
+        probe1 = (low + width // 4).to(tl.int32)
+        probe2 = (low + width // 2).to(tl.int32)
+        probe3 = (low + 3 * width // 4).to(tl.int32)  # low <= probe1 <= probe2 <= probe3 < high, probe2 > low
+        count1, count2, count3 = tl.reduce(((key >= probe1).to(tl.int32), (key >= probe2).to(tl.int32),
+                                            (key >= probe3).to(tl.int32)), 0, _add3)
+        low, at_low = tl.where(count1 >= need, probe1.to(tl.int64), low), tl.where(count1 >= need, count1, at_low)
+        low, at_low = tl.where(count2 >= need, probe2.to(tl.int64), low), tl.where(count2 >= need, count2, at_low)
+        low, at_low = tl.where(count3 >= need, probe3.to(tl.int64), low), tl.where(count3 >= need, count3, at_low)
+        high = tl.where(count3 < need, probe3.to(tl.int64), high)
+        high = tl.where(count2 < need, probe2.to(tl.int64), high)
+        high = tl.where(count1 < need, probe1.to(tl.int64), high)
+    chosen = candidate & (key >= low.to(tl.int32)) & (need > 0)
+    kept = forced | chosen
+    place = tl.cumsum(kept.to(tl.int32), 0) - 1
     tl.store(index_ptr + bg * L_max + place, j, mask=kept)
-    tl.store(total_ptr + bg, tl.sum(kept_int, 0))
+    tl.store(total_ptr + bg, n_forced + tl.where(need > 0, at_low, 0))
 
 
 @triton.jit
@@ -162,9 +183,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
     start = split * per
     stop = tl.minimum(start + per, total)
     heads = tl.arange(0, G_PAD)
-    cols = tl.arange(0, COLUMN_BLOCK)
+    cols = tl.arange(0, D)
     vcols = tl.arange(0, DV)
-    q_rows = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh
+    q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :], mask=heads[:, None] < G,
+                other=0.0)
+    key_cols = (cols // COLUMN_BLOCK) * k_sblk + cols % COLUMN_BLOCK  # column c in either layout
     keys = k_ptr + b * k_sb + g * k_sg
     values = v_ptr + b * v_sb + g * v_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -174,15 +197,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
         place = p0 + tl.arange(0, BLOCK)
         in_range = place < stop
         j = tl.load(index_ptr + bg * L_max + place, mask=in_range, other=0)
-        s = tl.zeros([G_PAD, BLOCK], tl.float32)
-        for block in tl.static_range(D // COLUMN_BLOCK):  # (5): exact scores at full width, block by block
-            q = tl.load(q_rows + block * COLUMN_BLOCK + cols[None, :], mask=heads[:, None] < G, other=0.0)
-            k = tl.load(keys + block * k_sblk + j[:, None] * k_srow + cols[None, :], mask=in_range[:, None],
-                        other=0.0)
-            if IEEE:
-                s += tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s += tl.dot(q, tl.trans(k))
+        k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None], other=0.0)
+        if IEEE:  # (5): exact scores at full width
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
         v = tl.load(values + j[:, None] * v_srow + vcols[None, :], mask=in_range[:, None], other=0.0)
         s = tl.where(in_range[None, :], s * scaling, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
@@ -326,7 +345,7 @@ def selection_decode_triton(
         scores, score_max, score_sum, lengths, lengths.stride(0), keep, *keep.stride(), kept_index, kept_total,
         l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
         RTOL_INVERSE=RTOL_INVERSE, G=group, SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK_N=block_n,
-        WAYS=SEARCH_WAYS, num_warps=THRESHOLD_WARPS if block_n >= 4096 else 4)
+        num_warps=THRESHOLD_WARPS if block_n >= 4096 else 4)
     _attend_kernel[(groups, attend_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
         values.stride(2), kept_index, kept_total, partial, partial_max, partial_sum, l_max, kv_heads, attend_splits,
