@@ -47,7 +47,7 @@ MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
 SCORE_BLOCK = 128  # keys per tile of the score kernel
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
 WAVES = 4  # programs per SM the split counts aim at
-THRESHOLD_WARPS = 16  # warps of the threshold kernel at L_max >= 4096
+THRESHOLD_WARPS = 8  # warps of the threshold kernel at L_max >= 4096
 RTOL_INVERSE = round(1 / KEEP_RTOL)
 assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
 
