@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, check_window, selection_attention
+from drrl_gym.selection import (
+    DEFAULT_RECENT_TOKENS,
+    DEFAULT_SINK_TOKENS,
+    _checked_scaling,
+    check_window,
+    selection_attention,
+)
 
 DIM_BLOCK = 16  # columns per block of the dim-blocked layout: 32 bytes in bf16, one memory sector
 
@@ -127,9 +133,8 @@ def selection_decode(
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
                          "for the CPU interpreter). Fix: move the tensors to the GPU or use backend='reference'.")
     check_window(sink_tokens, recent_tokens)
-    d = rotated_query.shape[-1]
     return selection_decode_triton(rotated_query, rotated_keys, values, lengths, rank, keep,
-                                   scaling=d**-0.5 if scaling is None else float(scaling),
+                                   scaling=_checked_scaling(scaling, rotated_query.shape[-1]),
                                    sink_tokens=sink_tokens, recent_tokens=recent_tokens)
 
 

@@ -273,7 +273,8 @@ def selection_decode_triton(
 ) -> torch.Tensor:
     """The kernel path of ``drrl_gym.selection_decode.selection_decode`` (same arguments, shapes checked here)."""
     if rotated_query.dim() != 3:
-        raise ValueError(f"rotated_query must be (B, H, d), got {tuple(rotated_query.shape)}")
+        raise ValueError(f"rotated_query must be (B, H, d), got {tuple(rotated_query.shape)}. Fix: pass the new token's "
+                         "query as query[:, :, 0] of the (B, H, 1, d) attention input, rotated.")
     batch, heads, d = rotated_query.shape
     if rotated_keys.dim() == 4 and rotated_keys.shape[0] == batch and rotated_keys.shape[-1] == d:
         kv_heads, l_max = rotated_keys.shape[1], rotated_keys.shape[2]
@@ -286,16 +287,18 @@ def selection_decode_triton(
         column_stride = rotated_keys.stride(4)
     else:
         raise ValueError(f"rotated keys {tuple(rotated_keys.shape)} fit neither (B, H_kv, L, d) nor (B, H_kv, d // "
-                         f"{DIM_BLOCK}, L, {DIM_BLOCK}) for the query's B = {batch}, d = {d}")
+                         f"{DIM_BLOCK}, L, {DIM_BLOCK}) for the query's B = {batch}, d = {d}. Fix: pass the cache's rotated keys "
+                         "(drrl_gym.selection_decode.dim_blocked_layout makes the second layout).")
     dv = values.shape[-1]
     if d % DIM_BLOCK or d & (d - 1) or dv & (dv - 1) or dv < 16:
         raise ValueError(f"the kernel needs head_dim a power of two >= {DIM_BLOCK} (got d = {d}, dv = {dv}). Fix: use "
                          "backend='reference'.")
     if values.dim() != 4 or tuple(values.shape[:3]) != (batch, kv_heads, l_max):
         raise ValueError(f"values must be (B, H_kv, L_max, dv) = {(batch, kv_heads, l_max, dv)}, got "
-                         f"{tuple(values.shape)}")
+                         f"{tuple(values.shape)}. Fix: pass the value cache that belongs to the keys.")
     if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads. Fix: pass the query before "
+                         "any repeat_kv, heads in (B, H, d) order.")
     if not rotated_query.dtype == rotated_keys.dtype == values.dtype or rotated_query.dtype not in (
             torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"query, keys and values need one dtype among float32, bfloat16, float16; got "
@@ -308,7 +311,7 @@ def selection_decode_triton(
                          "priorities in registers). Fix: use backend='reference' for longer caches.")
     if lengths.dim() != 1 or lengths.shape[0] != batch or lengths.is_floating_point():
         raise ValueError(f"lengths must be an integer (B,) = ({batch},) tensor, got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
+                         f"{tuple(lengths.shape)}. Fix: pass the visible key count of each row as int32 or int64.")
     device = rotated_query.device
     for name, tensor in (("keys", rotated_keys), ("values", values), ("lengths", lengths)):
         if tensor.device != device:
@@ -316,7 +319,8 @@ def selection_decode_triton(
     rank = _setting(rank, batch, kv_heads, device, torch.int32)
     keep = _setting(keep, batch, kv_heads, device, torch.float64)
     if rank.is_floating_point() or not keep.is_floating_point():
-        raise ValueError(f"rank must be integers and keep floats, got {rank.dtype} and {keep.dtype}")
+        raise ValueError(f"rank must be integers and keep floats, got {rank.dtype} and {keep.dtype}. Fix: "
+                         "rank.long(), keep.double().")
 
     group, groups = heads // kv_heads, batch * kv_heads
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
