@@ -14,14 +14,20 @@ Layouts of the rotated keys (both accepted everywhere):
 
 The row ``b`` sees its first ``lengths[b]`` keys (the new token's own key included, at position lengths[b] - 1).
 :func:`selection_decode_reference` is the PyTorch reference (dense, row by row, exactly ``selection_attention`` at
-T = 1); :func:`selection_decode` dispatches to the GPU kernel when one applies.
+T = 1); :func:`selection_decode` runs the Triton kernels of ``drrl_gym.selection_decode_triton`` on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, selection_attention
+from drrl_gym.selection import (
+    DEFAULT_RECENT_TOKENS,
+    DEFAULT_SINK_TOKENS,
+    _checked_scaling,
+    check_window,
+    selection_attention,
+)
 
 DIM_BLOCK = 16  # columns per block of the dim-blocked layout: 32 bytes in bf16, one memory sector
 
@@ -86,6 +92,9 @@ def selection_decode_reference(
     return torch.cat(rows)
 
 
+BACKENDS = ("auto", "triton", "reference")
+
+
 def selection_decode(
     rotated_query: torch.Tensor,
     rotated_keys: torch.Tensor,
@@ -101,9 +110,37 @@ def selection_decode(
 ) -> torch.Tensor:
     """Selection attention of one new token per row, (B, H, dv): :func:`selection_decode_reference`'s arguments.
 
-    ``backend``: ``"auto"`` or ``"reference"``; both run the PyTorch reference in this version.
+    backend: "triton" runs ``drrl_gym.selection_decode_triton`` (CUDA tensors, or CPU ones under Triton's
+    interpreter, TRITON_INTERPRET=1): everything stays on the device, with no host synchronisation, so a call can be
+    captured in a CUDA graph; pass lengths, rank and keep as device tensors. It checks shapes and dtypes but cannot
+    check values without a sync (out-of-range ones are clamped), and keeps every key that ties the threshold.
+    "reference" runs the PyTorch reference. "auto" picks "triton" for CUDA tensors when triton imports, else
+    "reference".
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"unknown backend {backend!r}. Fix: pass 'auto' or 'reference'.")
-    return selection_decode_reference(rotated_query, rotated_keys, values, lengths, rank, keep, scaling=scaling,
-                                      sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}. Fix: choose one of {BACKENDS}.")
+    if backend == "auto":
+        backend = "triton" if rotated_query.is_cuda and _triton_available() else "reference"
+    if backend == "reference":
+        return selection_decode_reference(rotated_query, rotated_keys, values, lengths, rank, keep, scaling=scaling,
+                                          sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package. Fix: pip install 'triton>=3.6,<3.7' (Linux) or "
+                         "use backend='reference'.")
+    from drrl_gym.selection_decode_triton import interpreter_enabled, selection_decode_triton
+
+    if not rotated_query.is_cuda and not interpreter_enabled():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+                         "for the CPU interpreter). Fix: move the tensors to the GPU or use backend='reference'.")
+    check_window(sink_tokens, recent_tokens)
+    return selection_decode_triton(rotated_query, rotated_keys, values, lengths, rank, keep,
+                                   scaling=_checked_scaling(scaling, rotated_query.shape[-1]),
+                                   sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
