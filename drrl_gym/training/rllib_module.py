@@ -8,7 +8,8 @@ Layout (that of SB3's ActorCriticPolicy with a shared features extractor, which 
 observation (B, n_units * n_features), viewed as (B, n_units, n_features) -> the actor's token transformer ->
 features (B, n_units * d_model) -> the actor's policy MLP and action head -> logits (B, n_units * n_choices), the
 concatenated per-unit logits of RLlib's MultiCategorical; the same features -> value MLP -> value. The spaces give
-n_units (the MultiDiscrete's length), n_choices and n_features; ``model_config`` gives the sizes (``ARCH_KEYS``).
+n_units (the MultiDiscrete's length), n_choices and n_features; ``model_config`` gives the sizes (``ARCH_KEYS``,
+``VALUE_KEYS``; other keys, such as those PPO adds to every model config, are not the module's and are ignored).
 
 RLlib's deterministic action (``to_deterministic()``) is the per-unit argmax of these logits; the export's
 :class:`~drrl_gym.policies.NetworkPolicy` takes the argmax over the allowed choices, so the two agree wherever the
@@ -48,9 +49,6 @@ def arch_for_spaces(observation_space: spaces.Space, action_space: spaces.Space,
     if size % n_units:
         raise ValueError(f"observation size {size} is not a multiple of the {n_units} action units. Fix: use "
                          "DRRL-Attention-v0's unflattened-per-unit observations.")
-    unknown = set(model_config) - set(ARCH_KEYS) - set(VALUE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown model_config keys {sorted(unknown)}. Fix: use {sorted({**ARCH_KEYS, **VALUE_KEYS})}.")
     sizes = {key: model_config.get(key, default) for key, default in ARCH_KEYS.items()}
     return PolicyArch(n_units=n_units, n_features=size // n_units, n_choices=int(action_space.nvec[0]), **sizes)
 
