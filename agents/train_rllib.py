@@ -6,7 +6,7 @@
     python agents/train_rllib.py --env-kwargs env.yaml --gpus 4 --num-envs-per-env-runner 16              # 4 GPUs
     python agents/train_rllib.py --resume runs/rllib-X/checkpoints/iter_000004 --iterations 8            # continue
 
-How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through :func:`make_rllib_env`:
+How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through ``drrl_gym.training.rllib_env.make_rllib_env``:
 its ``--num-envs-per-env-runner`` envs are one :class:`drrl_gym.vector.DRRLAttentionVecEnv` (one batched forward
 per step, NEXT_STEP autoreset as RLlib's runner expects), so each runner process loads its own frozen model. With
 ``--num-gpus-per-env-runner 1`` Ray gives every runner its own GPU and restricts the runner's
@@ -61,11 +61,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
 from omegaconf import OmegaConf
 
-from drrl_gym import DRRLAttentionEnv, DRRLAttentionVecEnv, EnvConfig
+from drrl_gym import DRRLAttentionEnv, EnvConfig
 from drrl_gym.cli import int_list, number_in
 from drrl_gym.export import export_env_policy
 from drrl_gym.training.config import (
@@ -78,12 +76,10 @@ from drrl_gym.training.config import (
     read_yaml,
 )
 from drrl_gym.training.evaluation import evaluate_export
+from drrl_gym.training.rllib_env import INFO_METRICS, log_rank_metrics, make_rllib_env
 from drrl_gym.training.rllib_layout import GpuLayout
 
-ENV_ID = "DRRL-Attention-v0"
 RLLIB_ENV = "drrl-attention-rllib"  # the name the creator is registered under with Ray
-INFO_METRICS = ("fidelity", "flops_saved_scores", "rank_fraction", "mask_rejections")
-INFO_WINDOW = 256  # env steps per runner that the logged rank metrics average over
 FORWARDED_ENV_VARS = ("DRRL_GYM_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 METRIC_COLUMNS = ("iteration", "env_steps", "episodes", "episode_return_mean", "episode_len_mean", *INFO_METRICS,
                   "total_loss", "entropy", "iteration_time_s", "total_time_s")
@@ -248,41 +244,6 @@ def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ Ray pieces
-def runner_device(requested: str) -> str:
-    """``"auto"`` in a Ray process: the GPU Ray assigned (the only one it sees, so ``"cuda"``), else the CPU."""
-    import ray
-
-    if requested != "auto":
-        return requested
-    return "cuda" if ray.get_gpu_ids() else "cpu"
-
-
-def make_rllib_env(context: Mapping[str, Any]) -> DRRLAttentionVecEnv:
-    """RLlib's vector env creator (``gym_env_vectorize_mode="vector_entry_point"``): the calling env runner's
-    ``num_envs`` envs as one :class:`DRRLAttentionVecEnv` (one batched forward per step) with NEXT_STEP autoreset,
-    the layout RLlib's ``SingleAgentEnvRunner`` records episodes in (``drrl_gym.vector`` says why SAME_STEP would
-    not do).
-
-    ``context`` is RLlib's env config (the ``env_kwargs``) with ``num_envs`` added. The model is loaded once per
-    process (``drrl_gym.resources``), so each env runner holds exactly one model, on its own device.
-    """
-    kwargs = {**context, "device": runner_device(context.get("device", "auto"))}
-    num_envs = kwargs.pop("num_envs", 1)
-    env = DRRLAttentionVecEnv(num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, **kwargs)
-    print(f"env runner (pid {os.getpid()}): {num_envs} x {ENV_ID} batched, with {kwargs.get('model', EnvConfig.model)} "
-          f"on {env.batch.backbone.device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
-          flush=True)
-    return env
-
-
-def log_rank_metrics(*, episode: Any, metrics_logger: Any, **_: Any) -> None:
-    """``on_episode_step`` callback: the env's rank info of each step as env-runner metrics ``drrl/<key>``."""
-    info = episode.get_infos(-1)
-    for key in INFO_METRICS:
-        if key in info:
-            metrics_logger.log_value(("drrl", key), float(np.mean(info[key])), window=INFO_WINDOW)
-
-
 def build_config(config: TrainConfig) -> Any:
     """The RLlib ``PPOConfig`` (new API stack: RLModule, Learner, EnvRunner) for this config."""
     from ray.rllib.algorithms.ppo import PPOConfig

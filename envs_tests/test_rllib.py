@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from agents.train_rllib import build_config, env_kwargs_from, main, parse_args, resolve_run
+from agents.train_rllib import MODULE_DIR, build_config, env_kwargs_from, main, parse_args, resolve_run
 from drrl_gym.training.config import ConfigError, RLlibConfig, TrainConfig
 from drrl_gym.training.rllib_layout import GpuLayout
 
@@ -107,10 +107,12 @@ def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from ray.rllib.core.rl_module.rl_module import RLModule
 
+    from drrl_gym.export import load_exported_policy
     from drrl_gym.training.algorithms import make_env
 
     run_dir = main([*SMALL_RUN, "--iterations", "2", "--seed", "0", "--run-dir", str(tmp_path / "run"),
-                    "--env-kwargs", *TINY_ENV])
+                    "--num-envs-per-env-runner", "2", "--set", "evaluate.eval_sequences=2",
+                    "--env-kwargs", *TINY_ENV, "epsilon_start=.inf", "epsilon_end=.inf"])
     rows = read_metrics(run_dir)
     assert [row["iteration"] for row in rows] == [1, 2]
     assert [row["env_steps"] for row in rows] == [32, 64]
@@ -129,9 +131,12 @@ def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
     assert [row["env_steps"] for row in rows] == [32, 64, 96]
     assert (checkpoints / "iter_000003" / "rllib_checkpoint.json").is_file()
 
-    module = RLModule.from_checkpoint(checkpoints / "iter_000003" / "learner_group" / "learner" / "rl_module" /
-                                      "default_policy")
+    module = RLModule.from_checkpoint(checkpoints.joinpath("iter_000003", *MODULE_DIR))
     env = make_env(**env_kwargs_from(TINY_ENV))
+    # The resumed run exported iteration 3's policy and evaluated it; the export acts as the checkpoint's module.
+    assert (run_dir / "eval" / "results.json").is_file()
+    assert_same_actions(module, load_exported_policy(run_dir / "export").policy, make_env(
+        **env_kwargs_from([*TINY_ENV, "epsilon_start=.inf", "epsilon_end=.inf"])))
     observation, _ = env.reset(seed=1)
     output = module.forward_inference({"obs": torch.as_tensor(observation[None])})
     logits = output["action_dist_inputs"]
@@ -179,7 +184,8 @@ def local_env_runner(config: TrainConfig):
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
     from ray.tune.registry import register_env
 
-    from agents.train_rllib import RLLIB_ENV, make_rllib_env
+    from agents.train_rllib import RLLIB_ENV
+    from drrl_gym.training.rllib_env import make_rllib_env
 
     register_env(RLLIB_ENV, make_rllib_env)
     return SingleAgentEnvRunner(config=build_config(config))
@@ -252,9 +258,34 @@ def assert_same_actions(module, policy, env, episodes: int = 2) -> None:
             output = module.forward_inference({"obs": torch.as_tensor(observation[None])})
             rllib_action = module.get_inference_action_dist_cls().from_logits(
                 output["action_dist_inputs"]).to_deterministic().sample()[0].numpy()
-            allowed = env.action_masks().reshape(1, env.n_units, -1)
-            exported_action = policy.act(observation.reshape(1, *env.unit_shape), allowed)[0]
+            base = env.unwrapped
+            allowed = base.action_masks().reshape(1, base.n_units, -1)
+            exported_action = policy.act(observation.reshape(1, *base.unit_shape), allowed)[0]
             np.testing.assert_array_equal(rllib_action, exported_action)
             observation, _, done, _, _ = env.step(rllib_action)
             seen += 1
     assert seen == episodes * 3
+
+
+@pytest.mark.slow
+def test_ray_places_a_gpu_layout_as_planned_on_fake_gpus() -> None:
+    """Ray started with 3 declared (fake) GPUs places a 3-GPU layout's actors, asking what RLlib's runners and
+    learner ask for: 2 runners on every GPU, the learner beside them, nothing waiting."""
+    ray = pytest.importorskip("ray")
+    layout = GpuLayout(3, env_runners_per_gpu=2, learner_gpu_fraction=0.2)
+
+    @ray.remote(num_cpus=0)
+    class Placed:
+        def gpu(self) -> list[str]:
+            return [str(i) for i in ray.get_gpu_ids()]
+
+    ray.init(num_cpus=1, num_gpus=3, include_dashboard=False, logging_level="warning")
+    try:
+        runners = [Placed.options(num_gpus=layout.gpus_per_env_runner).remote() for _ in range(layout.num_env_runners)]
+        learner = Placed.options(num_gpus=layout.learner_gpu_fraction).remote()
+        placed = ray.get([actor.gpu.remote() for actor in runners], timeout=60)
+        assert ray.get(learner.gpu.remote(), timeout=60)  # it fits: every GPU keeps the learner's fraction free
+    finally:
+        ray.shutdown()
+    assert all(len(ids) == 1 for ids in placed)
+    assert sorted(sum(placed, [])) == ["0", "0", "1", "1", "2", "2"]

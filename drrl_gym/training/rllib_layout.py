@@ -5,7 +5,7 @@ into the ``rllib.*`` resource settings, which the run records in its config.yaml
 Layout ``GpuLayout(num_gpus=G, env_runners_per_gpu=k, learner_gpu_fraction=f)``:
 
 * G * k env runners, each asking Ray for (1 - f) / k of a GPU (rounded down to Ray's 1e-4 resource unit). Each
-  runner process loads its own frozen model (``make_rllib_env``), so with k = 1 it is one model per GPU, and its
+  runner process loads its own frozen model (``drrl_gym.training.rllib_env``), so with k = 1 it is one model per GPU, and its
   ``num_envs_per_env_runner`` envs step as one batch on it (``DRRLAttentionVecEnv``: one forward per step);
 * one learner actor asking for f of a GPU (the policy network is small: a slice is enough).
 
