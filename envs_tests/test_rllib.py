@@ -168,6 +168,7 @@ def test_gpus_option_sets_the_resources_and_builds_the_ppo_config(tmp_path: Path
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["rllib"]["num_env_runners"] == 8
     pytest.importorskip("ray")
     ppo = build_config(config)  # RLlib's own config object: what Ray will be asked for, no GPU needed to build it
+    ppo.validate()  # RLlib accepts the layout (fractional runner and learner GPUs)
     assert (ppo.num_env_runners, ppo.num_gpus_per_env_runner, ppo.num_envs_per_env_runner) == (8, 0.45, 8)
     assert (ppo.num_learners, ppo.num_gpus_per_learner, ppo.gym_env_vectorize_mode) == (1, 0.1, "vector_entry_point")
 
