@@ -6,9 +6,10 @@
     python agents/train_rllib.py --env-kwargs env.yaml --gpus 4 --num-envs-per-env-runner 16              # 4 GPUs
     python agents/train_rllib.py --resume runs/rllib-X/checkpoints/iter_000004 --iterations 8            # continue
 
-How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through ``drrl_gym.training.rllib_env.make_rllib_env``:
-its ``--num-envs-per-env-runner`` envs are one :class:`drrl_gym.vector.DRRLAttentionVecEnv` (one batched forward
-per step, NEXT_STEP autoreset as RLlib's runner expects), so each runner process loads its own frozen model. With
+How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through
+``drrl_gym.training.rllib_env.make_rllib_env``: its ``--num-envs-per-env-runner`` envs are one
+:class:`drrl_gym.vector.DRRLAttentionVecEnv` (one batched forward per step, NEXT_STEP autoreset as RLlib's runner
+expects), so each runner process loads its own frozen model. With
 ``--num-gpus-per-env-runner 1`` Ray gives every runner its own GPU and restricts the runner's
 ``CUDA_VISIBLE_DEVICES`` to it; ``device="auto"`` (the default) then means that GPU. In a Ray process "auto" means
 "the GPU Ray assigned, else the CPU": a runner never takes a GPU that Ray did not give it. The PPO learner runs in
@@ -21,18 +22,18 @@ The policy is :class:`drrl_gym.training.rllib_module.RankPolicyRLModule`, whose 
 of ``rllib.hidden``, activation ``policy_kwargs.activation_fn``; dropout is not used), so the run ends with the same
 ``export/`` as ``agents/train_ppo.py`` (``export.*``) and its held-out evaluation (``evaluate.*``).
 
-The safety mask: RLlib's default PPO module samples the whole ``MultiDiscrete`` action and ignores
-``env.action_masks()``. That is allowed: the env projects each disallowed sub-action to the closest allowed rank and
-reports it (``info["mask_rejections"]``, logged below). The cost is that PPO's log-probabilities are those of the
-sampled action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and
-``--env-kwargs epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
+The safety mask: the module samples the whole ``MultiDiscrete`` action and ignores ``env.action_masks()``. That
+is allowed: the env projects each disallowed sub-action to the closest allowed rank and reports it
+(``info["mask_rejections"]``, logged below). The cost is that PPO's log-probabilities are those of the sampled
+action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and ``--env-kwargs
+epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
 
 Configuration: the same typed tree as ``agents/train_ppo.py`` (``drrl_gym.training.config``; every key and default
 in agents/configs/default.yaml): this script reads ``seed``, ``run_dir``, the ``env`` block (DRRLAttentionEnv
-arguments), the ``rllib`` section, ``policy_kwargs`` (the network's sizes), ``export`` and ``evaluate``. ``--config FILE`` and ``--set key.sub=value`` override the defaults; the options
-below override both. ``--env-kwargs`` takes KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding
-a mapping of env arguments, applied in order over the env block. Every key and value is checked (the env block by
-``drrl_gym.EnvConfig``) before Ray starts. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by
+arguments), the ``rllib`` section, ``policy_kwargs`` (the network's sizes), ``export`` and ``evaluate``. ``--config
+FILE`` and ``--set key.sub=value`` override the defaults; the options below override both. ``--env-kwargs`` takes
+KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding a mapping of env arguments, applied in order
+over the env block. Every key and value is checked (the env block by ``drrl_gym.EnvConfig``) before Ray starts. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by
 default):
 
     config.yaml            the resolved configuration (what --resume reads back)

@@ -48,8 +48,7 @@ from drrl_gym.runtime import ControllerSpec, DynamicRankRuntime, build_dynamic_r
 # The runtime's names stay importable from here, where exports have always found them.
 __all__ = ["ACTIVATIONS", "PolicyArch", "RankPolicyNetwork", "ControllerSpec", "DynamicRankRuntime",
            "ExportedPolicy", "build_dynamic_rank_model", "export_dynamic_rank_model", "export_env_policy",
-           "load_dynamic_rank_model",
-           "load_exported_policy", "read_export_config"]
+           "load_dynamic_rank_model", "load_exported_policy", "read_export_config"]
 
 FORMAT = "drrl-gym/dynamic-rank-model"
 # 3: the mask bounds the distance from full rank (2 bounded the step from the previous rank) and the env config

@@ -5,8 +5,9 @@ into the ``rllib.*`` resource settings, which the run records in its config.yaml
 Layout ``GpuLayout(num_gpus=G, env_runners_per_gpu=k, learner_gpu_fraction=f)``:
 
 * G * k env runners, each asking Ray for (1 - f) / k of a GPU (rounded down to Ray's 1e-4 resource unit). Each
-  runner process loads its own frozen model (``drrl_gym.training.rllib_env``), so with k = 1 it is one model per GPU, and its
-  ``num_envs_per_env_runner`` envs step as one batch on it (``DRRLAttentionVecEnv``: one forward per step);
+  runner process loads its own frozen model (``drrl_gym.training.rllib_env``), so with k = 1 it is one model per
+  GPU, and its ``num_envs_per_env_runner`` envs step as one batch on it (``DRRLAttentionVecEnv``: one forward per
+  step);
 * one learner actor asking for f of a GPU (the policy network is small: a slice is enough).
 
 Why the shares pack as intended: Ray gives a fractional GPU request a GPU with that much left. k + 1 runners need
@@ -42,8 +43,9 @@ class GpuLayout:
                               "(one model per GPU) or more.")
         limit = 1 / (self.env_runners_per_gpu + 1)
         fraction = self.learner_gpu_fraction
+        # The last clause is the exact condition (k + 1 runner shares exceed one GPU), after rounding the shares.
         if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and RAY_RESOURCE_UNIT <= fraction < limit
-                and (self.env_runners_per_gpu + 1) * self.gpus_per_env_runner > 1):  # the exact condition, after rounding
+                and (self.env_runners_per_gpu + 1) * self.gpus_per_env_runner > 1):
             raise ConfigError(f"--learner-gpu-fraction {self.learner_gpu_fraction!r}: must be in [1e-4, "
                               f"1/(env runners per GPU + 1) = {limit:.4g}), or a GPU could take one runner too many "
                               f"and another none. Fix: pass e.g. {limit / 2:.3g}.")

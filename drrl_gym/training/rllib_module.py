@@ -38,13 +38,14 @@ ARCH_KEYS = {"d_model": 64, "n_heads": 4, "n_layers": 2, "dim_feedforward": 128,
 VALUE_KEYS = {"vf_layers": (64, 64)}
 
 
-def arch_for_spaces(observation_space: spaces.Space, action_space: spaces.Space, model_config: dict[str, Any]) -> PolicyArch:
+def arch_for_spaces(observation_space: spaces.Space, action_space: spaces.Space,
+                    model_config: dict[str, Any]) -> PolicyArch:
     """The actor's :class:`PolicyArch` for DRRL-Attention-v0's spaces and the sizes in ``model_config``."""
     if not (isinstance(action_space, spaces.MultiDiscrete) and action_space.nvec.ndim == 1
             and len(set(action_space.nvec.tolist())) == 1 and isinstance(observation_space, spaces.Box)):
-        raise ValueError(f"RankPolicyRLModule needs DRRL-Attention-v0's spaces (a flat Box observation and a MultiDiscrete "
-                         f"action with one choice count), got {observation_space} and {action_space}. Fix: train it on "
-                         "DRRL-Attention-v0.")
+        raise ValueError(f"RankPolicyRLModule needs DRRL-Attention-v0's spaces (a flat Box observation and a "
+                         f"MultiDiscrete action with one choice count), got {observation_space} and {action_space}. "
+                         "Fix: train it on DRRL-Attention-v0.")
     n_units, size = len(action_space.nvec), int(np.prod(observation_space.shape))
     if size % n_units:
         raise ValueError(f"observation size {size} is not a multiple of the {n_units} action units. Fix: use "
@@ -85,6 +86,6 @@ def policy_network_from_rllib(module: RankPolicyRLModule) -> RankPolicyNetwork:
     """The actor of a trained module as a plain CPU :class:`RankPolicyNetwork` (a copy), ready for
     ``drrl_gym.export.export_env_policy``."""
     if not isinstance(module, RankPolicyRLModule):
-        raise TypeError(f"{type(module).__name__} is not a RankPolicyRLModule: only that module's actor is an exportable "
-                        "RankPolicyNetwork. Fix: train with agents/train_rllib.py (it uses RankPolicyRLModule).")
+        raise TypeError(f"{type(module).__name__} is not a RankPolicyRLModule: only that module's actor is an "
+                        "exportable RankPolicyNetwork. Fix: train with agents/train_rllib.py (it uses RankPolicyRLModule).")
     return copy.deepcopy(module.actor).cpu().eval()
