@@ -107,7 +107,7 @@ def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    from drrl_gym.export import load_exported_policy
+    from drrl_gym.export import load_dynamic_rank_model
     from drrl_gym.training.algorithms import make_env
 
     run_dir = main([*SMALL_RUN, "--iterations", "2", "--seed", "0", "--run-dir", str(tmp_path / "run"),
@@ -133,10 +133,14 @@ def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
 
     module = RLModule.from_checkpoint(checkpoints.joinpath("iter_000003", *MODULE_DIR))
     env = make_env(**env_kwargs_from(TINY_ENV))
-    # The resumed run exported iteration 3's policy and evaluated it; the export acts as the checkpoint's module.
+    # The resumed run exported iteration 3's trained policy and evaluated it; loaded, it acts as the checkpoint's
+    # module and generates.
     assert (run_dir / "eval" / "results.json").is_file()
-    assert_same_actions(module, load_exported_policy(run_dir / "export").policy, make_env(
+    model = load_dynamic_rank_model(run_dir / "export", "cpu")
+    assert_same_actions(module, model.drrl.policy, make_env(
         **env_kwargs_from([*TINY_ENV, "epsilon_start=.inf", "epsilon_end=.inf"])))
+    tokens = model.drrl.tokenizer("The", return_tensors="pt").input_ids
+    assert model.generate(tokens, max_new_tokens=4, do_sample=False).shape == (1, tokens.shape[1] + 4)
     observation, _ = env.reset(seed=1)
     output = module.forward_inference({"obs": torch.as_tensor(observation[None])})
     logits = output["action_dist_inputs"]
