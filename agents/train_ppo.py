@@ -38,10 +38,9 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
 
-from drrl_gym.calibration import load_or_calibrate_basis
 from drrl_gym.cli import number_in
 from drrl_gym.env import DRRLAttentionEnv
-from drrl_gym.export import ACTIVATIONS, export_dynamic_rank_model
+from drrl_gym.export import ACTIVATIONS, export_env_policy
 from drrl_gym.files import atomic_write
 from drrl_gym.training.config import (
     ConfigError,
@@ -234,11 +233,8 @@ def _ppo(config: TrainConfig, model: BaseAlgorithm, run_dir: Path, phase: str, r
 
 
 def _export_and_evaluate(config: TrainConfig, model: BaseAlgorithm, env: DRRLAttentionEnv, run_dir: Path) -> None:
-    basis = None
-    if env.config.basis == "calibrated":  # the env's own basis (from the disk cache)
-        basis = load_or_calibrate_basis(env.backbone, env.corpus.calibration, env.corpus.fingerprint)
-    export_dir = export_dynamic_rank_model(run_dir / "export", env.backbone, policy_network_from_sb3(model.policy), basis,
-                                           env.config, config.export.save_backbone, overwrite=True)
+    export_dir = export_env_policy(run_dir / "export", env, policy_network_from_sb3(model.policy),
+                                   config.export.save_backbone, overwrite=True)
     print(f"exported the dynamic-rank model to {export_dir}", flush=True)
     if config.evaluate.enabled:
         evaluate_export(export_dir, run_dir / "eval", config.evaluate.eval_sequences, config.evaluate.batch_size,

@@ -3,33 +3,44 @@
     pip install -e ".[rllib]"                                          # Ray RLlib, an optional extra
     python agents/train_rllib.py --iterations 3 --num-env-runners 2 --num-cpus 2 \\
         --env-kwargs model=tiny-random-llama "rank_choices=[4, 8, 12, 16]" seq_len=64 segment_len=16
-    python agents/train_rllib.py --env-kwargs env.yaml --num-env-runners 4 --num-gpus-per-env-runner 1   # 4 GPUs
+    python agents/train_rllib.py --env-kwargs env.yaml --gpus 4 --num-envs-per-env-runner 16              # 4 GPUs
     python agents/train_rllib.py --resume runs/rllib-X/checkpoints/iter_000004 --iterations 8            # continue
 
-How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through :func:`make_rllib_env`,
-i.e. ``gymnasium.make("DRRL-Attention-v0", **env_kwargs)``, so each runner process loads its own frozen model (the
-envs of one runner share it). With ``--num-gpus-per-env-runner 1`` Ray gives every runner its own GPU and restricts
-the runner's ``CUDA_VISIBLE_DEVICES`` to it; ``device="auto"`` (the default) then means that GPU. In a Ray process
-"auto" means "the GPU Ray assigned, else the CPU": a runner never takes a GPU that Ray did not give it. The PPO
-learner runs in this (driver) process unless ``--num-learners`` > 0 makes it Ray actors of their own.
+How it scales: RLlib's env runners are Ray actors (processes). Each builds its envs through
+``drrl_gym.training.rllib_env.make_rllib_env``: its ``--num-envs-per-env-runner`` envs are one
+:class:`drrl_gym.vector.DRRLAttentionVecEnv` (one batched forward per step, NEXT_STEP autoreset as RLlib's runner
+expects), so each runner process loads its own frozen model. With
+``--num-gpus-per-env-runner 1`` Ray gives every runner its own GPU and restricts the runner's
+``CUDA_VISIBLE_DEVICES`` to it; ``device="auto"`` (the default) then means that GPU. In a Ray process "auto" means
+"the GPU Ray assigned, else the CPU": a runner never takes a GPU that Ray did not give it. The PPO learner runs in
+this (driver) process unless ``--num-learners`` > 0 makes it Ray actors of their own. ``--gpus N`` sets all of this
+for one node's N GPUs (``drrl_gym.training.rllib_layout``): ``--env-runners-per-gpu`` runners on each GPU (1: one
+model per GPU), each on an equal share of it, and one learner actor on ``--learner-gpu-fraction`` of one GPU.
 
-The safety mask: RLlib's default PPO module samples the whole ``MultiDiscrete`` action and ignores
-``env.action_masks()``. That is allowed: the env projects each disallowed sub-action to the closest allowed rank and
-reports it (``info["mask_rejections"]``, logged below). The cost is that PPO's log-probabilities are those of the
-sampled action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and
-``--env-kwargs epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
+The policy is :class:`drrl_gym.training.rllib_module.RankPolicyRLModule`, whose actor is the exportable
+``RankPolicyNetwork`` (the token transformer of ``policy_kwargs.features_extractor_kwargs``, policy and value MLPs
+of ``rllib.hidden``, activation ``policy_kwargs.activation_fn``; dropout is not used), so the run ends with the same
+``export/`` as ``agents/train_ppo.py`` (``export.*``) and its held-out evaluation (``evaluate.*``).
+
+The safety mask: the module samples the whole ``MultiDiscrete`` action and ignores ``env.action_masks()``. That
+is allowed: the env projects each disallowed sub-action to the closest allowed rank and reports it
+(``info["mask_rejections"]``, logged below). The cost is that PPO's log-probabilities are those of the sampled
+action, not the applied one; ``agents/train_ppo.py`` (MaskablePPO) masks properly, and ``--env-kwargs
+epsilon_start=.inf epsilon_end=.inf`` turns the mask off.
 
 Configuration: the same typed tree as ``agents/train_ppo.py`` (``drrl_gym.training.config``; every key and default
 in agents/configs/default.yaml): this script reads ``seed``, ``run_dir``, the ``env`` block (DRRLAttentionEnv
-arguments) and the ``rllib`` section. ``--config FILE`` and ``--set key.sub=value`` override the defaults; the options
-below override both. ``--env-kwargs`` takes KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding
-a mapping of env arguments, applied in order over the env block. Every key and value is checked (the env block by
-``drrl_gym.EnvConfig``) before Ray starts. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by
+arguments), the ``rllib`` section, ``policy_kwargs`` (the network's sizes), ``export`` and ``evaluate``. ``--config
+FILE`` and ``--set key.sub=value`` override the defaults; the options below override both. ``--env-kwargs`` takes
+KEY=VALUE pairs (values parsed as YAML) and/or YAML/JSON files holding a mapping of env arguments, applied in order
+over the env block. Every key and value is checked (the env block by ``drrl_gym.EnvConfig``) before Ray starts. Everything goes to the run directory (``runs/rllib-<date>-<time>/`` by
 default):
 
     config.yaml            the resolved configuration (what --resume reads back)
     metrics.csv            one row per iteration: env steps, episodes, episode return mean, the env's rank metrics
                            (mean over each runner's last 256 steps), PPO losses, time (also printed)
+    export/                the dynamic-rank HF model of the last checkpoint's policy (drrl_gym.export)
+    eval/                  its held-out evaluation (drrl_gym.training.evaluation)
     checkpoints/iter_N/    RLlib checkpoints (``Algorithm.restore_from_path``; the policy alone:
                            ``RLModule.from_checkpoint(CKPT/learner_group/learner/rl_module/default_policy)``)
 
@@ -51,12 +62,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
 from omegaconf import OmegaConf
 
-from drrl_gym import EnvConfig
+from drrl_gym import DRRLAttentionEnv, EnvConfig
 from drrl_gym.cli import int_list, number_in
+from drrl_gym.export import export_env_policy
 from drrl_gym.training.config import (
     ConfigError,
     RLlibConfig,
@@ -66,11 +76,11 @@ from drrl_gym.training.config import (
     parse_assignment,
     read_yaml,
 )
+from drrl_gym.training.evaluation import evaluate_export
+from drrl_gym.training.rllib_env import INFO_METRICS, log_rank_metrics, make_rllib_env
+from drrl_gym.training.rllib_layout import GpuLayout
 
-ENV_ID = "DRRL-Attention-v0"
 RLLIB_ENV = "drrl-attention-rllib"  # the name the creator is registered under with Ray
-INFO_METRICS = ("fidelity", "flops_saved_scores", "rank_fraction", "mask_rejections")
-INFO_WINDOW = 256  # env steps per runner that the logged rank metrics average over
 FORWARDED_ENV_VARS = ("DRRL_GYM_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 METRIC_COLUMNS = ("iteration", "env_steps", "episodes", "episode_return_mean", "episode_len_mean", *INFO_METRICS,
                   "total_loss", "entropy", "iteration_time_s", "total_time_s")
@@ -81,6 +91,8 @@ OPTION_KEYS = {"seed": "seed", "run_dir": "run_dir", **{name: f"rllib.{name}" fo
     "num_env_runners", "num_envs_per_env_runner", "num_gpus_per_env_runner", "num_learners", "num_gpus_per_learner",
     "num_cpus", "ray_address")}}
 RESUMABLE = {f"rllib.{name}" for name in RLlibConfig.RESUMABLE} | {"run_dir"}
+LAYOUT_KEYS = tuple(f"rllib.{name}" for name in GpuLayout(1).rllib_settings())  # what --gpus sets
+MODULE_DIR = ("learner_group", "learner", "rl_module", "default_policy")  # the policy inside a checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -137,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="GPUs Ray gives each runner, e.g. 1 or 0.5 (default 0)")
     add("--num-learners", type=number_in(int, 0), help="learner actors; 0: learn in this process (default 0)")
     add("--num-gpus-per-learner", type=number_in(float, 0), help="GPUs per learner (default 0)")
+    add("--gpus", type=number_in(int, 1), help="lay the run out on N GPUs of this node: sets --num-env-runners, "
+        "--num-gpus-per-env-runner, --num-learners 1 and --num-gpus-per-learner (drrl_gym.training.rllib_layout)")
+    add("--env-runners-per-gpu", type=number_in(int, 1), help="with --gpus: runners on each GPU, each with its own "
+        "model (default 1)")
+    add("--learner-gpu-fraction", type=number_in(float, 0, low_exclusive=True),
+        help="with --gpus: the learner's share of one GPU (default 0.1)")
     add("--num-cpus", type=number_in(int, 1), help="CPUs of the local Ray instance (default: all)")
     add("--ray-address", help="join an existing cluster (`ray start`), e.g. auto or HOST:6379 (default: start locally)")
     add("--run-dir", help="default runs/rllib-<date>-<time>")
@@ -153,7 +171,24 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
         given["rllib.num_cpus"] = None
     if args.env_kwargs is not None:
         given["env"] = env_kwargs_from(args.env_kwargs)
+    given.update(layout_options(args, given))
     return given
+
+
+def layout_options(args: argparse.Namespace, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The resource settings ``--gpus`` stands for (none without it); refuses options it would contradict."""
+    tuned = {name: getattr(args, name) for name in ("env_runners_per_gpu", "learner_gpu_fraction")
+             if getattr(args, name) is not None}
+    if args.gpus is None:
+        if tuned:
+            options = ", ".join("--" + name.replace("_", "-") for name in tuned)
+            raise ConfigError(f"{options} without --gpus: they only tune the GPU layout. Fix: add --gpus N.")
+        return {}
+    clash = [key for key in LAYOUT_KEYS if key in given]
+    if clash:
+        raise ConfigError(f"--gpus with {', '.join(clash)}: --gpus sets these itself. Fix: drop one or the other.")
+    layout = GpuLayout(args.gpus, **tuned)
+    return {f"rllib.{name}": value for name, value in layout.rllib_settings().items()}
 
 
 def check_checkpoint(path: Path) -> Path:
@@ -210,58 +245,36 @@ def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ Ray pieces
-def runner_device(requested: str) -> str:
-    """``"auto"`` in a Ray process: the GPU Ray assigned (the only one it sees, so ``"cuda"``), else the CPU."""
-    import ray
-
-    if requested != "auto":
-        return requested
-    return "cuda" if ray.get_gpu_ids() else "cpu"
-
-
-def make_rllib_env(context: Mapping[str, Any]) -> gym.Env:
-    """RLlib's env creator: ``gymnasium.make("DRRL-Attention-v0", **env_kwargs)`` in the calling env runner.
-
-    ``context`` is RLlib's EnvContext (the ``env_kwargs`` plus the runner's ``worker_index``). Envs built by name
-    share one frozen model per process, so each env runner holds exactly one model, on its own device.
-    """
-    import drrl_gym  # noqa: F401  (registers the id in this process)
-
-    kwargs = {**context, "device": runner_device(context.get("device", "auto"))}
-    env = gym.make(ENV_ID, **kwargs)
-    backbone = env.unwrapped.backbone
-    print(f"env runner {getattr(context, 'worker_index', 0)} (pid {os.getpid()}): {ENV_ID} with "
-          f"{kwargs.get('model', EnvConfig.model)} on {backbone.device} "
-          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})", flush=True)
-    return env
-
-
-def log_rank_metrics(*, episode: Any, metrics_logger: Any, **_: Any) -> None:
-    """``on_episode_step`` callback: the env's rank info of each step as env-runner metrics ``drrl/<key>``."""
-    info = episode.get_infos(-1)
-    for key in INFO_METRICS:
-        if key in info:
-            metrics_logger.log_value(("drrl", key), float(np.mean(info[key])), window=INFO_WINDOW)
-
-
 def build_config(config: TrainConfig) -> Any:
     """The RLlib ``PPOConfig`` (new API stack: RLModule, Learner, EnvRunner) for this config."""
     from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from drrl_gym.training.rllib_module import RankPolicyRLModule
 
     s = config.rllib
     return (
         PPOConfig()
         .environment(RLLIB_ENV, env_config=dict(config.env))
         .env_runners(num_env_runners=s.num_env_runners, num_envs_per_env_runner=s.num_envs_per_env_runner,
-                     num_gpus_per_env_runner=s.num_gpus_per_env_runner, num_cpus_per_env_runner=1)
+                     num_gpus_per_env_runner=s.num_gpus_per_env_runner, num_cpus_per_env_runner=1,
+                     gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=s.num_learners, num_gpus_per_learner=s.num_gpus_per_learner)
         .training(train_batch_size_per_learner=s.train_batch_size // max(1, s.num_learners),
                   minibatch_size=s.minibatch_size, num_epochs=s.num_epochs, lr=s.lr, gamma=s.gamma)
-        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(s.hidden)))
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=RankPolicyRLModule, model_config=module_config(config)))
         .callbacks(on_episode_step=log_rank_metrics)
         .debugging(seed=config.seed)
     )
+
+
+def module_config(config: TrainConfig) -> dict[str, Any]:
+    """RankPolicyRLModule's sizes: the token transformer and activation of ``policy_kwargs`` (those of
+    agents/train_ppo.py's policy), policy and value MLPs of ``rllib.hidden``."""
+    extractor = config.policy_kwargs.get("features_extractor_kwargs", {})
+    sizes = {key: extractor[key] for key in ("d_model", "n_heads", "n_layers", "dim_feedforward") if key in extractor}
+    return {**sizes, "activation": config.policy_kwargs.get("activation_fn", "tanh"),
+            "pi_layers": list(config.rllib.hidden), "vf_layers": list(config.rllib.hidden)}
 
 
 def start_ray(settings: RLlibConfig) -> None:
@@ -344,8 +357,9 @@ def save_checkpoint(algorithm: Any, run_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def train(config: TrainConfig, run_dir: Path, resume: Path | None = None) -> None:
-    """Train up to ``rllib.iterations`` (from the checkpoint ``resume`` if given), logging and checkpointing."""
+def train(config: TrainConfig, run_dir: Path, resume: Path | None = None) -> Path:
+    """Train up to ``rllib.iterations`` (from the checkpoint ``resume`` if given), logging and checkpointing;
+    returns the last checkpoint."""
     import ray
     from ray.tune.registry import register_env
 
@@ -358,14 +372,14 @@ def train(config: TrainConfig, run_dir: Path, resume: Path | None = None) -> Non
             if resume is not None:
                 algorithm.restore_from_path(str(resume.resolve()))
                 print(f"resumed from {resume} at iteration {algorithm.iteration}", flush=True)
-            _iterate(algorithm, config.rllib, run_dir)
+            return _iterate(algorithm, config.rllib, run_dir)
         finally:
             algorithm.stop()
     finally:
         ray.shutdown()
 
 
-def _iterate(algorithm: Any, settings: RLlibConfig, run_dir: Path) -> None:
+def _iterate(algorithm: Any, settings: RLlibConfig, run_dir: Path) -> Path:
     metrics = run_dir / "metrics.csv"
     keep_metrics_until(metrics, algorithm.iteration)
     if algorithm.iteration >= settings.iterations:
@@ -377,6 +391,27 @@ def _iterate(algorithm: Any, settings: RLlibConfig, run_dir: Path) -> None:
         every, done = settings.checkpoint_every, algorithm.iteration == settings.iterations
         if done or (every and algorithm.iteration % every == 0):
             print(f"checkpoint: {save_checkpoint(algorithm, run_dir)}", flush=True)
+    return run_dir / "checkpoints" / f"iter_{algorithm.iteration:06d}"  # the last iteration is always saved
+
+
+def export_checkpoint(config: TrainConfig, checkpoint: Path, run_dir: Path) -> Path:
+    """RUN/export: the checkpoint's policy as a dynamic-rank model (``drrl_gym.export``, as agents/train_ppo.py
+    writes it), then RUN/eval, its held-out evaluation, if ``evaluate.enabled``. Returns the export directory."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from drrl_gym.training.rllib_module import policy_network_from_rllib
+
+    network = policy_network_from_rllib(RLModule.from_checkpoint(checkpoint.joinpath(*MODULE_DIR)))
+    env = DRRLAttentionEnv(**{**config.env, "device": "cpu"})  # the backbone, basis and settings it was trained on
+    try:
+        export_dir = export_env_policy(run_dir / "export", env, network, config.export.save_backbone, overwrite=True)
+    finally:
+        env.close()
+    print(f"exported the dynamic-rank model of {checkpoint.name} to {export_dir}", flush=True)
+    if config.evaluate.enabled:
+        evaluate_export(export_dir, run_dir / "eval", config.evaluate.eval_sequences, config.evaluate.batch_size,
+                        device=config.env.get("device", "auto"))
+    return export_dir
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -388,7 +423,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise ConfigError('Ray RLlib is not installed. Fix: pip install -e ".[rllib]" (the optional extra).') from error
     config, run_dir = resolve_run(args)
     print(f"run directory: {run_dir} (resolved config: config.yaml)", flush=True)
-    train(config, run_dir, args.resume)
+    checkpoint = train(config, run_dir, args.resume)
+    if config.export.enabled:
+        export_checkpoint(config, checkpoint, run_dir)
     return run_dir
 
 

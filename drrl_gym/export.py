@@ -42,12 +42,13 @@ from drrl_gym.policies import (
     RankPolicyNetwork,
     policy_from_config,
 )
+from drrl_gym.resources import shared_basis
 from drrl_gym.runtime import ControllerSpec, DynamicRankRuntime, build_dynamic_rank_model
 
 # The runtime's names stay importable from here, where exports have always found them.
 __all__ = ["ACTIVATIONS", "PolicyArch", "RankPolicyNetwork", "ControllerSpec", "DynamicRankRuntime",
-           "ExportedPolicy", "build_dynamic_rank_model", "export_dynamic_rank_model", "load_dynamic_rank_model",
-           "load_exported_policy", "read_export_config"]
+           "ExportedPolicy", "build_dynamic_rank_model", "export_dynamic_rank_model", "export_env_policy",
+           "load_dynamic_rank_model", "load_exported_policy", "read_export_config"]
 
 FORMAT = "drrl-gym/dynamic-rank-model"
 # 3: the mask bounds the distance from full rank (2 bounded the step from the previous rank) and the env config
@@ -100,6 +101,14 @@ def export_dynamic_rank_model(path: str | Path, backbone: Backbone, policy: Rank
         shutil.rmtree(path)
     tmp.replace(path)
     return path
+
+
+def export_env_policy(path: str | Path, env: Any, policy: RankPolicy | RankPolicyNetwork, save_backbone: bool = False,
+                      overwrite: bool = False) -> Path:
+    """:func:`export_dynamic_rank_model` of a policy trained on ``env`` (a ``DRRLAttentionEnv`` or
+    ``DRRLAttentionVecEnv``): its backbone, its config and its calibrated basis (the one the env uses)."""
+    basis = shared_basis(env.backbone, env.corpus) if env.config.basis == "calibrated" else None
+    return export_dynamic_rank_model(path, env.backbone, policy, basis, env.config, save_backbone, overwrite)
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:

@@ -281,6 +281,15 @@ class TokenTransformer(nn.Module):
         return self.encoder(self.embed(observation) + self.position).flatten(1)
 
 
+def mlp(width: int, sizes: tuple[int, ...], activation: str) -> nn.Sequential:
+    """Linear layers of the given sizes, each followed by the activation (empty sizes: the identity)."""
+    layers: list[nn.Module] = []
+    for size in sizes:
+        layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        width = size
+    return nn.Sequential(*layers)
+
+
 @dataclass(frozen=True)
 class PolicyArch:
     """Everything needed to rebuild a :class:`RankPolicyNetwork` (stored in ``drrl_config.json``)."""
@@ -313,17 +322,17 @@ class RankPolicyNetwork(nn.Module):
         self.arch = arch
         self.encoder = TokenTransformer(arch.n_units, arch.n_features, arch.d_model, arch.n_heads, arch.n_layers,
                                         arch.dim_feedforward)
-        layers: list[nn.Module] = []
-        width = self.encoder.output_dim
-        for size in arch.pi_layers:
-            layers += [nn.Linear(width, size), ACTIVATIONS[arch.activation]()]
-            width = size
-        self.pi = nn.Sequential(*layers)
+        self.pi = mlp(self.encoder.output_dim, arch.pi_layers, arch.activation)
+        width = arch.pi_layers[-1] if arch.pi_layers else self.encoder.output_dim
         self.action = nn.Linear(width, arch.n_units * arch.n_choices)
 
+    def flat_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, n_units * d_model) -> logits (B, n_units * n_choices), unit-major: the layout of a
+        MultiDiscrete action's concatenated per-unit logits (RLlib's MultiCategorical, SB3's action_net)."""
+        return self.action(self.pi(features))
+
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        logits = self.action(self.pi(self.encoder(observation)))
-        return logits.view(-1, self.arch.n_units, self.arch.n_choices)
+        return self.flat_logits(self.encoder(observation)).view(-1, self.arch.n_units, self.arch.n_choices)
 
     @torch.no_grad()
     def act(self, observation: np.ndarray, allowed: np.ndarray) -> np.ndarray:

@@ -12,10 +12,17 @@ Equivalence: sub-env i behaves as a single env reset with seed ``seed + i`` (as 
 seed their sub-envs) and given the same actions: same sequences, masks, projections and ranks (exactly), same
 observations, rewards and infos up to float rounding (~1e-6 in fp32: a batched forward sums in another order).
 
-Lockstep: every episode has n_segments - 1 steps, so all N terminate on the same step. Autoreset is SAME_STEP (as
-SB3 expects): that step returns the first observation of N new episodes, each sequence drawn from its sub-env's own
-RNG, and the last observations in the info (gymnasium: ``final_obs``/``final_info``; SB3:
-``terminal_observation`` per env).
+Lockstep: every episode has n_segments - 1 steps, so all N terminate on the same step. Autoreset, gymnasium's two
+modes (``autoreset_mode=``, also a keyword of ``make_vec(..., vectorization_mode="vector_entry_point")``):
+
+* SAME_STEP (the default, as SB3 expects): the terminal step returns the first observation of N new episodes, each
+  sequence drawn from its sub-env's own RNG, and the last observations in the info (gymnasium: ``final_obs`` and
+  ``final_info``; SB3: ``terminal_observation`` per env);
+* NEXT_STEP (what RLlib's ``SingleAgentEnvRunner`` expects, as gymnasium's ``SyncVectorEnv`` does by default): the
+  terminal step returns the last observations; the next ``step`` ignores its actions and returns the first
+  observations of N new episodes with reward 0, not terminated, not truncated, and the reset info. With SAME_STEP
+  RLlib would store a new episode's first observation as the old one's last and start the new episode one step
+  late (its first action and reward lost).
 """
 
 from __future__ import annotations
@@ -53,9 +60,16 @@ class DRRLAttentionVecEnv(EpisodeBatchView, VectorEnv):
     return one value per sub-env, as gymnasium's ``SyncVectorEnv`` does.
     """
 
-    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}  # this instance's: self.metadata
 
-    def __init__(self, num_envs: int, backbone: Backbone | None = None, **kwargs: Any) -> None:
+    def __init__(self, num_envs: int, backbone: Backbone | None = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP, **kwargs: Any) -> None:
+        modes = {mode.value: mode for mode in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP)}
+        if getattr(autoreset_mode, "value", autoreset_mode) not in modes:
+            raise ValueError(f"autoreset_mode={autoreset_mode!r}: not supported (every episode ends on the same step, "
+                             f"so only {list(modes)} apply). Fix: pass AutoresetMode.SAME_STEP or NEXT_STEP.")
+        self.metadata = {**self.metadata, "autoreset_mode": AutoresetMode(autoreset_mode)}
+        self._reset_pending = False  # NEXT_STEP: the episodes ended and the next step() starts new ones
         if kwargs.get("render_mode") is not None:
             raise ValueError(f"render_mode={kwargs['render_mode']!r}: the vector env does not render. Fix: pass "
                              "render_mode=None, or render a single DRRLAttentionEnv.")
@@ -92,9 +106,15 @@ class DRRLAttentionVecEnv(EpisodeBatchView, VectorEnv):
             raise ValueError(f"options['sequence_index']={requested!r}: the vector env needs one entry (an index or "
                              f"None) per env. Fix: pass a list of {self.num_envs} entries.")
         requested = [None] * self.num_envs if requested is None else list(requested)
+        self._reset_pending = False
         return self._reset(requested)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        not_done = np.zeros(self.num_envs, dtype=bool)
+        if self._reset_pending:  # NEXT_STEP autoreset: this step only starts the new episodes
+            self._reset_pending = False
+            observation, info = self._reset([None] * self.num_envs)
+            return observation, np.zeros(self.num_envs), not_done, not_done.copy(), info
         self.batch.require_running("step()")
         requested = self.batch.check_indices(actions, (self.num_envs, self.n_units), "actions must be (num_envs="
                                              f"{self.num_envs}, n_units={self.n_units}) integer indices",
@@ -102,14 +122,16 @@ class DRRLAttentionVecEnv(EpisodeBatchView, VectorEnv):
         result = self.batch.step(requested)
         observation, info = self._flat(result.observation), _vector_info(result.info)
         terminated = np.full(self.num_envs, result.terminated)
-        if result.terminated:  # same-step autoreset, as SyncVectorEnv's SAME_STEP mode lays it out
+        if result.terminated and self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._reset_pending = True
+        elif result.terminated:  # same-step autoreset, as SyncVectorEnv's SAME_STEP mode lays it out
             final_obs = np.empty(self.num_envs, dtype=object)  # gymnasium's layout: one array per env
             for i, row in enumerate(observation):
                 final_obs[i] = row
             final = {"final_obs": final_obs, "final_info": info}
             observation, info = self._reset([None] * self.num_envs)
             info = {**info, **final, "_final_obs": terminated.copy(), "_final_info": terminated.copy()}
-        return observation, result.reward.copy(), terminated, np.zeros(self.num_envs, dtype=bool), info
+        return observation, result.reward.copy(), terminated, not_done, info
 
     def action_masks(self) -> np.ndarray:
         """(num_envs, n_units * n_choices) bool: row i is sub-env i's MaskablePPO mask."""
@@ -139,7 +161,8 @@ class DRRLAttentionVecEnv(EpisodeBatchView, VectorEnv):
         return self._per_env(name, getattr(self, name))
 
     def close_extras(self, **kwargs: Any) -> None:
-        self.batch.close()
+        if hasattr(self, "batch"):  # not when __init__ refused its arguments (gymnasium closes on __del__)
+            self.batch.close()
 
     # ------------------------------------------------------------------------------------------ internals
     def _reset(self, requested: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The batched vector env: make_vec, equality with N single envs, same-step autoreset, the SB3 VecEnv adapter.
+"""The batched vector env: make_vec, equality with N single envs, same-step and next-step autoreset, the SB3 VecEnv
+adapter.
 
 Everything runs a tiny random Llama on the CPU in fp32, where one batched forward and N separate forwards differ
 only in float summation order: observations, rewards and float infos agree to ~1e-6 (tolerance 1e-5 below), while
@@ -102,6 +103,32 @@ def test_vector_env_equals_n_single_envs(granularity: str, fidelity: str) -> Non
                 np.testing.assert_allclose(observation[i], single_observation, atol=TOLERANCE)
                 assert_info_matches(info, i, single_info)
     assert rejections > 0  # the masks did reject some actions, so projection was compared too
+
+
+def test_next_step_autoreset_starts_the_new_episodes_one_step_later() -> None:
+    """NEXT_STEP (RLlib's layout): the terminal step returns the last observations, the next step ignores its actions
+    and returns what SAME_STEP returned at the terminal step; the episodes themselves are the same."""
+    same = DRRLAttentionVecEnv(num_envs=2, **TINY)
+    nxt = gym.make_vec("DRRL-Attention-v0", num_envs=2, vectorization_mode="vector_entry_point",
+                       autoreset_mode=AutoresetMode.NEXT_STEP, **TINY)
+    assert nxt.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP and same.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    np.testing.assert_array_equal(same.reset(seed=3)[0], nxt.reset(seed=3)[0])
+    rng = np.random.default_rng(1)
+    for _ in range(2):  # two episodes of 3 steps
+        for step in range(3):
+            actions = rng.integers(0, 4, size=(2, nxt.n_units))
+            s_obs, s_reward, s_term, _, s_info = same.step(actions)
+            n_obs, n_reward, n_term, n_trunc, n_info = nxt.step(actions)
+            np.testing.assert_array_equal(s_reward, n_reward)
+            assert s_term.tolist() == n_term.tolist() == [step == 2] * 2 and not n_trunc.any()
+            assert "final_obs" not in n_info
+            np.testing.assert_array_equal(np.stack(s_info["final_obs"]) if step == 2 else s_obs, n_obs)
+        n_obs, n_reward, n_term, n_trunc, n_info = nxt.step(rng.integers(0, 4, size=(2, nxt.n_units)))  # the reset step
+        np.testing.assert_array_equal(s_obs, n_obs)
+        assert n_reward.tolist() == [0, 0] and not n_term.any() and not n_trunc.any()
+        assert n_info["segment"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="autoreset_mode=<AutoresetMode.DISABLED.*Fix"):
+        DRRLAttentionVecEnv(num_envs=2, autoreset_mode=AutoresetMode.DISABLED, **TINY)
 
 
 def test_probe_per_env_equals_single_env_probe() -> None:

@@ -3,8 +3,9 @@ scripts, the Transformer features extractor, the oracle and behaviour cloning, a
 VecEnv adapter of the batched env.
 
 The core package (``drrl_gym``) needs none of this; this subpackage alone imports SB3, sb3-contrib, OmegaConf and
-TensorBoard, which come with the ``train`` extra: ``pip install -e ".[train]"``. The runnable scripts that use it
-are in ``agents/``.
+TensorBoard, which come with the ``train`` extra: ``pip install -e ".[train]"``. Its ``rllib_*`` modules are Ray
+RLlib's side of ``agents/train_rllib.py`` (the ``rllib`` extra; ``rllib_layout`` alone needs no Ray), imported only
+by that script. The runnable scripts that use it are in ``agents/``.
 """
 
 from __future__ import annotations
