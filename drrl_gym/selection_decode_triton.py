@@ -53,18 +53,21 @@ from drrl_gym.selection_decode import DIM_BLOCK
 
 COLUMN_BLOCK = tl.constexpr(DIM_BLOCK)  # the kernels' view of DIM_BLOCK
 SCORE_BLOCK = 128  # keys per tile of the score kernel
-SCAN_BLOCK = 1024  # keys per tile of the priority, refine and compaction passes
+PRIORITY_BLOCK = 128  # keys per tile of the priority pass (a BLOCK x BINS1 one-hot count)
+SCAN_BLOCK = 1024  # keys per tile of the refine and compaction passes
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
 WAVES = 4  # programs per SM the split counts aim at
 SPLIT_ALIGN = tl.constexpr(128)  # keys: the splits of the priority and refine passes start at multiples
 RTOL_INVERSE = round(1 / KEEP_RTOL)
 assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
-# Radix select over the int32 keys: digits of 11, 11 and 10 bits, from the top. Per group the int32 workspace holds
-# the three histograms, the boundary (bin, rank left in it) of levels 1 and 2, and the attend ticket.
-BINS1, BINS2, BINS3 = 2048, 2048, 1024
-HIST2, HIST3 = BINS1, BINS1 + BINS2  # offsets in the workspace
-BOUNDS = HIST3 + BINS3
-TICKET = BOUNDS + 4
+# Radix select over the int32 keys' offsets from the lowest possible priority: level 1 has BINS1 bins over the
+# group's whole range (at most 2^32 keys, so shift1 <= 27), each later level BITS bits: LEVELS levels reach single
+# keys. Per group the int32 workspace holds the histograms, the bounds (low, shift1, then (prefix, rank left) of
+# each level but the last) and the attend ticket.
+BINS1, BITS, LEVELS = 64, 11, 4
+assert (BINS1.bit_length() - 1) + (LEVELS - 1) * BITS >= 32
+BOUNDS = BINS1 + (LEVELS - 1) * 2**BITS
+TICKET = BOUNDS + 2 * LEVELS
 WORKSPACE = TICKET + 1
 
 
@@ -87,17 +90,6 @@ def _is_candidate(j, n, sink_tokens, recent_tokens):
 
 
 @triton.jit
-def _digit(key, LEVEL: tl.constexpr):
-    """The LEVEL-th radix digit of int32 keys in unsigned order (key + 2^31): bits 31-21, 20-10, 9-0."""
-    if LEVEL == 1:
-        return ((key >> 21) & 0x7FF) ^ 0x400  # flipping the sign bit turns the signed order into the unsigned one
-    elif LEVEL == 2:
-        return (key >> 10) & 0x7FF
-    else:
-        return key & 0x3FF
-
-
-@triton.jit
 def _boundary(hist_ptr, need, BINS: tl.constexpr):
     """The bin that holds the need-th largest key (bins in increasing key order) and the rank left inside it."""
     bins = tl.arange(0, BINS)
@@ -117,45 +109,49 @@ def _scan_range(n, n_splits, ALIGN: tl.constexpr):
 
 @triton.jit
 def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr, len_s, rank_ptr, rank_sb, rank_sg,
-                  scores_ptr, pmax_ptr, psum_ptr, work_ptr, L_max, H_kv, n_splits, scaling,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  scores_ptr, pmax_ptr, psum_ptr, pmin_ptr, work_ptr, L_max, H_kv, n_splits, scaling,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
                   WORKSPACE: tl.constexpr):
     bg, split = tl.program_id(0), tl.program_id(1)
     b, g = bg // H_kv, bg % H_kv
-    for z0 in range(split * 1024, WORKSPACE, n_splits * 1024):  # this split's share of the workspace
+    for z0 in range(split * 1024, WORKSPACE, n_splits * 1024):  # this split's share of the select workspace
         z = z0 + tl.arange(0, 1024)
         tl.store(work_ptr + bg * WORKSPACE + z, tl.zeros([1024], tl.int32), mask=z < WORKSPACE)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
     r = tl.minimum(tl.maximum(tl.load(rank_ptr + b * rank_sb + g * rank_sg).to(tl.int32), 1), D)
     start, stop = _scan_range(n, n_splits, BLOCK)
     heads = tl.arange(0, G_PAD)
-    cols = tl.arange(0, COLUMN_BLOCK)
-    query = q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :]
-    keys = k_ptr + b * k_sb + g * k_sg + cols[None, :]
+    cols = tl.arange(0, D)
+    # (2): a column block of K~ is loaded only if it starts below r (a whole block is one 32-byte sector in bf16, and
+    # a block-uniform mask keeps the loads vectorised); q's columns >= r are zero, so the partly used last block adds
+    # nothing beyond r. Column c of a key lies at block c // 16 (stride k_sblk), place c % 16 in either layout.
+    wanted = (cols // COLUMN_BLOCK) * COLUMN_BLOCK < r
+    key_cols = (cols // COLUMN_BLOCK) * k_sblk + cols % COLUMN_BLOCK
+    q = tl.load(q_ptr + b * q_sb + (g * G + heads)[:, None] * q_sh + cols[None, :],
+                mask=(heads[:, None] < G) & (cols < r)[None, :], other=0.0)
+    keys = k_ptr + b * k_sb + g * k_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
+    row_min = tl.full([G_PAD], float("inf"), tl.float32)
     row_sum = tl.zeros([G_PAD], tl.float32)
     for j0 in range(start, stop, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         in_range = j < stop
-        acc = tl.zeros([G_PAD, BLOCK], tl.float32)
-        # (2): only the column blocks of K~ that start below r are read (column c of a key lies in block c // 16,
-        # stride k_sblk, place c % 16, in either layout); q's columns >= r are zero, so the partly used last block
-        # adds nothing beyond r. bf16/fp16 products are exact in fp32.
-        for c in range(0, tl.cdiv(r, COLUMN_BLOCK)):
-            q = tl.load(query + c * COLUMN_BLOCK, mask=(heads[:, None] < G) & (cols + c * COLUMN_BLOCK < r)[None, :],
-                        other=0.0).to(tl.float32)
-            k = tl.load(keys + c * k_sblk + j[:, None] * k_srow, mask=in_range[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(q[:, None, :] * k[None, :, :], 2)
+        k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None] & wanted[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            acc = tl.dot(q, tl.trans(k))  # bf16/fp16 products are exact in the fp32 accumulator
         s = tl.where(in_range[None, :], acc * scaling, float("-inf"))
         tl.store(scores_ptr + (bg * G + heads[:, None]) * L_max + j[None, :], s,
                  mask=(heads[:, None] < G) & in_range[None, :])
         new_max = tl.maximum(row_max, tl.max(s, 1))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # padded heads stay at (-inf, 0)
-        row_sum = row_sum * tl.exp(row_max - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
         row_max = new_max
+        row_min = tl.minimum(row_min, tl.min(tl.where(in_range[None, :], s, float("inf")), 1))
     partial = (bg * G + heads) * n_splits + split
     tl.store(pmax_ptr + partial, row_max, mask=heads < G)
     tl.store(psum_ptr + partial, row_sum, mask=heads < G)
+    tl.store(pmin_ptr + partial, row_min, mask=heads < G)
 
 
 @triton.jit
@@ -167,16 +163,22 @@ def _merge_softmax(max_a, sum_a, max_b, sum_b):
 
 
 @triton.jit
-def _priority_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, key_ptr, work_ptr,
-                     L_max, H_kv, n_splits, score_splits, sink_tokens, recent_tokens,
+def _sortable(priority):
+    """float32 -> int32 in the float order (flip the magnitude bits of negative floats)."""
+    bits = priority.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _priority_kernel(scores_ptr, pmax_ptr, psum_ptr, pmin_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, key_ptr,
+                     work_ptr, L_max, H_kv, n_splits, score_splits, sink_tokens, recent_tokens,
                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, BINS: tl.constexpr, WORKSPACE: tl.constexpr):
+                     BLOCK: tl.constexpr, BINS1: tl.constexpr, BOUNDS: tl.constexpr, WORKSPACE: tl.constexpr):
     bg = tl.program_id(0)
     b, g = bg // H_kv, bg % H_kv
+    work = work_ptr + bg * WORKSPACE
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
     need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
-    stop = tl.where(need > 0, stop, start)  # nothing to rank when the forced keys are all that is kept
     heads = tl.arange(0, G_PAD)
     splits = tl.arange(0, SPLITS_PAD)
     part = (bg * G + heads[:, None]) * score_splits + splits[None, :]
@@ -184,52 +186,81 @@ def _priority_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, k
     top, total = tl.reduce((tl.load(pmax_ptr + part, mask=real, other=float("-inf")),
                             tl.load(psum_ptr + part, mask=real, other=0.0)), 1, _merge_softmax)
     lse = tl.where(heads < G, top + tl.log(tl.where(heads < G, total, 1.0)), 0.0)  # logsumexp_h (3)
-    count = tl.zeros([BINS], tl.int32)
+    # Every visible key's priority (3) lies in [max_h (min_h - lse_h), max_h (max_h - lse_h)] (rounding is monotone).
+    bottom = tl.min(tl.load(pmin_ptr + part, mask=real, other=float("inf")), 1)
+    low = _sortable(tl.max(tl.where(heads < G, bottom - lse, float("-inf")), 0)).to(tl.int64)
+    high = _sortable(tl.max(tl.where(heads < G, top - lse, float("-inf")), 0)).to(tl.int64)
+    shift = 0  # the level-1 bins (key - low) >> shift cover [low, high] in BINS1 bins
+    while (high - low) >> shift >= BINS1:
+        shift += 1
+    if tl.program_id(1) == 0:
+        tl.store(work + BOUNDS, low.to(tl.int32))
+        tl.store(work + BOUNDS + 1, shift)
+    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
+    stop = tl.where(need > 0, stop, start)  # nothing to rank when the forced keys are all that is kept
+    bins = tl.arange(0, BINS1)
+    count = tl.zeros([BINS1], tl.int32)
     for j0 in range(start, stop, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         visible = j < stop
         s = tl.load(scores_ptr + (bg * G + heads[:, None]) * L_max + j[None, :],
                     mask=(heads[:, None] < G) & visible[None, :], other=float("-inf"))
-        bits = tl.max(s - lse[:, None], 0).to(tl.int32, bitcast=True)  # (3): max over heads
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float bits -> int32 in the float order
+        key = _sortable(tl.max(s - lse[:, None], 0))  # (3): the max over heads
         tl.store(key_ptr + bg * L_max + j, key, mask=visible)
-        count += tl.histogram(_digit(key, 1), BINS, mask=visible & _is_candidate(j, n, sink_tokens, recent_tokens))
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(work_ptr + bg * WORKSPACE + bins, count, mask=count > 0)
+        digit = ((key.to(tl.int64) - low) >> shift).to(tl.int32)
+        candidate = visible & _is_candidate(j, n, sink_tokens, recent_tokens)
+        count += tl.sum(((digit[:, None] == bins[None, :]) & candidate[:, None]).to(tl.int32), 0)
+    tl.atomic_add(work + bins, count, mask=count > 0)
+
+
+@triton.jit
+def _level_boundary(work, need, LEVEL: tl.constexpr, BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr,
+                    BOUNDS: tl.constexpr):
+    """(prefix, rank left, shift) after LEVEL levels: the candidate keys with (key - low) >> shift == prefix hold the
+    need-th largest one, as the left-th largest among them. Level 1 has BINS1 bins of width 2^shift1 over
+    [low, high]; each later level splits the boundary bin of the one before into BINS bins (BITS bits), down to
+    single key values (shift 0). Level m's boundary is stored at BOUNDS + 2 m by the kernel that computes it first."""
+    shift1 = tl.load(work + BOUNDS + 1)
+    if LEVEL == 1:
+        prefix, left = _boundary(work, need, BINS1)
+        shift = shift1
+    else:
+        before = tl.maximum(shift1 - (LEVEL - 2) * BITS, 0)
+        shift = tl.maximum(before - BITS, 0)
+        prefix = tl.load(work + BOUNDS + 2 * LEVEL - 2).to(tl.int64)
+        left = tl.load(work + BOUNDS + 2 * LEVEL - 1)
+        if before > 0:  # split the boundary bin of the level before
+            digit, left = _boundary(work + BINS1 + (LEVEL - 2) * BINS, left, BINS)
+            prefix = (prefix << (before - shift)) | digit
+    return prefix, left, shift
 
 
 @triton.jit
 def _refine_kernel(len_ptr, len_s, keep_ptr, keep_sb, keep_sg, key_ptr, work_ptr, L_max, H_kv, n_splits,
                    sink_tokens, recent_tokens, RTOL_INVERSE: tl.constexpr, LEVEL: tl.constexpr,
-                   BINS1: tl.constexpr, BINS2: tl.constexpr, HIST2: tl.constexpr,
-                   BOUNDS: tl.constexpr, BLOCK: tl.constexpr, WORKSPACE: tl.constexpr):
+                   BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr, BOUNDS: tl.constexpr,
+                   BLOCK: tl.constexpr, WORKSPACE: tl.constexpr):
     bg = tl.program_id(0)
     b, g = bg // H_kv, bg % H_kv
     work = work_ptr + bg * WORKSPACE
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
     need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
-    stop = tl.where(need > 0, stop, start)
-    if LEVEL == 2:  # the boundary of level 1, from the need-th largest key of the group
-        bin1, left = _boundary(work, need, BINS1)
-        bin2 = bin1
-        found = bin1
-    else:  # the boundary of level 2, from the rank level 1 left inside its boundary
-        bin1 = tl.load(work + BOUNDS)
-        bin2, left = _boundary(work + HIST2, tl.load(work + BOUNDS + 1), BINS2)
-        found = bin2
+    prefix, left, shift = _level_boundary(work, need, LEVEL - 1, BINS1, BINS, BITS, BOUNDS)
     if tl.program_id(1) == 0:
-        tl.store(work + BOUNDS + 2 * (LEVEL - 2), found)
-        tl.store(work + BOUNDS + 2 * (LEVEL - 2) + 1, left)
-    hist = work + HIST2 + (LEVEL - 2) * BINS2
+        tl.store(work + BOUNDS + 2 * LEVEL - 2, prefix.to(tl.int32))
+        tl.store(work + BOUNDS + 2 * LEVEL - 1, left)
+    next_shift = tl.maximum(shift - BITS, 0)
+    low = tl.load(work + BOUNDS).to(tl.int64)
+    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
+    stop = tl.where((need > 0) & (shift > 0), stop, start)  # at shift 0 the boundary is one key value: done
+    hist = work + BINS1 + (LEVEL - 2) * BINS
     for j0 in range(start, stop, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         visible = j < stop
-        key = tl.load(key_ptr + bg * L_max + j, mask=visible, other=0)
-        inside = visible & _is_candidate(j, n, sink_tokens, recent_tokens) & (_digit(key, 1) == bin1)
-        if LEVEL == 3:
-            inside = inside & (_digit(key, 2) == bin2)
-        tl.atomic_add(hist + _digit(key, LEVEL), tl.full([BLOCK], 1, tl.int32), mask=inside)
+        offset = tl.load(key_ptr + bg * L_max + j, mask=visible, other=0).to(tl.int64) - low
+        inside = visible & _is_candidate(j, n, sink_tokens, recent_tokens) & ((offset >> shift) == prefix)
+        tl.atomic_add(hist + ((offset >> next_shift) & (BINS - 1)).to(tl.int32), tl.full([BLOCK], 1, tl.int32),
+                      mask=inside)
 
 
 @triton.jit
@@ -238,17 +269,16 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
                    o_sb, o_sh, L_max, H_kv, n_splits, sink_tokens, recent_tokens, scaling,
                    RTOL_INVERSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, SCAN: tl.constexpr, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                   BINS3: tl.constexpr, HIST3: tl.constexpr, BOUNDS: tl.constexpr, TICKET: tl.constexpr,
-                   WORKSPACE: tl.constexpr, IEEE: tl.constexpr):
+                   BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
+                   BOUNDS: tl.constexpr, TICKET: tl.constexpr, WORKSPACE: tl.constexpr, IEEE: tl.constexpr):
     bg, split = tl.program_id(0), tl.program_id(1)
     b, g = bg // H_kv, bg % H_kv
     work = work_ptr + bg * WORKSPACE
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
     need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    # The need-th largest key T from its three digits; in unsigned order T + 2^31 = bin1 2^21 + bin2 2^10 + bin3.
-    bin3, _ = _boundary(work + HIST3, tl.load(work + BOUNDS + 3), BINS3)
-    unsigned = (tl.load(work + BOUNDS).to(tl.int64) << 21) | (tl.load(work + BOUNDS + 2).to(tl.int64) << 10) | bin3
-    threshold = (unsigned - 2147483648).to(tl.int32)
+    # The last level's boundary is a single key value (shift 0): the need-th largest candidate key T.
+    offset, _, _ = _level_boundary(work, need, LEVELS, BINS1, BINS, BITS, BOUNDS)
+    threshold = (tl.load(work + BOUNDS).to(tl.int64) + offset).to(tl.int32)
     # Compact the kept keys of this split's positions into its own stretch of the index list.
     start, stop = _scan_range(n, n_splits, BLOCK)
     total = 0
@@ -402,15 +432,14 @@ def selection_decode_triton(
     attend_splits = _split_count(groups, device, triton.cdiv(l_max, ATTEND_BLOCK))
     f32, i32 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int32, device=device)
     scores = torch.empty(groups, group, l_max, **f32)
-    score_max = torch.empty(groups, group, score_splits, **f32)
-    score_sum = torch.empty(groups, group, score_splits, **f32)
+    score_max, score_sum, score_min = (torch.empty(groups, group, score_splits, **f32) for _ in range(3))
     priority_key = torch.empty(groups, l_max, **i32)
     kept_index = torch.empty(groups, l_max, **i32)
     workspace = torch.empty(groups, WORKSPACE, **i32)  # zeroed by the score kernel
-    attend_pad = max(16, g_pad)  # tl.dot needs 16 rows
-    partial = torch.empty(groups, attend_splits, attend_pad, dv, **f32)
-    partial_max = torch.empty(groups, attend_splits, attend_pad, **f32)
-    partial_sum = torch.empty(groups, attend_splits, attend_pad, **f32)
+    mma_rows = max(16, g_pad)  # tl.dot needs 16 rows
+    partial = torch.empty(groups, attend_splits, mma_rows, dv, **f32)
+    partial_max = torch.empty(groups, attend_splits, mma_rows, **f32)
+    partial_sum = torch.empty(groups, attend_splits, mma_rows, **f32)
     out = torch.empty(batch, heads, dv, dtype=values.dtype, device=device)
 
     q_strides = (rotated_query.stride(0), rotated_query.stride(1))
@@ -419,25 +448,25 @@ def selection_decode_triton(
     window = (sink_tokens, recent_tokens)
     _score_kernel[(groups, score_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, lengths, lengths.stride(0), rank, *rank.stride(),
-        scores, score_max, score_sum, workspace, l_max, kv_heads, score_splits, scaling,
-        G=group, G_PAD=g_pad, D=d, BLOCK=SCORE_BLOCK, WORKSPACE=WORKSPACE, num_warps=4)
+        scores, score_max, score_sum, score_min, workspace, l_max, kv_heads, score_splits, scaling,
+        G=group, G_PAD=mma_rows, D=d, BLOCK=SCORE_BLOCK, IEEE=ieee, WORKSPACE=WORKSPACE, num_warps=4)
     _priority_kernel[(groups, score_splits)](
-        scores, score_max, score_sum, *settings, priority_key, workspace, l_max, kv_heads, score_splits,
+        scores, score_max, score_sum, score_min, *settings, priority_key, workspace, l_max, kv_heads, score_splits,
         score_splits, *window, RTOL_INVERSE=RTOL_INVERSE, G=group, G_PAD=g_pad,
-        SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK=SCAN_BLOCK, BINS=BINS1, WORKSPACE=WORKSPACE,
-        num_warps=4)
-    for level in (2, 3):
+        SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK=PRIORITY_BLOCK, BINS1=BINS1, BOUNDS=BOUNDS,
+        WORKSPACE=WORKSPACE, num_warps=4)
+    for level in range(2, LEVELS + 1):
         _refine_kernel[(groups, score_splits)](
             *settings, priority_key, workspace, l_max, kv_heads, score_splits, *window,
-            RTOL_INVERSE=RTOL_INVERSE, LEVEL=level, BINS1=BINS1, BINS2=BINS2, HIST2=HIST2, BOUNDS=BOUNDS,
+            RTOL_INVERSE=RTOL_INVERSE, LEVEL=level, BINS1=BINS1, BINS=2**BITS, BITS=BITS, BOUNDS=BOUNDS,
             BLOCK=SCAN_BLOCK, WORKSPACE=WORKSPACE, num_warps=4)
     _attend_kernel[(groups, attend_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
         values.stride(2), *settings, priority_key, kept_index, workspace, partial, partial_max, partial_sum, out,
         out.stride(0), out.stride(1), l_max, kv_heads, attend_splits, *window, scaling,
-        RTOL_INVERSE=RTOL_INVERSE, G=group, G_PAD=attend_pad, D=d, DV=dv, SCAN=SCAN_BLOCK, BLOCK=ATTEND_BLOCK,
-        SPLITS_PAD=triton.next_power_of_2(attend_splits), BINS3=BINS3, HIST3=HIST3, BOUNDS=BOUNDS, TICKET=TICKET,
-        WORKSPACE=WORKSPACE, IEEE=ieee, num_warps=4)
+        RTOL_INVERSE=RTOL_INVERSE, G=group, G_PAD=mma_rows, D=d, DV=dv, SCAN=SCAN_BLOCK, BLOCK=ATTEND_BLOCK,
+        SPLITS_PAD=triton.next_power_of_2(attend_splits), BINS1=BINS1, BINS=2**BITS, BITS=BITS, LEVELS=LEVELS,
+        BOUNDS=BOUNDS, TICKET=TICKET, WORKSPACE=WORKSPACE, IEEE=ieee, num_warps=4)
     return out
 
 
