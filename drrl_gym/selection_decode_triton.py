@@ -1,36 +1,27 @@
 """Triton kernels of one-token selection attention over a rotated key cache (the math: ``drrl_gym.selection``).
 
-Five kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph); every
-grid is (B H_kv groups, splits of the keys), so each pass fills the GPU at any batch:
+Four kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph):
 
-1. ``_score_kernel``: the rank-r scores (2) of the G query heads of a group against every visible key. It reads only
-   the column blocks of K~ that start below r (contiguous BLOCK x 16 tiles in the dim-blocked layout, so a skipped
-   column is never fetched) and multiplies them with the G heads in fp32 (a broadcast product: no MMA padding of G
-   to 16 rows, and G exps per key, not 16). It writes the scores to a float32 scratch (G L_max per group) and, per
-   split and head, the running (max, sum exp) of the scores for the logsumexp of (3). It also zeroes the group's
-   select workspace (histograms, boundaries, ticket) for the passes that follow, so no memset is launched.
-2. ``_priority_kernel``: merges the partials into logsumexp_h, forms the priorities (3) as int32 keys in the float
-   order (stored, 4 bytes per key), and adds a block-local histogram of the keys' top 11 bits (non-forced visible
-   keys only) into the group's global histogram: one atomic per non-empty bin per program.
-3. ``_refine_kernel`` (twice): an exact radix select, parallel over the splits. From the previous level's histogram
-   each program finds the boundary bin, the one that holds the need-th largest key (need = k by (4) minus the forced
-   keys), by a reverse cumulative sum; the keys of that bin (their bits so far equal to the boundary's) add their
-   next 11, then last 10, bits to the next histogram with per-key atomics (few keys: those of one bin). Split 0
-   records the boundary and the rank left inside it for the next level.
-4. ``_attend_kernel``: the third boundary gives the exact need-th largest key T; the kept keys are the forced ones
-   and the candidates with key >= T. Each split compacts the kept keys of its range of positions into an index list
-   (its own stretch of the scratch, no coordination), then runs exact attention (5) over that list only,
-   flash-decoding style: it gathers the kept K~ rows (full width) and V rows, so an unkept key costs 4 bytes (its
-   key) and no K~/V traffic. The last split of a group to finish (an atomic ticket) merges the groups' partials into
-   the output, so no combine kernel is launched.
+1. ``_score_kernel``, grid (B H_kv, score splits): the rank-r scores (2) of the G query heads of a group against
+   every visible key, reading only the column blocks of K~ that start below r (a block-uniform mask: a skipped
+   block is never fetched, and the loads stay vectorised; the dim-blocked layout makes those blocks contiguous).
+   It writes the G scores per key to a float32 scratch (G L_max per group, small next to K~ and L2-resident) and,
+   per split and head, the running (max, sum exp) of the scores for the logsumexp of (3).
+2. ``_threshold_kernel``, grid (B H_kv): one program holds all of a group's keys in registers (L_max <= MAX_KEYS).
+   It combines the partials into logsumexp_h, forms the priorities (3), computes k by (4) on the device, and finds
+   the (k - forced)-th largest priority among the non-forced visible keys exactly: a search over the float bit
+   pattern (as int32, in the float order) with 3 probes per pass, each pass one block reduction, that
+   stops as soon as the count at the lower bound is exactly the number wanted (about log_4 n passes). The kept keys
+   (forced, or priority >= that bound) are compacted into an index list.
+3. ``_attend_kernel``, grid (B H_kv, attend splits): exact attention (5) over the kept list only, flash-decoding
+   style: each split gathers its share of the kept K~ rows (full width) and V rows, so an unkept key costs no
+   traffic and no arithmetic, and writes an online-softmax partial (normalised output, max, sum exp).
+4. ``_combine_kernel``, grid (B H): merges the partials of the splits into the output.
 
-Why this split: choosing needs every head's global logsumexp before any key can be ranked, the threshold needs every
-key's priority, and the exact pass needs the threshold: dependent reductions over L, and a grid-wide dependency is
-a kernel boundary. An earlier design ranked a group's keys in one program (a serial chain of block reductions on one
-SM per group): at B = 16 that step alone took 17 us on an H200, longer than the score pass. The radix select spreads
-every level over all splits; its three levels (11 + 11 + 10 bits of the int32 key) make it exact for any
-distribution of priorities (real ones share sign and exponent, so the first level often splits little and the
-second does the work).
+Why this split: choosing needs the global logsumexp of every head before any key can be ranked, and the exact pass
+needs the threshold, so there are three dependent reductions over L; a grid-wide barrier is a kernel boundary. The
+split counts fill the GPU at any batch (B H_kv programs alone are 48 at B = 16, against 132 SMs), and the kept-list
+gather makes the exact pass cost k rows, not L.
 
 Ties: every non-forced key whose priority equals the threshold is kept, so a row may keep a few more than k keys
 when priorities tie exactly (never fewer). The reference breaks ties by position instead; random data has no ties.
@@ -52,74 +43,26 @@ from drrl_gym.selection import KEEP_RTOL
 from drrl_gym.selection_decode import DIM_BLOCK
 
 COLUMN_BLOCK = tl.constexpr(DIM_BLOCK)  # the kernels' view of DIM_BLOCK
+MAX_KEYS = 16384  # the threshold kernel keeps a group's priorities in registers
 SCORE_BLOCK = 128  # keys per tile of the score kernel
-PRIORITY_BLOCK = 128  # keys per tile of the priority pass (a BLOCK x BINS1 one-hot count)
-SCAN_BLOCK = 1024  # keys per tile of the refine and compaction passes
 ATTEND_BLOCK = 64  # kept keys per tile of the attend kernel
 WAVES = 4  # programs per SM the split counts aim at
-SPLIT_ALIGN = tl.constexpr(128)  # keys: the splits of the priority and refine passes start at multiples
+THRESHOLD_WARPS = 8  # warps of the threshold kernel at L_max >= 4096
 RTOL_INVERSE = round(1 / KEEP_RTOL)
 assert 1 / RTOL_INVERSE == KEEP_RTOL, "the kernel forms KEEP_RTOL as 1 / RTOL_INVERSE in float64"
-# Radix select over the int32 keys' offsets from the lowest possible priority: level 1 has BINS1 bins over the
-# group's whole range (at most 2^32 keys, so shift1 <= 27), each later level BITS bits: LEVELS levels reach single
-# keys. Per group the int32 workspace holds the histograms, the bounds (low, shift1, then (prefix, rank left) of
-# each level but the last) and the attend ticket.
-BINS1, BITS, LEVELS = 64, 11, 4
-assert (BINS1.bit_length() - 1) + (LEVELS - 1) * BITS >= 32
-BOUNDS = BINS1 + (LEVELS - 1) * 2**BITS
-TICKET = BOUNDS + 2 * LEVELS
-WORKSPACE = TICKET + 1
-
-
-@triton.jit
-def _candidates_wanted(n, keep_ptr, sink_tokens, recent_tokens, RTOL_INVERSE: tl.constexpr):
-    """Non-forced keys to keep: k by (4), as drrl_gym.selection.kept_counts, minus the min(n, sinks + recent)
-    forced keys (the windows overlap only when together they cover all n keys)."""
-    keep = tl.load(keep_ptr).to(tl.float64)
-    one = tl.full([], 1.0, tl.float64)
-    rtol = one / RTOL_INVERSE  # KEEP_RTOL in float64 (a float argument or literal would be rounded to float32)
-    wanted = tl.ceil(keep * n.to(tl.float64) * (one - rtol)).to(tl.int32)
-    forced = tl.minimum(n, sink_tokens + recent_tokens)
-    return tl.minimum(tl.maximum(tl.maximum(wanted, forced), 1), n) - forced
-
-
-@triton.jit
-def _is_candidate(j, n, sink_tokens, recent_tokens):
-    """Visible keys that are not forced (the sinks and the recent window, itself included)."""
-    return (j < n) & (j >= sink_tokens) & (j <= n - 1 - recent_tokens)
-
-
-@triton.jit
-def _boundary(hist_ptr, need, BINS: tl.constexpr):
-    """The bin that holds the need-th largest key (bins in increasing key order) and the rank left inside it."""
-    bins = tl.arange(0, BINS)
-    count = tl.load(hist_ptr + bins)
-    at_or_above = tl.cumsum(count, 0, reverse=True)
-    bin = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-    return bin, need - tl.sum(tl.where(bins > bin, count, 0), 0)
-
-
-@triton.jit
-def _scan_range(n, n_splits, ALIGN: tl.constexpr):
-    """This split's share [start, stop) of the n visible keys, starting at a multiple of ALIGN keys."""
-    per = tl.cdiv(tl.cdiv(n, n_splits), ALIGN) * ALIGN
-    start = tl.program_id(1) * per
-    return start, tl.minimum(start + per, n)
 
 
 @triton.jit
 def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr, len_s, rank_ptr, rank_sb, rank_sg,
-                  scores_ptr, pmax_ptr, psum_ptr, pmin_ptr, work_ptr, L_max, H_kv, n_splits, scaling,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                  WORKSPACE: tl.constexpr):
+                  scores_ptr, pmax_ptr, psum_ptr, L_max, H_kv, n_splits, scaling,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     bg, split = tl.program_id(0), tl.program_id(1)
     b, g = bg // H_kv, bg % H_kv
-    for z0 in range(split * 1024, WORKSPACE, n_splits * 1024):  # this split's share of the select workspace
-        z = z0 + tl.arange(0, 1024)
-        tl.store(work_ptr + bg * WORKSPACE + z, tl.zeros([1024], tl.int32), mask=z < WORKSPACE)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
     r = tl.minimum(tl.maximum(tl.load(rank_ptr + b * rank_sb + g * rank_sg).to(tl.int32), 1), D)
-    start, stop = _scan_range(n, n_splits, BLOCK)
+    per = tl.cdiv(tl.cdiv(n, n_splits), BLOCK) * BLOCK
+    start = split * per
+    stop = tl.minimum(start + per, n)
     heads = tl.arange(0, G_PAD)
     cols = tl.arange(0, D)
     # (2): a column block of K~ is loaded only if it starts below r (a whole block is one 32-byte sector in bf16, and
@@ -131,7 +74,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
                 mask=(heads[:, None] < G) & (cols < r)[None, :], other=0.0)
     keys = k_ptr + b * k_sb + g * k_sg
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    row_min = tl.full([G_PAD], float("inf"), tl.float32)
     row_sum = tl.zeros([G_PAD], tl.float32)
     for j0 in range(start, stop, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
@@ -147,11 +89,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, len_ptr,
         new_max = tl.maximum(row_max, tl.max(s, 1))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
         row_max = new_max
-        row_min = tl.minimum(row_min, tl.min(tl.where(in_range[None, :], s, float("inf")), 1))
     partial = (bg * G + heads) * n_splits + split
     tl.store(pmax_ptr + partial, row_max, mask=heads < G)
     tl.store(psum_ptr + partial, row_sum, mask=heads < G)
-    tl.store(pmin_ptr + partial, row_min, mask=heads < G)
 
 
 @triton.jit
@@ -163,135 +103,85 @@ def _merge_softmax(max_a, sum_a, max_b, sum_b):
 
 
 @triton.jit
-def _sortable(priority):
-    """float32 -> int32 in the float order (flip the magnitude bits of negative floats)."""
-    bits = priority.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _window_stats(f_a, c_a, lo_a, hi_a, f_b, c_b, lo_b, hi_b):
+    """forced count, candidate count, smallest and largest candidate key: one reduction for four statistics."""
+    return f_a + f_b, c_a + c_b, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
 
 
 @triton.jit
-def _priority_kernel(scores_ptr, pmax_ptr, psum_ptr, pmin_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, key_ptr,
-                     work_ptr, L_max, H_kv, n_splits, score_splits, sink_tokens, recent_tokens,
-                     RTOL_INVERSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, BINS1: tl.constexpr, BOUNDS: tl.constexpr, WORKSPACE: tl.constexpr):
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
+                      total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
+                      RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Block-wide reductions cost a barrier each and this kernel is one program per group (few programs, serial
+    # steps), so statistics that can share a reduction do: about G + 2 + passes of them in all.
     bg = tl.program_id(0)
     b, g = bg // H_kv, bg % H_kv
-    work = work_ptr + bg * WORKSPACE
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
-    need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    heads = tl.arange(0, G_PAD)
+    j = tl.arange(0, BLOCK_N)
+    visible = j < n
     splits = tl.arange(0, SPLITS_PAD)
-    part = (bg * G + heads[:, None]) * score_splits + splits[None, :]
-    real = (heads[:, None] < G) & (splits[None, :] < score_splits)
-    top, total = tl.reduce((tl.load(pmax_ptr + part, mask=real, other=float("-inf")),
-                            tl.load(psum_ptr + part, mask=real, other=0.0)), 1, _merge_softmax)
-    lse = tl.where(heads < G, top + tl.log(tl.where(heads < G, total, 1.0)), 0.0)  # logsumexp_h (3)
-    # Every visible key's priority (3) lies in [max_h (min_h - lse_h), max_h (max_h - lse_h)] (rounding is monotone).
-    bottom = tl.min(tl.load(pmin_ptr + part, mask=real, other=float("inf")), 1)
-    low = _sortable(tl.max(tl.where(heads < G, bottom - lse, float("-inf")), 0)).to(tl.int64)
-    high = _sortable(tl.max(tl.where(heads < G, top - lse, float("-inf")), 0)).to(tl.int64)
-    shift = 0  # the level-1 bins (key - low) >> shift cover [low, high] in BINS1 bins
-    while (high - low) >> shift >= BINS1:
-        shift += 1
-    if tl.program_id(1) == 0:
-        tl.store(work + BOUNDS, low.to(tl.int32))
-        tl.store(work + BOUNDS + 1, shift)
-    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
-    stop = tl.where(need > 0, stop, start)  # nothing to rank when the forced keys are all that is kept
-    bins = tl.arange(0, BINS1)
-    count = tl.zeros([BINS1], tl.int32)
-    for j0 in range(start, stop, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        visible = j < stop
-        s = tl.load(scores_ptr + (bg * G + heads[:, None]) * L_max + j[None, :],
-                    mask=(heads[:, None] < G) & visible[None, :], other=float("-inf"))
-        key = _sortable(tl.max(s - lse[:, None], 0))  # (3): the max over heads
-        tl.store(key_ptr + bg * L_max + j, key, mask=visible)
-        digit = ((key.to(tl.int64) - low) >> shift).to(tl.int32)
-        candidate = visible & _is_candidate(j, n, sink_tokens, recent_tokens)
-        count += tl.sum(((digit[:, None] == bins[None, :]) & candidate[:, None]).to(tl.int32), 0)
-    tl.atomic_add(work + bins, count, mask=count > 0)
+    priority = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for h in tl.static_range(G):  # (3): max over heads of the score minus that head's logsumexp over V
+        part = (bg * G + h) * n_splits + splits
+        top, total = tl.reduce((tl.load(pmax_ptr + part, mask=splits < n_splits, other=float("-inf")),
+                                tl.load(psum_ptr + part, mask=splits < n_splits, other=0.0)), 0, _merge_softmax)
+        s = tl.load(scores_ptr + (bg * G + h) * L_max + j, mask=visible, other=float("-inf"))
+        priority = tl.maximum(priority, s - (top + tl.log(total)))
+    forced = visible & ((j < sink_tokens) | (j > n - 1 - recent_tokens))
+    candidate = visible & ~forced
+    # float bits -> int32 keys in the float order
+    bits = priority.to(tl.int32, bitcast=True)
+    key = tl.where(candidate, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+    n_forced, at_low, low, high = tl.reduce((forced.to(tl.int32), candidate.to(tl.int32),
+                                             tl.where(candidate, key, 2147483647), key), 0, _window_stats)
+    # (4) as drrl_gym.selection.kept_counts: k = max(ceil(keep n (1 - rtol)), min(n, sinks + recent)), 1 <= k <= n
+    keep = tl.load(keep_ptr + b * keep_sb + g * keep_sg).to(tl.float64)
+    one = tl.full([], 1.0, tl.float64)
+    rtol = one / RTOL_INVERSE  # KEEP_RTOL in float64 (a float argument or literal would be rounded to float32)
+    wanted = tl.ceil(keep * n.to(tl.float64) * (one - rtol)).to(tl.int32)
+    k = tl.minimum(tl.maximum(tl.maximum(wanted, tl.minimum(n, sink_tokens + recent_tokens)), 1), n)
+    need = k - n_forced  # non-forced keys to keep
+    # The need-th largest candidate key: a 4-ary search over [low, high) that keeps
+    # count(key >= low) = at_low >= need > count(key >= high) and stops as soon as at_low == need (key >= low is then
+    # exactly the need highest keys): about log_4 of the keys' spread over the gap at the threshold, ~8 passes.
+    low = low.to(tl.int64)
+    high = high.to(tl.int64) + 1
+    while (high - low > 1) & (at_low != need) & (need > 0):
+        width = high - low
+        probe1 = (low + width // 4).to(tl.int32)
+        probe2 = (low + width // 2).to(tl.int32)
+        probe3 = (low + 3 * width // 4).to(tl.int32)  # low <= probe1 <= probe2 <= probe3 < high, probe2 > low
+        count1, count2, count3 = tl.reduce(((key >= probe1).to(tl.int32), (key >= probe2).to(tl.int32),
+                                            (key >= probe3).to(tl.int32)), 0, _add3)
+        low, at_low = tl.where(count1 >= need, probe1.to(tl.int64), low), tl.where(count1 >= need, count1, at_low)
+        low, at_low = tl.where(count2 >= need, probe2.to(tl.int64), low), tl.where(count2 >= need, count2, at_low)
+        low, at_low = tl.where(count3 >= need, probe3.to(tl.int64), low), tl.where(count3 >= need, count3, at_low)
+        high = tl.where(count3 < need, probe3.to(tl.int64), high)
+        high = tl.where(count2 < need, probe2.to(tl.int64), high)
+        high = tl.where(count1 < need, probe1.to(tl.int64), high)
+    chosen = candidate & (key >= low.to(tl.int32)) & (need > 0)
+    kept = forced | chosen
+    place = tl.cumsum(kept.to(tl.int32), 0) - 1
+    tl.store(index_ptr + bg * L_max + place, j, mask=kept)
+    tl.store(total_ptr + bg, n_forced + tl.where(need > 0, at_low, 0))
 
 
 @triton.jit
-def _level_boundary(work, need, LEVEL: tl.constexpr, BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr,
-                    BOUNDS: tl.constexpr):
-    """(prefix, rank left, shift) after LEVEL levels: the candidate keys with (key - low) >> shift == prefix hold the
-    need-th largest one, as the left-th largest among them. Level 1 has BINS1 bins of width 2^shift1 over
-    [low, high]; each later level splits the boundary bin of the one before into BINS bins (BITS bits), down to
-    single key values (shift 0). Level m's boundary is stored at BOUNDS + 2 m by the kernel that computes it first."""
-    shift1 = tl.load(work + BOUNDS + 1)
-    if LEVEL == 1:
-        prefix, left = _boundary(work, need, BINS1)
-        shift = shift1
-    else:
-        before = tl.maximum(shift1 - (LEVEL - 2) * BITS, 0)
-        shift = tl.maximum(before - BITS, 0)
-        prefix = tl.load(work + BOUNDS + 2 * LEVEL - 2).to(tl.int64)
-        left = tl.load(work + BOUNDS + 2 * LEVEL - 1)
-        if before > 0:  # split the boundary bin of the level before
-            digit, left = _boundary(work + BINS1 + (LEVEL - 2) * BINS, left, BINS)
-            prefix = (prefix << (before - shift)) | digit
-    return prefix, left, shift
-
-
-@triton.jit
-def _refine_kernel(len_ptr, len_s, keep_ptr, keep_sb, keep_sg, key_ptr, work_ptr, L_max, H_kv, n_splits,
-                   sink_tokens, recent_tokens, RTOL_INVERSE: tl.constexpr, LEVEL: tl.constexpr,
-                   BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr, BOUNDS: tl.constexpr,
-                   BLOCK: tl.constexpr, WORKSPACE: tl.constexpr):
-    bg = tl.program_id(0)
-    b, g = bg // H_kv, bg % H_kv
-    work = work_ptr + bg * WORKSPACE
-    n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
-    need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    prefix, left, shift = _level_boundary(work, need, LEVEL - 1, BINS1, BINS, BITS, BOUNDS)
-    if tl.program_id(1) == 0:
-        tl.store(work + BOUNDS + 2 * LEVEL - 2, prefix.to(tl.int32))
-        tl.store(work + BOUNDS + 2 * LEVEL - 1, left)
-    next_shift = tl.maximum(shift - BITS, 0)
-    low = tl.load(work + BOUNDS).to(tl.int64)
-    start, stop = _scan_range(n, n_splits, SPLIT_ALIGN)
-    stop = tl.where((need > 0) & (shift > 0), stop, start)  # at shift 0 the boundary is one key value: done
-    hist = work + BINS1 + (LEVEL - 2) * BINS
-    for j0 in range(start, stop, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        visible = j < stop
-        offset = tl.load(key_ptr + bg * L_max + j, mask=visible, other=0).to(tl.int64) - low
-        inside = visible & _is_candidate(j, n, sink_tokens, recent_tokens) & ((offset >> shift) == prefix)
-        tl.atomic_add(hist + ((offset >> next_shift) & (BINS - 1)).to(tl.int32), tl.full([BLOCK], 1, tl.int32),
-                      mask=inside)
-
-
-@triton.jit
-def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, v_sb, v_sg, v_srow, len_ptr, len_s,
-                   keep_ptr, keep_sb, keep_sg, key_ptr, index_ptr, work_ptr, part_ptr, omax_ptr, osum_ptr, out_ptr,
-                   o_sb, o_sh, L_max, H_kv, n_splits, sink_tokens, recent_tokens, scaling,
-                   RTOL_INVERSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                   DV: tl.constexpr, SCAN: tl.constexpr, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                   BINS1: tl.constexpr, BINS: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
-                   BOUNDS: tl.constexpr, TICKET: tl.constexpr, WORKSPACE: tl.constexpr, IEEE: tl.constexpr):
+def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, v_sb, v_sg, v_srow, index_ptr,
+                   total_ptr, out_ptr, omax_ptr, osum_ptr, L_max, H_kv, n_splits, scaling,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                   IEEE: tl.constexpr):
     bg, split = tl.program_id(0), tl.program_id(1)
     b, g = bg // H_kv, bg % H_kv
-    work = work_ptr + bg * WORKSPACE
-    n = tl.minimum(tl.maximum(tl.load(len_ptr + b * len_s).to(tl.int32), 1), L_max)
-    need = _candidates_wanted(n, keep_ptr + b * keep_sb + g * keep_sg, sink_tokens, recent_tokens, RTOL_INVERSE)
-    # The last level's boundary is a single key value (shift 0): the need-th largest candidate key T.
-    offset, _, _ = _level_boundary(work, need, LEVELS, BINS1, BINS, BITS, BOUNDS)
-    threshold = (tl.load(work + BOUNDS).to(tl.int64) + offset).to(tl.int32)
-    # Compact the kept keys of this split's positions into its own stretch of the index list.
-    start, stop = _scan_range(n, n_splits, BLOCK)
-    total = 0
-    for j0 in range(start, stop, SCAN):
-        j = j0 + tl.arange(0, SCAN)
-        visible = j < stop
-        key = tl.load(key_ptr + bg * L_max + j, mask=visible, other=0)
-        candidate = _is_candidate(j, n, sink_tokens, recent_tokens)
-        kept = visible & ((candidate & (key >= threshold) & (need > 0)) | ~candidate)
-        place = total + tl.cumsum(kept.to(tl.int32), 0) - 1
-        tl.store(index_ptr + bg * L_max + start + place, j, mask=kept)
-        total += tl.sum(kept.to(tl.int32), 0)
-    tl.debug_barrier()  # the list is read back by other threads of this program
+    total = tl.load(total_ptr + bg)
+    per = tl.cdiv(total, n_splits)
+    start = split * per
+    stop = tl.minimum(start + per, total)
     heads = tl.arange(0, G_PAD)
     cols = tl.arange(0, D)
     vcols = tl.arange(0, DV)
@@ -303,10 +193,10 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV], tl.float32)
-    for p0 in range(0, total, BLOCK):
+    for p0 in range(start, stop, BLOCK):
         place = p0 + tl.arange(0, BLOCK)
-        in_range = place < total
-        j = tl.load(index_ptr + bg * L_max + start + place, mask=in_range, other=0)
+        in_range = place < stop
+        j = tl.load(index_ptr + bg * L_max + place, mask=in_range, other=0)
         k = tl.load(keys + j[:, None] * k_srow + key_cols[None, :], mask=in_range[:, None], other=0.0)
         if IEEE:  # (5): exact scores at full width
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -323,24 +213,28 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
         else:  # tf32 keeps p to 2^-11 where a bf16 p would round to 2^-8; bf16/fp16 values are exact in tf32
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
         row_max = new_max
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     slot = (bg * n_splits + split) * G_PAD + heads
-    tl.store(part_ptr + slot[:, None] * DV + vcols[None, :], acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None])
+    tl.store(out_ptr + slot[:, None] * DV + vcols[None, :], out)
     tl.store(omax_ptr + slot, row_max)
     tl.store(osum_ptr + slot, row_sum)
-    # The last split of the group to finish merges the partials: the flash-decoding combine, weights sum exp(max - top).
-    tl.debug_barrier()
-    if tl.atomic_add(work + TICKET, 1, sem="acq_rel") == n_splits - 1:
-        splits = tl.arange(0, SPLITS_PAD)
-        real = splits < n_splits
-        for h in tl.static_range(G):
-            slots = (bg * n_splits + splits) * G_PAD + h
-            pmax = tl.load(omax_ptr + slots, mask=real, other=float("-inf"), cache_modifier=".cg")
-            weight = tl.load(osum_ptr + slots, mask=real, other=0.0, cache_modifier=".cg") * tl.exp(
-                pmax - tl.max(pmax, 0))  # the top is finite: the group keeps at least one key
-            parts = tl.load(part_ptr + slots[:, None] * DV + vcols[None, :], mask=real[:, None], other=0.0,
-                            cache_modifier=".cg")
-            out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
-            tl.store(out_ptr + b * o_sb + (g * G + h) * o_sh + vcols, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_kernel(part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, H, n_splits,
+                    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    bh = tl.program_id(0)  # one query head of one row
+    b, h = bh // H, bh % H
+    bg, head = bh // G, bh % G  # its group (b H_kv + h // G) and place in the group
+    vcols = tl.arange(0, DV)
+    splits = tl.arange(0, SPLITS_PAD)
+    slots = (bg * n_splits + splits) * G_PAD + head
+    real = splits < n_splits
+    pmax = tl.load(omax_ptr + slots, mask=real, other=float("-inf"))
+    weight = tl.load(osum_ptr + slots, mask=real, other=0.0) * tl.exp(pmax - tl.max(pmax, 0))  # top is finite
+    parts = tl.load(part_ptr + slots[:, None] * DV + vcols[None, :], mask=real[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + vcols, out.to(out_ptr.dtype.element_ty))
 
 
 def _setting(value: torch.Tensor | float, batch: int, kv_heads: int, device: torch.device,
@@ -412,6 +306,9 @@ def selection_decode_triton(
                          "cache's dtype.")
     if rotated_query.stride(2) != 1 or column_stride != 1 or values.stride(3) != 1:
         raise ValueError("the last dimension of the query, keys and values must be contiguous. Fix: .contiguous().")
+    if l_max > MAX_KEYS:
+        raise ValueError(f"L_max = {l_max} exceeds MAX_KEYS = {MAX_KEYS} (the threshold kernel holds a group's "
+                         "priorities in registers). Fix: use backend='reference' for longer caches.")
     if lengths.dim() != 1 or lengths.shape[0] != batch or lengths.is_floating_point():
         raise ValueError(f"lengths must be an integer (B,) = ({batch},) tensor, got {lengths.dtype} "
                          f"{tuple(lengths.shape)}. Fix: pass the visible key count of each row as int32 or int64.")
@@ -426,47 +323,40 @@ def selection_decode_triton(
                          "rank.long(), keep.double().")
 
     group, groups = heads // kv_heads, batch * kv_heads
-    g_pad = max(2, triton.next_power_of_2(group))  # heads of the score and priority tiles
+    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
     ieee = rotated_query.dtype == torch.float32
     score_splits = _split_count(groups, device, triton.cdiv(l_max, SCORE_BLOCK))
     attend_splits = _split_count(groups, device, triton.cdiv(l_max, ATTEND_BLOCK))
-    f32, i32 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
     scores = torch.empty(groups, group, l_max, **f32)
-    score_max, score_sum, score_min = (torch.empty(groups, group, score_splits, **f32) for _ in range(3))
-    priority_key = torch.empty(groups, l_max, **i32)
-    kept_index = torch.empty(groups, l_max, **i32)
-    workspace = torch.empty(groups, WORKSPACE, **i32)  # zeroed by the score kernel
-    mma_rows = max(16, g_pad)  # tl.dot needs 16 rows
-    partial = torch.empty(groups, attend_splits, mma_rows, dv, **f32)
-    partial_max = torch.empty(groups, attend_splits, mma_rows, **f32)
-    partial_sum = torch.empty(groups, attend_splits, mma_rows, **f32)
+    score_max = torch.empty(groups, group, score_splits, **f32)
+    score_sum = torch.empty(groups, group, score_splits, **f32)
+    kept_index = torch.empty(groups, l_max, dtype=torch.int32, device=device)
+    kept_total = torch.empty(groups, dtype=torch.int32, device=device)
+    partial = torch.empty(groups, attend_splits, g_pad, dv, **f32)
+    partial_max = torch.empty(groups, attend_splits, g_pad, **f32)
+    partial_sum = torch.empty(groups, attend_splits, g_pad, **f32)
     out = torch.empty(batch, heads, dv, dtype=values.dtype, device=device)
 
     q_strides = (rotated_query.stride(0), rotated_query.stride(1))
     k_strides = (rotated_keys.stride(0), rotated_keys.stride(1), k_sblk, k_srow)
-    settings = (lengths, lengths.stride(0), keep, *keep.stride())
-    window = (sink_tokens, recent_tokens)
     _score_kernel[(groups, score_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, lengths, lengths.stride(0), rank, *rank.stride(),
-        scores, score_max, score_sum, score_min, workspace, l_max, kv_heads, score_splits, scaling,
-        G=group, G_PAD=mma_rows, D=d, BLOCK=SCORE_BLOCK, IEEE=ieee, WORKSPACE=WORKSPACE, num_warps=4)
-    _priority_kernel[(groups, score_splits)](
-        scores, score_max, score_sum, score_min, *settings, priority_key, workspace, l_max, kv_heads, score_splits,
-        score_splits, *window, RTOL_INVERSE=RTOL_INVERSE, G=group, G_PAD=g_pad,
-        SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK=PRIORITY_BLOCK, BINS1=BINS1, BOUNDS=BOUNDS,
-        WORKSPACE=WORKSPACE, num_warps=4)
-    for level in range(2, LEVELS + 1):
-        _refine_kernel[(groups, score_splits)](
-            *settings, priority_key, workspace, l_max, kv_heads, score_splits, *window,
-            RTOL_INVERSE=RTOL_INVERSE, LEVEL=level, BINS1=BINS1, BINS=2**BITS, BITS=BITS, BOUNDS=BOUNDS,
-            BLOCK=SCAN_BLOCK, WORKSPACE=WORKSPACE, num_warps=4)
+        scores, score_max, score_sum, l_max, kv_heads, score_splits, scaling,
+        G=group, G_PAD=g_pad, D=d, BLOCK=SCORE_BLOCK, IEEE=ieee, num_warps=4)
+    block_n = triton.next_power_of_2(l_max)
+    _threshold_kernel[(groups,)](
+        scores, score_max, score_sum, lengths, lengths.stride(0), keep, *keep.stride(), kept_index, kept_total,
+        l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
+        RTOL_INVERSE=RTOL_INVERSE, G=group, SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK_N=block_n,
+        num_warps=THRESHOLD_WARPS if block_n >= 4096 else 4)
     _attend_kernel[(groups, attend_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
-        values.stride(2), *settings, priority_key, kept_index, workspace, partial, partial_max, partial_sum, out,
-        out.stride(0), out.stride(1), l_max, kv_heads, attend_splits, *window, scaling,
-        RTOL_INVERSE=RTOL_INVERSE, G=group, G_PAD=mma_rows, D=d, DV=dv, SCAN=SCAN_BLOCK, BLOCK=ATTEND_BLOCK,
-        SPLITS_PAD=triton.next_power_of_2(attend_splits), BINS1=BINS1, BINS=2**BITS, BITS=BITS, LEVELS=LEVELS,
-        BOUNDS=BOUNDS, TICKET=TICKET, WORKSPACE=WORKSPACE, IEEE=ieee, num_warps=4)
+        values.stride(2), kept_index, kept_total, partial, partial_max, partial_sum, l_max, kv_heads, attend_splits,
+        scaling, G=group, G_PAD=g_pad, D=d, DV=dv, BLOCK=ATTEND_BLOCK, IEEE=ieee, num_warps=4)
+    _combine_kernel[(batch * heads,)](
+        partial, partial_max, partial_sum, out, out.stride(0), out.stride(1), heads, attend_splits,
+        G=group, G_PAD=g_pad, DV=dv, SPLITS_PAD=triton.next_power_of_2(attend_splits), num_warps=4)
     return out
 
 

@@ -129,14 +129,6 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     case["rank"] = torch.full((2, 1), 8)
     tied = selection_decode(**{**case, "keep": 0.5}, backend="triton")
     torch.testing.assert_close(tied, selection_decode_reference(**{**case, "keep": 1.0}), atol=1e-5, rtol=1e-5)
-
-    # one key far above the rest: its priority is about 0 and the others about -100, a key range near 2^30 that
-    # needs every level of the radix select
-    case = decode_case(2, 1, 3, 32, 64, seed=11)
-    case["rotated_keys"][:, 0, 20] = 30 * case["rotated_query"][:, 0]
-    case["rank"] = torch.full((2, 1), 32)
-    torch.testing.assert_close(selection_decode(**case, backend="triton"), selection_decode_reference(**case),
-                               atol=1e-5, rtol=1e-5)
     print("interpreter ok")
 """)
 
@@ -144,7 +136,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_reference_in_triton_interpreter():
     """The kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported,
-    hence a subprocess): both layouts, mixed settings, unequal lengths, several windows, ties, a wide priority range."""
+    hence a subprocess): both layouts, mixed settings, unequal lengths, several windows, ties."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
@@ -159,7 +151,6 @@ GPU_CASES = [  # (batch, kv_heads, group, d, length)
     (5, 3, 3, 64, 1000),
     (3, 2, 4, 128, 2048),
     (2, 1, 1, 32, 300),
-    (2, 2, 3, 64, 20000),  # beyond what one program could rank in registers
 ]
 
 
