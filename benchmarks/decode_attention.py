@@ -14,8 +14,9 @@ before; us per call = replay time / calls, the median of ``--repeats`` replays. 
 cost model charges (``drrl_gym.selection_cost.decode_traffic`` times the 2 L d bf16 values of full attention per
 KV head), "GB/s" those bytes over the measured time; "workspace" is the peak memory one eager call allocates
 beyond its inputs. A torch.profiler table of eager calls (per-kernel GPU time) is written for one configuration.
-``--quick`` measures only L = 8192, B = 16 and 64 at r=16 keep=1/8. ``--smoke`` runs tiny sizes on the CPU (reference backend, or Triton's interpreter with TRITON_INTERPRET=1) to check
-the script. Writes ``results.json``, ``results.md`` and ``profile.txt`` into ``--out``.
+``--quick`` measures only L = 8192, B = 16 and 64 at r=16 keep=1/8 (for iterating on the kernel). ``--smoke`` runs
+tiny sizes on the CPU (reference backend, or Triton's interpreter with TRITON_INTERPRET=1) to check the script.
+Writes ``results.json``, ``results.md`` and ``profile.txt`` into ``--out``.
 """
 
 from __future__ import annotations
