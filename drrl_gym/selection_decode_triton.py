@@ -24,8 +24,9 @@ needs the threshold, so there are three dependent reductions over L; a grid-wide
 split counts fill the GPU at any batch (B H_kv programs alone are 48 at B = 16, against 132 SMs), and the kept-list
 gather makes the exact pass cost k rows, not L. The threshold stays one program per group: an exact radix select
 spread over the splits (global histograms of the priorities' bits, one pass per level) measured slower on an H200,
-because Triton has no shared-memory atomics, so a block histogram (``tl.histogram`` or a one-hot sum) or per-key
-global atomics cost more than the whole serial search (docs/results/decode_attention_h200/analysis.md).
+because Triton has no shared-memory atomics: the pass that forms the priorities and histograms them alone took longer
+than the whole serial search (``tl.histogram`` or a one-hot sum), and each further level (a launch, a boundary scan
+of the histogram, per-key global atomics) added 6-10 us at B = 16 (docs/results/decode_attention_h200/analysis.md).
 
 Ties: every non-forced key whose priority equals the threshold is kept, so a row may keep a few more than k keys
 when priorities tie exactly (never fewer). The reference breaks ties by position instead; random data has no ties.
