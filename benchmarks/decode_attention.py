@@ -14,8 +14,9 @@ before; us per call = replay time / calls, the median of ``--repeats`` replays. 
 cost model charges (``drrl_gym.selection_cost.decode_traffic`` times the 2 L d bf16 values of full attention per
 KV head), "GB/s" those bytes over the measured time; "workspace" is the peak memory one eager call allocates
 beyond its inputs. A torch.profiler table of eager calls (per-kernel GPU time) is written for one configuration.
-``--smoke`` runs tiny sizes on the CPU (reference backend, or Triton's interpreter with TRITON_INTERPRET=1) to check
-the script. Writes ``results.json``, ``results.md`` and ``profile.txt`` into ``--out``.
+``--quick`` measures only L = 8192, B = 16 and 64 at r=16 keep=1/8 (for iterating on the kernel). ``--smoke`` runs
+tiny sizes on the CPU (reference backend, or Triton's interpreter with TRITON_INTERPRET=1) to check the script.
+Writes ``results.json``, ``results.md`` and ``profile.txt`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -205,9 +206,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="graph replays timed per measurement")
     parser.add_argument("--max-copies", type=int, default=64, help="most cache copies per graph (L2 flushing)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
+    parser.add_argument("--quick", action="store_true", help=f"only L = 8192, B in (16, 64) and {PROFILED[2]}, "
+                        "for iterating on the kernel")
     args = parser.parse_args()
     args.profile, args.profiled = None, PROFILED
     names = [setting_name(*p) for p in SETTINGS] + ["mixed"]
+    if args.quick:
+        args.lengths, args.batches, names = [PROFILED[1]], [PROFILED[0], 64], [PROFILED[2]]
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.lengths, args.batches, args.repeats = [64], [1, 2], 2
