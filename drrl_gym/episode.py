@@ -34,9 +34,10 @@ from drrl_gym.corpus import CorpusSplits
 from drrl_gym.cuda_graphs import SegmentGraphs
 from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
-from drrl_gym.kv_cache import cache_prefix
+from drrl_gym.kv_cache import cache_prefix, kv_tensors
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
+from drrl_gym.reference_cache import GIB, ReferenceCache
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
 from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, KLBudget, attention_cosine_per_head
 
@@ -94,6 +95,8 @@ class EpisodeBatch:
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
         self.episode: EpisodeState | None = None
+        # The agent-independent start of an episode per train sequence, kept across episodes (drrl_gym.reference_cache)
+        self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
         # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
@@ -137,13 +140,9 @@ class EpisodeBatch:
             raise ValueError(f"reset needs {self.batch_size} sequence indices, got {len(indices)}")
         indices = np.array(indices, dtype=np.int64)
         self._tokens.copy_(self.corpus.train[torch.from_numpy(indices)])
-        cache, full = DynamicCache(config=self.backbone.model.config), self.geometry.head_dim
+        full = self.geometry.head_dim
         with torch.inference_mode():
-            with record_function("drrl.warmup_forward"):
-                self.attention.set_keep(1.0)
-                _, stats = self._forward(cache, self._segment_tokens(0), full, statistics=True, outputs=False)
-            with record_function("drrl.reference_forward"):
-                reference = self._reference_forward(cache, self.reward.needs_attention_outputs)
+            cache, stats, reference = self._episode_start(indices)
             if self._graphs is not None:  # the graphs read the warm-up cache and the reference at fixed places
                 self._graphs.pin_cache(cache)
                 reference = _pinned_captured(self._graphs, reference)
@@ -255,7 +254,7 @@ class EpisodeBatch:
         with torch.inference_mode():
             reference = episode.reference if episode.reference.attention is not None else episode.probe_reference
             if reference is None:  # the fidelity metric kept only hidden states: run the reference again, once
-                reference = episode.probe_reference = self._reference_forward(episode.cache, outputs=True)
+                reference = episode.probe_reference = self._reference_forward(episode.cache, self._tokens, outputs=True)
             cache = copy.deepcopy(episode.cache)
             cache.batch_repeat_interleave(count)
             tiled = np.tile(candidates, (self.batch_size, 1))
@@ -329,16 +328,65 @@ class EpisodeBatch:
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None
 
-    def _reference_forward(self, cache: DynamicCache, outputs: bool) -> Captured:
-        """The full-rank reference of segments 1 .. n_segments-1 of every row, in one forward. It starts from the
-        warm-up prefix both trajectories share, bit for bit: the first segment of the agent's cache, which the agent
-        ran at full rank and never rewrites."""
+    def _reference_forward(self, cache: DynamicCache, tokens: torch.Tensor, outputs: bool) -> Captured:
+        """The full-rank reference of segments 1 .. n_segments-1 of ``tokens`` (the cache's rows, whole sequences),
+        in one forward. It starts from the warm-up prefix both trajectories share, bit for bit: the first segment of
+        the agent's cache, which the agent ran at full rank and never rewrites."""
         length = self.config.segment_len
         prefix = cache_prefix(cache, length, self.backbone.model.config)
         self.attention.set_keep(1.0)  # exact: every key kept (and, below, every rank)
-        captured, _ = self._forward(prefix, self._tokens[:, length:], self.geometry.head_dim, statistics=False,
+        captured, _ = self._forward(prefix, tokens[:, length:], self.geometry.head_dim, statistics=False,
                                     outputs=outputs)
         return captured
+
+    def _episode_start(self, indices: np.ndarray) -> tuple[DynamicCache, SegmentStats, Captured]:
+        """The warm-up cache and statistics and the reference of every row: from the reference cache where it holds
+        the row's sequence, else computed (only for those rows) and stored."""
+        held, slots = self.references.lookup(indices)
+        missing = np.flatnonzero(~held)
+        computed = None
+        if len(missing):
+            computed = self._computed_start(torch.from_numpy(missing).to(self._tokens.device))
+            self.references.store(indices[missing], computed)
+        if held.all():
+            with record_function("drrl.reference_cache_gather"):
+                rows = self.references.gather(slots)
+        elif held.any():
+            with record_function("drrl.reference_cache_gather"):
+                rows = [torch.empty((self.batch_size, *c.shape[1:]), dtype=c.dtype, device=c.device) for c in computed]
+                where_held = torch.from_numpy(np.flatnonzero(held)).to(self._tokens.device)
+                where_missing = torch.from_numpy(missing).to(self._tokens.device)
+                for row, cached, fresh in zip(rows, self.references.gather(slots[held]), computed, strict=True):
+                    row.index_copy_(0, where_held, cached)
+                    row.index_copy_(0, where_missing, fresh)
+        else:
+            rows = computed
+        return self._unflatten_start(rows)
+
+    def _computed_start(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Warm-up segment and reference of the batch rows ``rows``, flattened (:meth:`_unflatten_start`)."""
+        tokens = self._tokens.index_select(0, rows)
+        cache, length = DynamicCache(config=self.backbone.model.config), self.config.segment_len
+        with record_function("drrl.warmup_forward"):
+            self.attention.set_keep(1.0)
+            _, stats = self._forward(cache, tokens[:, :length], self.geometry.head_dim, statistics=True, outputs=False)
+        with record_function("drrl.reference_forward"):
+            reference = self._reference_forward(cache, tokens, self.reward.needs_attention_outputs)
+        grams = [stats.query_gram, stats.key_gram] + ([] if stats.selection_bound is None else [stats.selection_bound])
+        return ([t for pair in kv_tensors(cache) for t in pair] + grams + [reference.hidden]
+                + list(reference.attention or []))
+
+    def _unflatten_start(self, rows: list[torch.Tensor]) -> tuple[DynamicCache, SegmentStats, Captured]:
+        """The inverse of :meth:`_computed_start`'s flattening: (warm-up cache, its statistics, reference)."""
+        layers, length = self.geometry.num_layers, self.config.segment_len
+        cache = DynamicCache(config=self.backbone.model.config)
+        for layer in range(layers):
+            cache.update(rows[2 * layer], rows[2 * layer + 1], layer)
+        rest = rows[2 * layers:]
+        bound = rest.pop(2) if self.selection else None
+        stats = SegmentStats(rest[0], rest[1], length, length, bound)
+        reference = Captured(rest[2], rest[3:] if self.reward.needs_attention_outputs else None)
+        return cache, stats, reference
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from final hidden states: the LM head ``model(...)`` applies, softcapping included."""
