@@ -37,7 +37,7 @@ from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import cache_prefix, kv_tensors
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
-from drrl_gym.reference_cache import GIB, ReferenceCache
+from drrl_gym.reference_cache import GIB, EpisodeStart, ReferenceCache
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
 from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, KLBudget, attention_cosine_per_head
 
@@ -171,9 +171,8 @@ class EpisodeBatch:
         # record_function labels name the parts of a step in torch.profiler tables (benchmarks/env_throughput.py).
         with torch.inference_mode(), record_function("drrl.device_step"):
             fidelity, summary, stats, executed = self._run_device_step(t, layer_ranks)
-        with record_function("drrl.observe_cpu"):
-            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
-        episode.stats = stats
+        # The costs need only the ranks: counted here, while the device still runs the step (the observation below
+        # is the first read of its results, and waits for it).
         keys = (t + 1) * length
         if self.selection:
             counted = selection_fractions(self.geometry, layer_ranks.numpy(), layer_keeps.numpy(), length, keys)
@@ -182,6 +181,9 @@ class EpisodeBatch:
         else:
             counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
             ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
+        with record_function("drrl.observe_cpu"):
+            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
+        episode.stats = stats
         components = self.reward.components(fidelity.double().cpu().numpy(), counted.scores, perturbation)
         ranks = self.decisions.choice_ranks[chosen]
         episode.rank_history[:, :, t] = ranks
@@ -346,25 +348,19 @@ class EpisodeBatch:
         missing = np.flatnonzero(~held)
         computed = None
         if len(missing):
-            computed = self._computed_start(torch.from_numpy(missing).to(self._tokens.device))
+            computed = self._computed_start(torch.from_numpy(missing).to(self._tokens.device)).rows()
             self.references.store(indices[missing], computed)
-        if held.all():
-            with record_function("drrl.reference_cache_gather"):
-                rows = self.references.gather(slots)
-        elif held.any():
-            with record_function("drrl.reference_cache_gather"):
-                rows = [torch.empty((self.batch_size, *c.shape[1:]), dtype=c.dtype, device=c.device) for c in computed]
-                where_held = torch.from_numpy(np.flatnonzero(held)).to(self._tokens.device)
-                where_missing = torch.from_numpy(missing).to(self._tokens.device)
-                for row, cached, fresh in zip(rows, self.references.gather(slots[held]), computed, strict=True):
-                    row.index_copy_(0, where_held, cached)
-                    row.index_copy_(0, where_missing, fresh)
-        else:
-            rows = computed
-        return self._unflatten_start(rows)
+        with record_function("drrl.reference_cache_gather"):
+            rows = self.references.merged(held, slots, computed)
+        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.selection,
+                                       self.reward.needs_attention_outputs)
+        cache = DynamicCache(config=self.backbone.model.config)
+        for layer, (keys, values) in enumerate(start.kv):
+            cache.update(keys, values, layer)
+        return cache, start.stats, start.reference
 
-    def _computed_start(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Warm-up segment and reference of the batch rows ``rows``, flattened (:meth:`_unflatten_start`)."""
+    def _computed_start(self, rows: torch.Tensor) -> EpisodeStart:
+        """Warm-up segment and reference of the batch rows ``rows``."""
         tokens = self._tokens.index_select(0, rows)
         cache, length = DynamicCache(config=self.backbone.model.config), self.config.segment_len
         with record_function("drrl.warmup_forward"):
@@ -372,21 +368,7 @@ class EpisodeBatch:
             _, stats = self._forward(cache, tokens[:, :length], self.geometry.head_dim, statistics=True, outputs=False)
         with record_function("drrl.reference_forward"):
             reference = self._reference_forward(cache, tokens, self.reward.needs_attention_outputs)
-        grams = [stats.query_gram, stats.key_gram] + ([] if stats.selection_bound is None else [stats.selection_bound])
-        return ([t for pair in kv_tensors(cache) for t in pair] + grams + [reference.hidden]
-                + list(reference.attention or []))
-
-    def _unflatten_start(self, rows: list[torch.Tensor]) -> tuple[DynamicCache, SegmentStats, Captured]:
-        """The inverse of :meth:`_computed_start`'s flattening: (warm-up cache, its statistics, reference)."""
-        layers, length = self.geometry.num_layers, self.config.segment_len
-        cache = DynamicCache(config=self.backbone.model.config)
-        for layer in range(layers):
-            cache.update(rows[2 * layer], rows[2 * layer + 1], layer)
-        rest = rows[2 * layers:]
-        bound = rest.pop(2) if self.selection else None
-        stats = SegmentStats(rest[0], rest[1], length, length, bound)
-        reference = Captured(rest[2], rest[3:] if self.reward.needs_attention_outputs else None)
-        return cache, stats, reference
+        return EpisodeStart(kv_tensors(cache), stats, reference)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from final hidden states: the LM head ``model(...)`` applies, softcapping included."""

@@ -7,8 +7,8 @@ on the model's device, least recently used first out, within a memory budget (``
 docs/env.md, "Reference cache"). One entry of SmolLM2-135M with ``fidelity="attention_cosine"`` at 1024 tokens is
 about 38 MB (the reference's attention outputs, 31 MB, dominate); with ``"kl"`` or ``"hidden_cosine"`` about 7 MB.
 
-The cache stores an entry as a fixed list of tensors whose leading axis is the batch row (the caller flattens its
-structures, ``drrl_gym.episode``), in one slab per tensor that grows by doubling up to the budget, so a lookup of B
+The cache stores an entry as a fixed list of tensors whose leading axis is the batch row (:class:`EpisodeStart`
+flattens its structures into one), in one slab per tensor that grows by doubling up to the budget, so a lookup of B
 rows is one ``index_select`` per tensor.
 """
 
@@ -16,11 +16,45 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from drrl_gym.kv_cache import KVTensors
+from drrl_gym.lowrank import SegmentStats
+from drrl_gym.reward import Captured
+
 GIB = 2**30
+
+
+@dataclass
+class EpisodeStart:
+    """What a reset computes for B rows that does not depend on the agent: the warm-up segment's KV cache and
+    statistics (full rank, every key) and the full-rank reference of the remaining segments."""
+
+    kv: KVTensors  # per layer (keys, values), each (B, H_kv, segment_len, d)
+    stats: SegmentStats
+    reference: Captured
+
+    def rows(self) -> list[torch.Tensor]:
+        """Every tensor, leading axis the row: keys and values per layer, the Grams, the selection bound (selection
+        mode), the reference's hidden states and attention outputs (if recorded)."""
+        stats, reference = self.stats, self.reference
+        bound = [] if stats.selection_bound is None else [stats.selection_bound]
+        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *bound, reference.hidden]
+                + list(reference.attention or []))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[torch.Tensor], num_layers: int, selection: bool,
+                  attention_outputs: bool) -> EpisodeStart:
+        """The inverse of :meth:`rows` (the same layout: the attention mode and fidelity metric fix it)."""
+        kv = [(rows[2 * layer], rows[2 * layer + 1]) for layer in range(num_layers)]
+        rest = list(rows[2 * num_layers:])
+        bound = rest.pop(2) if selection else None
+        length = kv[0][0].shape[2]  # the warm-up segment: its queries are its keys
+        stats = SegmentStats(rest[0], rest[1], length, length, bound)
+        return cls(kv, stats, Captured(rest[2], rest[3:] if attention_outputs else None))
 
 
 class ReferenceCache:
@@ -66,6 +100,23 @@ class ReferenceCache:
         """The rows in ``slots`` (from :meth:`lookup`), one new tensor per stored tensor."""
         index = torch.as_tensor(slots, dtype=torch.long, device=self._slabs[0].device)
         return [slab.index_select(0, index) for slab in self._slabs]
+
+    def merged(self, held: np.ndarray, slots: np.ndarray, computed: Sequence[torch.Tensor] | None
+               ) -> list[torch.Tensor]:
+        """Rows for a whole batch: the cached ones where ``held`` (at ``slots``, from :meth:`lookup`), the rows of
+        ``computed`` (one per row not held, in order) elsewhere."""
+        if held.all():
+            return self.gather(slots)
+        if not held.any():
+            return list(computed)
+        device = computed[0].device
+        where_held = torch.from_numpy(np.flatnonzero(held)).to(device)
+        where_computed = torch.from_numpy(np.flatnonzero(~held)).to(device)
+        rows = []
+        for cached, fresh in zip(self.gather(slots[held]), computed, strict=True):
+            row = fresh.new_empty((len(held), *fresh.shape[1:]))
+            rows.append(row.index_copy_(0, where_held, cached).index_copy_(0, where_computed, fresh))
+        return rows
 
     def store(self, keys: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
         """Keep row b of every tensor in ``rows`` under ``keys[b]`` (keys already held or repeated are skipped)."""
