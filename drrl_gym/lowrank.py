@@ -385,7 +385,22 @@ class DynamicRankAttention:
         return out
 
 
+_HALF_GRAMS = {"supported": True}  # whether this torch multiplies half-precision matrices into float32 (CUDA)
+
+
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X over the token axis, in float32: (..., N, d) -> (..., d, d)."""
+    """X^T X over the token axis, in float32: (..., N, d) -> (..., d, d).
+
+    Half-precision inputs on CUDA are multiplied as they are, with float32 accumulation and output (``out_dtype``):
+    the product of two bf16 or fp16 numbers is exact in float32, so this is the float32 product of their float32
+    copies up to summation order, without writing those copies (every step, all visible keys of every layer). Where
+    this torch has no such kernel the float32 copies are made (checked on the first call, which is eager: a reset)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_GRAMS["supported"]:
+        flat = x.reshape(-1, *x.shape[-2:])
+        try:
+            gram = torch.bmm(flat.transpose(-1, -2), flat, out_dtype=torch.float32)
+            return gram.reshape(*x.shape[:-2], x.shape[-1], x.shape[-1])
+        except (TypeError, RuntimeError, NotImplementedError):
+            _HALF_GRAMS["supported"] = False
     x = x.float()
     return x.transpose(-1, -2) @ x
