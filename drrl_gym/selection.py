@@ -246,9 +246,9 @@ def dropped_mass_bound_table(
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
     float64, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
     k_i of all keeps orders the candidates: the kept set of k_i keys is the first k_i of that order (forced keys,
-    priority +inf, always among them since k_i >= their number), so log W is a prefix log-cumsum-exp over the top
-    keys alone, and log U a suffix one combined with the logsumexp of every visible key outside the top. No sort of
-    all L keys, and only the (B, H_kv, G, T, L) tensors of the scores, their radii and priorities are formed. A keep
+    priority +inf, always among them since k_i >= their number), so log W is a logsumexp over a prefix of the top
+    keys alone, and log U one over the rest of the top combined with the logsumexp of every visible key outside it.
+    No sort of all L keys, and only the (B, H_kv, G, T, L) tensors of the scores and priorities are formed. A keep
     whose k_i is every visible key drops nothing: its bound is exactly 0. For a safety mask on the NEXT segment this
     is a prediction, not a certificate.
     """
@@ -269,7 +269,7 @@ def dropped_mass_bound_table(
     if not dropping:
         return means, maxes
     largest = int(counts[dropping].max())
-    index = (counts[dropping] - 1).to(device)  # (C, T): the last kept place in the order, per keep and query
+    kept_places = (torch.arange(largest) < counts[dropping][..., None]).to(device)  # (C, T, largest), nested in c
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.double().reshape(batch, kv_heads, group, n_queries, d)
@@ -290,13 +290,10 @@ def dropped_mass_bound_table(
         rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
         rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
         del approx
-        log_w = torch.logcumsumexp(low, -1)  # log W when the first j + 1 keys of the order are kept
-        log_u = torch.logcumsumexp(high.flip(-1), -1).flip(-1)  # the top keys from place j on
-        log_u = torch.cat([log_u, torch.full_like(log_u[..., :1], float("-inf"))], -1)
-        for c, place in zip(dropping, index, strict=True):
-            place = place.expand(rows)[..., None]
-            log_u_c = torch.logaddexp(rest, log_u.gather(-1, place + 1)[..., 0])
-            bound = torch.sigmoid(log_u_c - log_w.gather(-1, place)[..., 0])
+        for c, kept in zip(dropping, kept_places, strict=True):  # kept (T, largest): the first k_i places
+            log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
+            log_u = torch.logaddexp(rest, high.masked_fill(kept, float("-inf")).logsumexp(-1))
+            bound = torch.sigmoid(log_u - log_w)  # (B, H_kv, G, T)
             means[:, :, a, c], maxes[:, :, a, c] = bound.mean((2, 3)), bound.amax((2, 3))
     return means, maxes
 
