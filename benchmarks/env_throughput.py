@@ -371,8 +371,9 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
 
 def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards: dict[int, float | None]
           ) -> list[dict[str, Any]]:
-    """Per number of envs: gymnasium-API env steps/s (one untimed episode first), the step, the graphed plain
-    forward of the same tokens and the peak GPU memory (the mode's reference cache, shared, included)."""
+    """Per number of envs: gymnasium-API env steps/s (after one untimed episode that captures the CUDA graphs, if
+    the env uses them), the step, the graphed plain forward of the same tokens and the peak GPU memory (the mode's
+    reference cache, shared, included)."""
     points = []
     episodes = args.curve_episodes
     for n in args.n_envs_curve:
@@ -380,7 +381,8 @@ def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards
             torch.cuda.reset_peak_memory_stats()
         venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
         venv.batch.references = cache  # sequences seen by the main measurement or earlier points stay cached
-        gymnasium_api(venv, 1, args.seed + n)
+        if venv.batch._graphs is not None:  # an untimed episode captures the graphs (eager envs need none)
+            gymnasium_api(venv, 1, args.seed + n)
         gym_step = gymnasium_api(venv, episodes, args.seed + 2 * n)
         _, steps = core_episode(venv, np.random.default_rng(args.seed + 3 * n))
         if n not in forwards:
