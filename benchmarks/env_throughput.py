@@ -41,6 +41,7 @@ from transformers import DynamicCache, StaticCache
 
 from drrl_gym.backbone import DEFAULT_MODEL
 from drrl_gym.cli import number_in
+from drrl_gym.config import DTYPES
 from drrl_gym.cuda_graphs import capture_cuda_graph
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.files import atomic_write_text
@@ -48,6 +49,7 @@ from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import kv_tensors, point_cache
 from drrl_gym.perplexity import describe_machine
 from drrl_gym.reference_cache import GIB
+from drrl_gym.resources import shared_backbone
 from drrl_gym.vector import DRRLAttentionVecEnv
 
 SMOKE = dict(model="tiny-random-llama", seq_len=128, segment_len=32, num_envs=4, n_envs_curve=(2, 4), episodes=1,
@@ -115,7 +117,10 @@ def graphed_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: i
 
 def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int) -> dict[str, Any]:
     """Seconds per segment (mean over 1 .. n-1) of ``torch.compile(model.base_model)`` over a StaticCache (static
-    shapes: one compilation serves every segment), replayed as a CUDA graph when capture works, else called."""
+    shapes: one compilation serves every segment), replayed as a CUDA graph when capture works, else called.
+
+    A StaticCache layer writes at its device-side ``cumulative_length``, which every forward advances: each run
+    rewinds it to the segment's start, so runs (and replays) repeat the same writes and stay within the cache."""
     start = time.perf_counter()
     try:
         compiled = torch.compile(model.base_model, dynamic=False)
@@ -124,10 +129,12 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
         with torch.inference_mode():
             for t in range(tokens.shape[1] // segment_len):
                 segment = tokens[:, t * segment_len : (t + 1) * segment_len]
-                positions = torch.arange(t * segment_len, (t + 1) * segment_len, device=tokens.device)
 
                 def run() -> None:  # writes the same keys at the same places: repeatable
-                    compiled(segment, **cache_argument(cache), cache_position=positions, use_cache=True)
+                    for layer in cache.layers:
+                        if layer.is_initialized:
+                            layer.cumulative_length.fill_(t * segment_len)
+                    compiled(segment, **cache_argument(cache), use_cache=True)
 
                 run()
                 if t == 0:
@@ -290,9 +297,10 @@ def peak_memory_gb() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ measurements
-def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
-                 forward: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Every number of one attention mode at ``--num-envs``; returns (result, fastest forward, its reference cache)."""
+def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
+                 ) -> tuple[dict[str, Any], torch.Tensor, Any]:
+    """Every number of one attention mode at ``--num-envs`` but the ratios (:func:`add_ratios`); returns (result, the
+    last episode's tokens, the mode's reference cache)."""
     n, attention = args.num_envs, kwargs["attention"]
     episodes = args.episodes if attention == "lowrank_scores" else args.select_episodes
     venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
@@ -320,11 +328,6 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
             segments = plain_forward(model, tokens, args.segment_len, lm_head)
             if round_:
                 times[name] += segments[1:]  # segments 1 .. n-1: the ones a step runs
-    if forward is None:
-        forward = fastest_forward(model, tokens, args.segment_len, args.compile)
-        print(f"fastest plain forward: {forward['fastest']} {forward['fastest_ms']:.2f} ms (graph "
-              f"{forward['cuda_graph_ms']}, compile {forward['torch_compile_ms']}; compile "
-              f"{forward['torch_compile'].get('error') or 'ok'})", flush=True)
     agreement = graphs_against_eager(venv, eager, args.seed + 5) if eager is not None else None
     if eager is not None:
         free(eager)
@@ -336,7 +339,7 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
     dummy = dummy_vec_env(dict(kwargs, reference_cache_gib=args.reference_cache_gib), args.dummy_envs,
                           args.seed + 4) if first and args.dummy_envs else None
     median = {key: float(np.median(value)) if value else None for key, value in times.items()}
-    step, warm, fastest = median["env"], median["env_reset"], forward["fastest_ms"] / 1e3
+    step, warm, cold_reset = median["env"], median["env_reset"], float(np.median(cold))
     cache = venv.batch.references
     result = dict(
         attention=attention, num_envs=n, dtype=str(venv.backbone.dtype), episodes=episodes, cuda_graphs=graphs, rank_choices=list(venv.rank_choices),
@@ -345,13 +348,10 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
         env_step_ms=step * 1e3, env_step_p90_ms=float(np.percentile(times["env"], 90)) * 1e3,
         env_step_eager_ms=None if eager is None else median["eager"] * 1e3,
         graphs_vs_eager_max_abs_diff=agreement,
-        env_reset_cold_ms=float(np.median(cold)) * 1e3, env_reset_warm_ms=warm * 1e3,
+        env_reset_cold_ms=cold_reset * 1e3, env_reset_warm_ms=warm * 1e3, steps_per_episode=n_steps,
         env_step_amortised_ms=(step + warm / n_steps) * 1e3,
+        env_step_amortised_cold_ms=(step + cold_reset / n_steps) * 1e3,
         env_step_gymnasium_api_ms=gym_step * 1e3,
-        ratio_step_to_fastest_forward=step / fastest,
-        ratio_with_reset=(step + warm / n_steps) / fastest,
-        ratio_with_cold_reset=(step + float(np.median(cold)) / n_steps) / fastest,
-        ratio_gymnasium_api_to_fastest_forward=gym_step / fastest,
         env_steps_per_s=n / step, env_steps_per_s_amortised=n / (step + warm / n_steps),
         env_steps_per_s_gymnasium_api=n / gym_step,
         env_steps_per_s_sb3_adapter=None if sb3_step is None else n / sb3_step,
@@ -363,10 +363,18 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool,
         peak_gpu_memory_gb=peak,
         raw=dict(times=times, cold_resets=cold),
     )
-    print(f"[{attention}] step {step * 1e3:.2f} ms = {step / fastest:.2f}x the fastest forward; with the warm reset "
-          f"{result['ratio_with_reset']:.2f}x; gymnasium API {n / gym_step:,.0f} env steps/s", flush=True)
+    print(f"[{attention}] step {step * 1e3:.2f} ms, warm reset {warm * 1e3:.2f} ms, gymnasium API "
+          f"{n / gym_step:,.0f} env steps/s", flush=True)
     free(venv)
-    return result, forward, cache
+    return result, tokens.cpu(), cache
+
+
+def add_ratios(mode: dict[str, Any], fastest_ms: float) -> None:
+    """The mode's times over the fastest plain forward of the same tokens."""
+    mode.update(ratio_step_to_fastest_forward=mode["env_step_ms"] / fastest_ms,
+                ratio_with_reset=mode["env_step_amortised_ms"] / fastest_ms,
+                ratio_with_cold_reset=mode["env_step_amortised_cold_ms"] / fastest_ms,
+                ratio_gymnasium_api_to_fastest_forward=mode["env_step_gymnasium_api_ms"] / fastest_ms)
 
 
 def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards: dict[int, float | None]
@@ -420,7 +428,7 @@ def markdown(result: dict[str, Any]) -> str:
             *([("batched env, step without CUDA graphs", mode["env_step_eager_ms"], True)]
               if mode["env_step_eager_ms"] is not None else []),
             ("batched env, step + cold reset amortised (warm-up + reference forward)",
-             mode["ratio_with_cold_reset"] * fastest, True),
+             mode["env_step_amortised_cold_ms"], True),
             ("batched env, step + warm reset amortised (reference cache)", mode["env_step_amortised_ms"], True),
             ("batched env, gymnasium API end to end (autoreset incl.)", mode["env_step_gymnasium_api_ms"], True),
             *([("batched env, SB3 VecEnv adapter end to end", n / mode["env_steps_per_s_sb3_adapter"] * 1e3, True)]
@@ -498,15 +506,24 @@ def main() -> None:
     if args.rank_choices:
         kwargs["rank_choices"] = tuple(args.rank_choices)
     start = time.perf_counter()
-    modes, curves, forward, forwards = {}, {}, None, {}
+    modes, curves, forwards, tokens = {}, {}, {}, None
     for index, attention in enumerate(args.attention):
         mode_kwargs = dict(kwargs, attention=attention)
-        modes[attention], forward, cache = measure_mode(args, mode_kwargs, index == 0, forward)
-        forwards.setdefault(args.num_envs, forward["cuda_graph_ms"] and forward["cuda_graph_ms"] / 1e3)
+        modes[attention], mode_tokens, cache = measure_mode(args, mode_kwargs, index == 0)
+        tokens = mode_tokens if tokens is None else tokens
         curves[attention] = curve(args, mode_kwargs, cache, forwards)
         del cache
         free()
         print(f"{time.perf_counter() - start:.0f} s so far", flush=True)
+    # Last, so that a compiler failure cannot cost the env's numbers: the fastest forward of the first mode's tokens.
+    backbone = shared_backbone(args.model, args.device, DTYPES.get(args.dtype) if args.dtype else None)
+    forward = fastest_forward(backbone.model, tokens.to(backbone.device), args.segment_len, args.compile)
+    print(f"fastest plain forward: {forward['fastest']} {forward['fastest_ms']:.2f} ms (graph "
+          f"{forward['cuda_graph_ms']}, compile {forward['torch_compile_ms']}; compile "
+          f"{forward['torch_compile'].get('error') or 'ok'}, {forward['torch_compile'].get('wall_s', 0):.0f} s)",
+          flush=True)
+    for mode in modes.values():
+        add_ratios(mode, forward["fastest_ms"])
     first = modes[args.attention[0]]
     result = dict(
         command=" ".join(["python", *sys.argv]), machine=describe_machine(), torch=torch.__version__,
