@@ -273,9 +273,10 @@ class EpisodeBatch:
         return cosine.reshape(self.batch_size, count, self.n_units).double().cpu().numpy()
 
     def close(self) -> None:
-        # Free the KV caches, the reference and the graphs' memory; the shared model stays loaded
-        # (drrl_gym.resources.free_shared_resources drops it).
+        # Free the KV caches, the reference, the reference cache and the graphs' memory; the shared model stays
+        # loaded (drrl_gym.resources.free_shared_resources drops it).
         self.episode = self._graphs = None
+        self.references = ReferenceCache(self.references.budget_bytes)
 
     # ------------------------------------------------------------------------------------------ internals
     def _segment_tokens(self, segment: int) -> torch.Tensor:
