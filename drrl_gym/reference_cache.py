@@ -153,7 +153,9 @@ class ReferenceCache:
             return next(s for s in range(allocated) if s not in taken)
         if allocated < self._capacity:
             grown = min(self._capacity, max(1, 2 * allocated))
-            self._slabs = [torch.cat([s, s.new_empty((grown - allocated, *s.shape[1:]))]) for s in self._slabs]
+            for i, slab in enumerate(self._slabs):  # one tensor at a time: the old and new copies of one slab at most
+                self._slabs[i] = torch.cat([slab, slab.new_empty((grown - allocated, *slab.shape[1:]))])
+                del slab
             return allocated
         _, slot = self._slots.popitem(last=False)
         return slot
