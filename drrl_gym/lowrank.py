@@ -332,8 +332,10 @@ class DynamicRankAttention:
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
                     rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
                     recent_tokens=self.recent_tokens, selection=self.selection)
-        ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
-        keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
+        # The settings go in as the host holds them: selection_attention checks and counts on the host, so the
+        # forward does not wait for the device once per layer.
+        ranks = self.ranks[:, layer].expand(batch, kv_heads)
+        keep = self.keep[:, layer].expand(batch, kv_heads)
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)

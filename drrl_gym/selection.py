@@ -143,11 +143,13 @@ def selection_attention(
     group = heads // kv_heads
     scaling = _checked_scaling(scaling, d)
     check_selection(selection)
-    rank, keep = _settings(rank, keep, batch, kv_heads, d, query.device)
+    rank, keep = _settings(rank, keep, batch, kv_heads, d)  # host settings stay on the host: no wait for the device
     work = torch.promote_types(query.dtype, torch.float32)
     visible = visible_mask(n_queries, n_keys, query.device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
-    counts = kept_counts(keep, visible.sum(-1), sink_tokens, recent_tokens)  # (B, H_kv, T)
+    visible_counts = torch.arange(n_keys - n_queries + 1, n_keys + 1, device=keep.device)  # n_i, (T,)
+    host_counts = kept_counts(keep, visible_counts, sink_tokens, recent_tokens)  # (B, H_kv, T), on keep's device
+    rank, counts = _to(rank, query.device), _to(host_counts, query.device)
 
     # choose, (2)-(4): rank-r scores with q's columns beyond r zeroed (per-head ranks, as in drrl_gym.lowrank)
     cast = basis.to(device=query.device, dtype=work)
@@ -156,7 +158,7 @@ def selection_attention(
     approx = _approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
     priority = _priority(approx, visible, forced, selection)
     group_counts = counts[:, :, None]  # (B, H_kv, 1, T): one count per KV group and query
-    threshold = _thresholds(priority, group_counts[None], visible.sum(-1))[0]
+    threshold = _thresholds(priority, host_counts[:, :, None][None], visible_counts)[0]
     kept = _top_keys(priority, group_counts, threshold)  # (B, H_kv, G or 1, T, L)
 
     # compute, (5): exact scores of the model's own q and k on the chosen keys only
@@ -207,7 +209,7 @@ def dropped_mass_bound(
     if tuple(kept.shape) != (batch, heads, n_queries, n_keys) or kept.dtype != torch.bool:
         raise ValueError(f"kept must be a bool tensor of shape {(batch, heads, n_queries, n_keys)}, got "
                          f"{kept.dtype} {tuple(kept.shape)}. Fix: pass SelectionDetails.kept or a per-head mask.")
-    rank, _ = _settings(rank, 1.0, batch, kv_heads, d, rotated_query.device)
+    rank = _to(_settings(rank, 1.0, batch, kv_heads, d)[0], rotated_query.device)
     visible = visible_mask(n_queries, n_keys, rotated_query.device)
     kept = kept.reshape(batch, kv_heads, heads // kv_heads, n_queries, n_keys) & visible
     if not kept.any(-1).all():
@@ -259,7 +261,7 @@ def dropped_mass_bound_table(
         raise ValueError("ranks and keeps must be non-empty. Fix: pass the candidate settings, e.g. ranks=(16, 64), "
                          "keeps=(0.125, 1.0).")
     for r in ranks:  # checked on the CPU: a check on the device would wait for it
-        _settings(int(r), 1.0, 1, 1, d, "cpu")
+        _settings(int(r), 1.0, 1, 1, d)
     device, group = rotated_query.device, heads // kv_heads
     n = visible_mask(n_queries, n_keys).sum(-1)  # on the CPU: which keeps drop keys is known without the device
     counts = kept_counts(torch.tensor([float(k) for k in keeps]), n, sink_tokens, recent_tokens)  # (n_keep, T)
@@ -352,14 +354,15 @@ def _thresholds(priority: torch.Tensor, counts: torch.Tensor, visible_counts: to
     like priority's rows."""
     rows = priority.shape[:-1]
     full = counts >= visible_counts
-    largest = int(counts.masked_fill(full, 0).max())
+    largest = int(counts.masked_fill(full, 0).max())  # on the host when the counts are: no wait for the device
     if largest == 0:
         return [priority.new_full(rows, float("-inf")) for _ in counts]
     top = priority.topk(largest, dim=-1, sorted=True).values  # (..., T, largest), descending
     thresholds = []
     for count, every in zip(counts, full, strict=True):
-        index = (count - 1).clamp(max=largest - 1).expand(rows)[..., None]
-        thresholds.append(top.gather(-1, index)[..., 0].masked_fill(every.expand(rows), float("-inf")))
+        index = _to((count - 1).clamp(max=largest - 1), top.device).expand(rows)[..., None]
+        every = _to(every, top.device).expand(rows)
+        thresholds.append(top.gather(-1, index)[..., 0].masked_fill(every, float("-inf")))
     return thresholds
 
 
@@ -407,9 +410,10 @@ def checked_keep(keep) -> torch.Tensor:
     return keep
 
 
-def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rank (long) and keep (float64) broadcast to (B, H_kv) on ``device``, after the range checks."""
-    rank, keep = torch.as_tensor(rank, device=device), checked_keep(keep).to(device)
+def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank (long) and keep (float64) broadcast to (B, H_kv), after the range checks, where they are: settings
+    given on the host are checked there, so the check does not wait for the device (move them with :func:`_to`)."""
+    rank, keep = torch.as_tensor(rank), checked_keep(keep)
     if rank.is_floating_point() or rank.dtype == torch.bool:
         raise ValueError(f"rank must be integers, got dtype {rank.dtype}. Fix: pass rank.long() (values in [1, {d}]).")
     if rank.numel() and not bool(((rank >= 1) & (rank <= d)).all()):
@@ -420,6 +424,16 @@ def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[to
     except RuntimeError:
         raise ValueError(f"rank {tuple(rank.shape)} and keep {tuple(keep.shape)} must broadcast to (B, H_kv) = "
                          f"{(batch, kv_heads)}. Fix: pass a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
+
+
+def _to(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``; from the host to a GPU through pinned memory, without waiting for the GPU's queue."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.contiguous().pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _checked_scaling(scaling: float | None, d: int) -> float:
