@@ -136,9 +136,10 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
                             layer.cumulative_length.fill_(t * segment_len)
                     compiled(segment, **cache_argument(cache), use_cache=True)
 
-                run()
-                if t == 0:
+                if t == 0:  # eagerly: the cache's lazy initialisation would cost the compiled code a recompilation
+                    model.base_model(segment, **cache_argument(cache), use_cache=True)
                     continue
+                run()
                 if graphed:
                     try:
                         seconds.append(replay_seconds(capture_cuda_graph(run)[0]))
