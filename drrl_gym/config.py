@@ -98,6 +98,7 @@ class EnvConfig:
     calibration_sequences: int = 8
     eval_sequences: int = 16
     cuda_graphs: bool = True
+    reference_cache_gib: float = 8.0  # memory for warm-ups and references kept across episodes (0: none; docs/env.md)
     # Deprecated names of the reward weights (alpha, beta, gamma in DR-RL's notation; "gamma" collided with the RL
     # discount): accepted for one release with a DeprecationWarning, moved into the new fields, then cleared.
     alpha: float | None = None
@@ -223,6 +224,11 @@ class EnvConfig:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if not isinstance(self.cuda_graphs, (bool, np.bool_)):
             fail("cuda_graphs", self.cuda_graphs, "must be a bool", "pass True (default) or False")
+        budget = real_number(self.reference_cache_gib)
+        if budget is None or not 0 <= budget < math.inf:
+            fail("reference_cache_gib", self.reference_cache_gib, "must be a finite number of GiB >= 0",
+                 "pass e.g. 8.0, or 0 to recompute every reset's reference")
+        object.__setattr__(self, "reference_cache_gib", budget)
 
     def check_files(self) -> None:
         """Check that a local corpus path exists. Not part of construction: an export records the config it was

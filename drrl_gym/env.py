@@ -24,7 +24,7 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     in an orthonormal basis P (``drrl_gym.lowrank``); with ``attention="select"`` it picks a (rank, keep) pair
     instead: rank-r scores choose ``keep`` of the visible keys, exact attention computes them (docs/selection.md). Segment t runs at those ranks in the agent's trajectory (its
     own KV cache, so truncations compound) and is compared with a full-rank reference trajectory, computed once per
-    reset. The model's weights never change. ``gymnasium.make_vec`` gives the same env as N rows of one batched
+    train sequence and kept (``reference_cache_gib``). The model's weights never change. ``gymnasium.make_vec`` gives the same env as N rows of one batched
     forward (``drrl_gym.vector``).
 
     ## Action Space
@@ -81,7 +81,9 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
       mask threshold, linear over env steps (counted over the env's lifetime); math.inf turns the mask off.
     * basis="calibrated" (fixed, cached on disk) or "exact" (per-segment eigenbasis, for comparison).
     * device="auto", dtype=None (bf16 on CUDA, fp32 on CPU); cuda_graphs=True (replay each segment's step as a
-      CUDA graph on a GPU; same results up to rounding).
+      CUDA graph on a GPU; same results up to rounding); reference_cache_gib=8.0: memory for the warm-ups and
+      full-rank references kept per train sequence across episodes, so a reset of a seen sequence runs no forward
+      (0 disables; docs/env.md, "Reference cache").
     * render_mode: "ansi" (text) or "rgb_array" (rank heatmap). backbone: an already loaded
       :class:`~drrl_gym.backbone.Backbone` to share (envs built by name share one per model, device and dtype).
     """

@@ -34,9 +34,10 @@ from drrl_gym.corpus import CorpusSplits
 from drrl_gym.cuda_graphs import SegmentGraphs
 from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
-from drrl_gym.kv_cache import cache_prefix
+from drrl_gym.kv_cache import cache_prefix, kv_tensors
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
+from drrl_gym.reference_cache import GIB, EpisodeStart, ReferenceCache
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
 from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, KLBudget, attention_cosine_per_head
 
@@ -94,6 +95,8 @@ class EpisodeBatch:
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
         self.episode: EpisodeState | None = None
+        # The agent-independent start of an episode per train sequence, kept across episodes (drrl_gym.reference_cache)
+        self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
         # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
@@ -137,13 +140,9 @@ class EpisodeBatch:
             raise ValueError(f"reset needs {self.batch_size} sequence indices, got {len(indices)}")
         indices = np.array(indices, dtype=np.int64)
         self._tokens.copy_(self.corpus.train[torch.from_numpy(indices)])
-        cache, full = DynamicCache(config=self.backbone.model.config), self.geometry.head_dim
+        full = self.geometry.head_dim
         with torch.inference_mode():
-            with record_function("drrl.warmup_forward"):
-                self.attention.set_keep(1.0)
-                _, stats = self._forward(cache, self._segment_tokens(0), full, statistics=True, outputs=False)
-            with record_function("drrl.reference_forward"):
-                reference = self._reference_forward(cache, self.reward.needs_attention_outputs)
+            cache, stats, reference = self._episode_start(indices)
             if self._graphs is not None:  # the graphs read the warm-up cache and the reference at fixed places
                 self._graphs.pin_cache(cache)
                 reference = _pinned_captured(self._graphs, reference)
@@ -172,9 +171,8 @@ class EpisodeBatch:
         # record_function labels name the parts of a step in torch.profiler tables (benchmarks/env_throughput.py).
         with torch.inference_mode(), record_function("drrl.device_step"):
             fidelity, summary, stats, executed = self._run_device_step(t, layer_ranks)
-        with record_function("drrl.observe_cpu"):
-            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
-        episode.stats = stats
+        # The costs need only the ranks: counted here, while the device still runs the step (the observation below
+        # is the first read of its results, and waits for it).
         keys = (t + 1) * length
         if self.selection:
             counted = selection_fractions(self.geometry, layer_ranks.numpy(), layer_keeps.numpy(), length, keys)
@@ -183,6 +181,9 @@ class EpisodeBatch:
         else:
             counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
             ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
+        with record_function("drrl.observe_cpu"):
+            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
+        episode.stats = stats
         components = self.reward.components(fidelity.double().cpu().numpy(), counted.scores, perturbation)
         ranks = self.decisions.choice_ranks[chosen]
         episode.rank_history[:, :, t] = ranks
@@ -255,7 +256,7 @@ class EpisodeBatch:
         with torch.inference_mode():
             reference = episode.reference if episode.reference.attention is not None else episode.probe_reference
             if reference is None:  # the fidelity metric kept only hidden states: run the reference again, once
-                reference = episode.probe_reference = self._reference_forward(episode.cache, outputs=True)
+                reference = episode.probe_reference = self._reference_forward(episode.cache, self._tokens, outputs=True)
             cache = copy.deepcopy(episode.cache)
             cache.batch_repeat_interleave(count)
             tiled = np.tile(candidates, (self.batch_size, 1))
@@ -272,9 +273,10 @@ class EpisodeBatch:
         return cosine.reshape(self.batch_size, count, self.n_units).double().cpu().numpy()
 
     def close(self) -> None:
-        # Free the KV caches, the reference and the graphs' memory; the shared model stays loaded
-        # (drrl_gym.resources.free_shared_resources drops it).
+        # Free the KV caches, the reference, the reference cache and the graphs' memory; the shared model stays
+        # loaded (drrl_gym.resources.free_shared_resources drops it).
         self.episode = self._graphs = None
+        self.references = ReferenceCache(self.references.budget_bytes)
 
     # ------------------------------------------------------------------------------------------ internals
     def _segment_tokens(self, segment: int) -> torch.Tensor:
@@ -329,16 +331,45 @@ class EpisodeBatch:
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None
 
-    def _reference_forward(self, cache: DynamicCache, outputs: bool) -> Captured:
-        """The full-rank reference of segments 1 .. n_segments-1 of every row, in one forward. It starts from the
-        warm-up prefix both trajectories share, bit for bit: the first segment of the agent's cache, which the agent
-        ran at full rank and never rewrites."""
+    def _reference_forward(self, cache: DynamicCache, tokens: torch.Tensor, outputs: bool) -> Captured:
+        """The full-rank reference of segments 1 .. n_segments-1 of ``tokens`` (the cache's rows, whole sequences),
+        in one forward. It starts from the warm-up prefix both trajectories share, bit for bit: the first segment of
+        the agent's cache, which the agent ran at full rank and never rewrites."""
         length = self.config.segment_len
         prefix = cache_prefix(cache, length, self.backbone.model.config)
         self.attention.set_keep(1.0)  # exact: every key kept (and, below, every rank)
-        captured, _ = self._forward(prefix, self._tokens[:, length:], self.geometry.head_dim, statistics=False,
+        captured, _ = self._forward(prefix, tokens[:, length:], self.geometry.head_dim, statistics=False,
                                     outputs=outputs)
         return captured
+
+    def _episode_start(self, indices: np.ndarray) -> tuple[DynamicCache, SegmentStats, Captured]:
+        """The warm-up cache and statistics and the reference of every row: from the reference cache where it holds
+        the row's sequence, else computed (only for those rows) and stored."""
+        held, slots = self.references.lookup(indices)
+        missing = np.flatnonzero(~held)
+        computed = None
+        if len(missing):
+            computed = self._computed_start(torch.from_numpy(missing).to(self._tokens.device)).rows()
+            self.references.store(indices[missing], computed)
+        with record_function("drrl.reference_cache_gather"):
+            rows = self.references.merged(held, slots, computed)
+        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.selection,
+                                       self.reward.needs_attention_outputs)
+        cache = DynamicCache(config=self.backbone.model.config)
+        for layer, (keys, values) in enumerate(start.kv):
+            cache.update(keys, values, layer)
+        return cache, start.stats, start.reference
+
+    def _computed_start(self, rows: torch.Tensor) -> EpisodeStart:
+        """Warm-up segment and reference of the batch rows ``rows``."""
+        tokens = self._tokens.index_select(0, rows)
+        cache, length = DynamicCache(config=self.backbone.model.config), self.config.segment_len
+        with record_function("drrl.warmup_forward"):
+            self.attention.set_keep(1.0)
+            _, stats = self._forward(cache, tokens[:, :length], self.geometry.head_dim, statistics=True, outputs=False)
+        with record_function("drrl.reference_forward"):
+            reference = self._reference_forward(cache, tokens, self.reward.needs_attention_outputs)
+        return EpisodeStart(kv_tensors(cache), stats, reference)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from final hidden states: the LM head ``model(...)`` applies, softcapping included."""

@@ -139,18 +139,20 @@ def flops_fractions(
     build the observation, so a deployed policy pays for them too.
     """
     ranks = np.asarray(ranks)
-    # A layer's FLOPs depend only on its tuple of KV-head ranks, and a batch holds few distinct tuples
-    # (len(rank_choices) ** num_kv_heads at most): count each once, then gather.
-    configs, inverse = np.unique(ranks.reshape(-1, ranks.shape[-1]), axis=0, return_inverse=True)
-    per_config = [layer_flops(geometry, new_tokens, keys, [int(r) for r in row], True, basis_mode) for row in configs]
-    # float64 holds these integer counts exactly (they stay far below 2**53), so the sums below are exact too.
-    scores = np.array([f.scores for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
-    total = np.array([f.total for f in per_config], dtype=np.float64)[inverse.reshape(-1)]
-    baseline, layers = layer_flops(geometry, new_tokens, keys, None), ranks.shape[-2]
-    return FlopsFractions(
-        scores=scores.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.scores),
-        attention=total.reshape(ranks.shape[:-1]).sum(-1) / (layers * baseline.total),
-    )
+    g = geometry
+    if ranks.ndim < 2 or ranks.shape[-1] != g.num_kv_heads or ranks.size and not (
+            (ranks >= 1).all() and (ranks <= g.head_dim).all()):
+        raise ValueError(f"ranks must be (..., num_layers, {g.num_kv_heads}) values in [1, {g.head_dim}], got shape "
+                         f"{ranks.shape}")
+    # With statistics recorded the basis product runs at full width, so only the scores term depends on the ranks,
+    # linearly: sum_g G * 2 P r_g (layer_flops). One full-rank count gives every other term; float64 holds these
+    # integer counts exactly (far below 2**53), so the sums are exact too. No loop over rows or layers.
+    full = layer_flops(g, new_tokens, keys, g.head_dim, True, basis_mode)
+    scores = (g.group_size * 2 * causal_pairs(new_tokens, keys)) * ranks.sum(-1).astype(np.float64)  # (..., layers)
+    total = scores + float(full.total - full.scores)
+    baseline, layers = layer_flops(g, new_tokens, keys, None), ranks.shape[-2]
+    return FlopsFractions(scores=scores.sum(-1) / (layers * baseline.scores),
+                          attention=total.sum(-1) / (layers * baseline.total))
 
 
 def selection_fractions(geometry: AttentionGeometry, ranks: np.ndarray, keeps: np.ndarray, new_tokens: int,

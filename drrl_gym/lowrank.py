@@ -340,17 +340,21 @@ class DynamicRankAttention:
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
                     rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
                     recent_tokens=self.recent_tokens, selection=self.selection)
-        ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
-        keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
         if (n_queries == 1 and cached_keys is not None and self.selection == "group"
                 and query.device.type in DECODE_KERNEL_DEVICES):
             # One decoded token over the projected-key cache: the decode kernel reads only what it chooses. Every
             # cached key is visible to the new token (the cache holds this sequence's keys, the new one last).
+            ranks = self._ranks_on(query.device)[:, layer].expand(batch, kv_heads)
+            keep = self.keep[:, layer].to(query.device).expand(batch, kv_heads)
             rotated_query = rotate_precisely(query, self.basis[layer])[:, :, 0]  # q~ = q P, (B, H, d)
             lengths = torch.full((batch,), rotated.shape[2], dtype=torch.long, device=query.device)
             out = selection_decode(rotated_query, rotated, value, lengths, ranks, keep, scaling=scaling,
                                    sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
             return self._keep(layer, out[:, None])
+        # The settings go in as the host holds them: selection_attention checks and counts on the host, so the
+        # forward does not wait for the device once per layer.
+        ranks = self.ranks[:, layer].expand(batch, kv_heads)
+        keep = self.keep[:, layer].expand(batch, kv_heads)
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)
@@ -402,7 +406,22 @@ class DynamicRankAttention:
         return out
 
 
+_HALF_GRAMS = {"supported": True}  # whether this torch multiplies half-precision matrices into float32 (CUDA)
+
+
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X over the token axis, in float32: (..., N, d) -> (..., d, d)."""
+    """X^T X over the token axis, in float32: (..., N, d) -> (..., d, d).
+
+    Half-precision inputs on CUDA are multiplied as they are, with float32 accumulation and output (``out_dtype``):
+    the product of two bf16 or fp16 numbers is exact in float32, so this is the float32 product of their float32
+    copies up to summation order, without writing those copies (every step, all visible keys of every layer). Where
+    this torch has no such kernel the float32 copies are made (checked on the first call, which is eager: a reset)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_GRAMS["supported"]:
+        flat = x.reshape(-1, *x.shape[-2:])
+        try:
+            gram = torch.bmm(flat.transpose(-1, -2), flat, out_dtype=torch.float32)
+            return gram.reshape(*x.shape[:-2], x.shape[-1], x.shape[-1])
+        except (TypeError, RuntimeError, NotImplementedError):
+            _HALF_GRAMS["supported"] = False
     x = x.float()
     return x.transpose(-1, -2) @ x

@@ -143,18 +143,23 @@ def selection_attention(
     group = heads // kv_heads
     scaling = _checked_scaling(scaling, d)
     check_selection(selection)
-    rank, keep = _settings(rank, keep, batch, kv_heads, d, query.device)
+    rank, keep = _settings(rank, keep, batch, kv_heads, d)  # host settings stay on the host: no wait for the device
     work = torch.promote_types(query.dtype, torch.float32)
     visible = visible_mask(n_queries, n_keys, query.device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
-    counts = kept_counts(keep, visible.sum(-1), sink_tokens, recent_tokens)  # (B, H_kv, T)
+    visible_counts = torch.arange(n_keys - n_queries + 1, n_keys + 1, device=keep.device)  # n_i, (T,)
+    host_counts = kept_counts(keep, visible_counts, sink_tokens, recent_tokens)  # (B, H_kv, T), on keep's device
+    rank, counts = _to(rank, query.device), _to(host_counts, query.device)
 
     # choose, (2)-(4): rank-r scores with q's columns beyond r zeroed (per-head ranks, as in drrl_gym.lowrank)
     cast = basis.to(device=query.device, dtype=work)
     q_rot = query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ cast[None, :, None]
     k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys.to(work)
     approx = _approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
-    kept = _kept(_order(approx, visible, forced, selection), counts)  # (B, H_kv, G or 1, T, L)
+    priority = _priority(approx, visible, forced, selection)
+    group_counts = counts[:, :, None]  # (B, H_kv, 1, T): one count per KV group and query
+    threshold = _thresholds(priority, host_counts[:, :, None][None], visible_counts)[0]
+    kept = _top_keys(priority, group_counts, threshold)  # (B, H_kv, G or 1, T, L)
 
     # compute, (5): exact scores of the model's own q and k on the chosen keys only
     # In at least float32, as fused attention kernels accumulate: bf16 scores (a step of 0.125 at 16) would move the
@@ -204,7 +209,7 @@ def dropped_mass_bound(
     if tuple(kept.shape) != (batch, heads, n_queries, n_keys) or kept.dtype != torch.bool:
         raise ValueError(f"kept must be a bool tensor of shape {(batch, heads, n_queries, n_keys)}, got "
                          f"{kept.dtype} {tuple(kept.shape)}. Fix: pass SelectionDetails.kept or a per-head mask.")
-    rank, _ = _settings(rank, 1.0, batch, kv_heads, d, rotated_query.device)
+    rank = _to(_settings(rank, 1.0, batch, kv_heads, d)[0], rotated_query.device)
     visible = visible_mask(n_queries, n_keys, rotated_query.device)
     kept = kept.reshape(batch, kv_heads, heads // kv_heads, n_queries, n_keys) & visible
     if not kept.any(-1).all():
@@ -241,9 +246,13 @@ def dropped_mass_bound_table(
     len(ranks), len(keeps)) float64 tensors, from one segment's rotated q (B, H, T, d) and K~ (B, H_kv, L, d).
 
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
-    float64). One sort per rank serves every keep: the keys are ordered by priority once, the kept set of k keys is
-    the first k of that order, and log W, log U for every k are a prefix and a suffix log-cumsum-exp. Memory: a few
-    (B, H, T, L) float64 tensors. For a safety mask on the NEXT segment this is a prediction, not a certificate.
+    float64, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
+    k_i of all keeps orders the candidates: the kept set of k_i keys is the first k_i of that order (forced keys,
+    priority +inf, always among them since k_i >= their number), so log W is a logsumexp over a prefix of the top
+    keys alone, and log U one over the rest of the top combined with the logsumexp of every visible key outside it.
+    No sort of all L keys, and only the (B, H_kv, G, T, L) tensors of the scores and priorities are formed. A keep
+    whose k_i is every visible key drops nothing: its bound is exactly 0. For a safety mask on the NEXT segment this
+    is a prediction, not a certificate.
     """
     batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     scaling = _checked_scaling(scaling, d)
@@ -251,30 +260,44 @@ def dropped_mass_bound_table(
     if not ranks or not keeps:
         raise ValueError("ranks and keeps must be non-empty. Fix: pass the candidate settings, e.g. ranks=(16, 64), "
                          "keeps=(0.125, 1.0).")
+    for r in ranks:  # checked on the CPU: a check on the device would wait for it
+        _settings(int(r), 1.0, 1, 1, d)
     device, group = rotated_query.device, heads // kv_heads
+    n = visible_mask(n_queries, n_keys).sum(-1)  # on the CPU: which keeps drop keys is known without the device
+    counts = kept_counts(torch.tensor([float(k) for k in keeps]), n, sink_tokens, recent_tokens)  # (n_keep, T)
+    dropping = [c for c, drop in enumerate((counts < n).any(-1).tolist()) if drop]  # the others' bound is 0
+    means = torch.zeros(batch, kv_heads, len(ranks), len(keeps), dtype=torch.float64, device=device)
+    maxes = torch.zeros_like(means)
+    if not dropping:
+        return means, maxes
+    largest = int(counts[dropping].max())
+    kept_places = (torch.arange(largest) < counts[dropping][..., None]).to(device)  # (C, T, largest), nested in c
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
-    n = visible.sum(-1)
-    counts = torch.stack([kept_counts(torch.tensor(float(k), device=device), n, sink_tokens, recent_tokens)
-                          for k in keeps])  # (n_keep, T), each in [1, n_i]
     q = rotated_query.double().reshape(batch, kv_heads, group, n_queries, d)
     k = rotated_keys.double()
-    means, maxes = [], []
-    for r in ranks:
-        rank = _settings(int(r), 1.0, batch, kv_heads, d, device)[0]
-        approx = _approximate_scores(q, k, rank, scaling)
-        delta = _radius(q, k, rank, scaling)
-        order = _order(approx, visible, forced, selection).expand(batch, kv_heads, group, n_queries, n_keys)
-        low = (approx - delta).masked_fill(~visible, float("-inf")).gather(-1, order)
-        high = (approx + delta).masked_fill(~visible, float("-inf")).gather(-1, order)
-        log_w = torch.logcumsumexp(low, -1)  # log W when the first j + 1 keys of the order are kept
-        log_u = torch.logcumsumexp(high.flip(-1), -1).flip(-1)  # log U when the first j are kept
-        log_u = torch.cat([log_u, torch.full_like(log_u[..., :1], float("-inf"))], -1)
-        index = counts.T[None, None, None].expand(batch, kv_heads, group, n_queries, len(keeps))
-        bound = torch.sigmoid(log_u.gather(-1, index) - log_w.gather(-1, index - 1))  # (B, H_kv, G, T, n_keep)
-        means.append(bound.mean((2, 3)))
-        maxes.append(bound.amax((2, 3)))
-    return torch.stack(means, 2), torch.stack(maxes, 2)
+    rows = (batch, kv_heads, group, n_queries)
+    for a, r in enumerate(ranks):
+        rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
+        approx = _approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
+        q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
+        k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
+        order = _priority(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
+        top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
+        invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
+        top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
+        low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
+        high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
+        # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
+        rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
+        rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
+        del approx
+        for c, kept in zip(dropping, kept_places, strict=True):  # kept (T, largest): the first k_i places
+            log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
+            log_u = torch.logaddexp(rest, high.masked_fill(kept, float("-inf")).logsumexp(-1))
+            bound = torch.sigmoid(log_u - log_w)  # (B, H_kv, G, T)
+            means[:, :, a, c], maxes[:, :, a, c] = bound.mean((2, 3)), bound.amax((2, 3))
+    return means, maxes
 
 
 # ------------------------------------------------------------------------------------------------------ internals
@@ -316,20 +339,43 @@ def _mass_bound(q_rot, k_rot, kept, visible, rank, scaling) -> torch.Tensor:
     return torch.sigmoid(log_u - log_w)
 
 
-def _order(approx: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, selection: str) -> torch.Tensor:
-    """Keys by priority (3), forced ones first, invisible ones last, ties by position: (B, H_kv, G or 1, T, L)."""
+def _priority(approx: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, selection: str) -> torch.Tensor:
+    """The keys' priority (3): forced keys +inf, invisible ones -inf, (B, H_kv, G or 1, T, L)."""
     priority = approx.masked_fill(~visible, float("-inf"))
     if selection == "group":
         priority = (priority - priority.logsumexp(-1, keepdim=True)).amax(2, keepdim=True)
-    priority = priority.masked_fill(forced, float("inf"))
-    return priority.sort(dim=-1, descending=True, stable=True).indices
+    return priority.masked_fill_(forced, float("inf"))
 
 
-def _kept(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """S_i: the first k_i keys of the order. counts (B, H_kv, T) -> bool like order."""
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    place = torch.empty_like(order).scatter_(-1, order, positions)  # place[j]: where key j stands in the order
-    return place < counts[:, :, None, :, None]
+def _thresholds(priority: torch.Tensor, counts: torch.Tensor, visible_counts: torch.Tensor) -> list[torch.Tensor]:
+    """Per row of ``priority`` (..., T, L), the counts[c]-th largest priority for each c, or -inf where counts[c]
+    is every visible key: counts (C, ..., T) long and visible_counts (T,) broadcast against priority's rows. One
+    ``topk`` at the largest count that drops a key serves every c: no sort of all L keys. Returns C tensors shaped
+    like priority's rows."""
+    rows = priority.shape[:-1]
+    full = counts >= visible_counts
+    largest = int(counts.masked_fill(full, 0).max())  # on the host when the counts are: no wait for the device
+    if largest == 0:
+        return [priority.new_full(rows, float("-inf")) for _ in counts]
+    top = priority.topk(largest, dim=-1, sorted=True).values  # (..., T, largest), descending
+    thresholds = []
+    for count, every in zip(counts, full, strict=True):
+        index = _to((count - 1).clamp(max=largest - 1), top.device).expand(rows)[..., None]
+        every = _to(every, top.device).expand(rows)
+        thresholds.append(top.gather(-1, index)[..., 0].masked_fill(every, float("-inf")))
+    return thresholds
+
+
+def _top_keys(priority: torch.Tensor, counts: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """S_i: the first k_i keys in priority order, ties broken by position (as a stable descending sort would):
+    every key above the k_i-th largest priority (``threshold``, :func:`_thresholds`), then the first of the keys
+    equal to it until k_i are kept. ``counts`` broadcasts against priority's rows (..., T). Invisible keys (priority
+    -inf) are never kept: where k_i is every visible key the threshold is -inf and nothing ties into the set."""
+    threshold = threshold[..., None]
+    above = priority > threshold
+    tied = priority == threshold
+    room = counts.expand(priority.shape[:-1]) - above.sum(-1)  # how many of the tied keys still fit
+    return above | (tied & (tied.cumsum(-1) <= room[..., None]))
 
 
 def _check_shapes(query, key, value, basis, rotated_keys):
@@ -364,9 +410,10 @@ def checked_keep(keep) -> torch.Tensor:
     return keep
 
 
-def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rank (long) and keep (float64) broadcast to (B, H_kv) on ``device``, after the range checks."""
-    rank, keep = torch.as_tensor(rank, device=device), checked_keep(keep).to(device)
+def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank (long) and keep (float64) broadcast to (B, H_kv), after the range checks, where they are: settings
+    given on the host are checked there, so the check does not wait for the device (move them with :func:`_to`)."""
+    rank, keep = torch.as_tensor(rank), checked_keep(keep)
     if rank.is_floating_point() or rank.dtype == torch.bool:
         raise ValueError(f"rank must be integers, got dtype {rank.dtype}. Fix: pass rank.long() (values in [1, {d}]).")
     if rank.numel() and not bool(((rank >= 1) & (rank <= d)).all()):
@@ -377,6 +424,16 @@ def _settings(rank, keep, batch: int, kv_heads: int, d: int, device) -> tuple[to
     except RuntimeError:
         raise ValueError(f"rank {tuple(rank.shape)} and keep {tuple(keep.shape)} must broadcast to (B, H_kv) = "
                          f"{(batch, kv_heads)}. Fix: pass a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
+
+
+def _to(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``; from the host to a GPU through pinned memory, without waiting for the GPU's queue."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.contiguous().pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _checked_scaling(scaling: float | None, d: int) -> float:

@@ -252,3 +252,15 @@ def test_basis_and_statistics_terms_match_dynamic_rank_attention(monkeypatch, mo
     eigh = EIGH if mode == "exact" and (statistics or min(ranks) < 8) else 0
     assert counted == expected.basis + expected.statistics - eigh
     assert widths == [(max(ranks), max(ranks))]  # the kernel gets the prefix at r_max (per-head ranks by zeroed q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_grams_on_cuda_equal_the_float32_product(dtype):
+    """Grams of bf16/fp16 statistics on CUDA (half-precision GEMM, float32 accumulation) against the float32
+    product of the float32 copies: the same exact products, summed in another order."""
+    x = torch.randn(2, 3, 1000, 64, device="cuda").to(dtype)
+    gram = lowrank._gram(x)
+    expected = x.float().transpose(-1, -2) @ x.float()
+    assert gram.dtype == torch.float32 and gram.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(gram, expected, rtol=1e-5, atol=1e-3)
