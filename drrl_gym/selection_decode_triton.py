@@ -1,6 +1,6 @@
 """Triton kernels of one-token selection attention over a rotated key cache (the math: ``drrl_gym.selection``).
 
-Three kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph):
+Four kernels, all on the device, no host synchronisation (one decode step can be captured as a CUDA graph):
 
 1. ``_score_kernel``, grid (B H_kv, score splits): the rank-r scores (2) of the G query heads of a group against
    every visible key, reading only the column blocks of K~ that start below r (a block-uniform mask: a skipped
@@ -15,9 +15,8 @@ Three kernels, all on the device, no host synchronisation (one decode step can b
    (forced, or priority >= that bound) are compacted into an index list.
 3. ``_attend_kernel``, grid (B H_kv, attend splits): exact attention (5) over the kept list only, flash-decoding
    style: each split gathers its share of the kept K~ rows (full width) and V rows, so an unkept key costs no
-   traffic and no arithmetic, and writes an online-softmax partial (normalised output, max, sum exp). The last
-   split of a group to finish (a per-group atomic ticket, reset by the threshold kernel) merges the partials into
-   the output, so no separate combine kernel (and launch gap) is needed.
+   traffic and no arithmetic, and writes an online-softmax partial (normalised output, max, sum exp).
+4. ``_combine_kernel``, grid (B H): merges the partials of the splits into the output.
 
 Why this split: choosing needs the global logsumexp of every head before any key can be ranked, and the exact pass
 needs the threshold, so there are three dependent reductions over L; a grid-wide barrier is a kernel boundary. The
@@ -120,7 +119,7 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 @triton.jit
 def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
-                      total_ptr, ticket_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
+                      total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
                       RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     # Block-wide reductions cost a barrier each and this kernel is one program per group (few programs, serial
     # steps), so statistics that can share a reduction do: about G + 2 + passes of them in all.
@@ -174,14 +173,13 @@ def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, 
     place = tl.cumsum(kept.to(tl.int32), 0) - 1
     tl.store(index_ptr + bg * L_max + place, j, mask=kept)
     tl.store(total_ptr + bg, n_forced + tl.where(need > 0, at_low, 0))
-    tl.store(ticket_ptr + bg, 0)  # for the attend kernel's splits
 
 
 @triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, v_sb, v_sg, v_srow, index_ptr,
-                   total_ptr, ticket_ptr, part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, L_max, H_kv, n_splits,
-                   scaling, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                   BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr, IEEE: tl.constexpr):
+                   total_ptr, out_ptr, omax_ptr, osum_ptr, L_max, H_kv, n_splits, scaling,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                   IEEE: tl.constexpr):
     bg, split = tl.program_id(0), tl.program_id(1)
     b, g = bg // H_kv, bg % H_kv
     total = tl.load(total_ptr + bg)
@@ -219,26 +217,28 @@ def _attend_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sg, k_sblk, k_srow, v_ptr, 
         else:  # tf32 keeps p to 2^-11 where a bf16 p would round to 2^-8; bf16/fp16 values are exact in tf32
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
         row_max = new_max
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     slot = (bg * n_splits + split) * G_PAD + heads
-    tl.store(part_ptr + slot[:, None] * DV + vcols[None, :], acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None])
+    tl.store(out_ptr + slot[:, None] * DV + vcols[None, :], out)
     tl.store(omax_ptr + slot, row_max)
     tl.store(osum_ptr + slot, row_sum)
-    # The last split of the group to finish merges the splits' partials (the flash-decoding combine, weights
-    # sum exp(max - top)): the barrier puts every thread's stores before the ticket, the acquire-release atomic
-    # orders them for the last split, whose loads bypass L1 (.cg).
-    tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr + bg, 1, sem="acq_rel") == n_splits - 1:
-        splits = tl.arange(0, SPLITS_PAD)
-        real = splits < n_splits
-        for head in tl.static_range(G):
-            slots = (bg * n_splits + splits) * G_PAD + head
-            part_max = tl.load(omax_ptr + slots, mask=real, other=float("-inf"), cache_modifier=".cg")
-            weight = tl.load(osum_ptr + slots, mask=real, other=0.0, cache_modifier=".cg") * tl.exp(
-                part_max - tl.max(part_max, 0))  # the top is finite: a group keeps at least one key
-            parts = tl.load(part_ptr + slots[:, None] * DV + vcols[None, :], mask=real[:, None], other=0.0,
-                            cache_modifier=".cg")
-            out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
-            tl.store(out_ptr + b * o_sb + (g * G + head) * o_sh + vcols, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_kernel(part_ptr, omax_ptr, osum_ptr, out_ptr, o_sb, o_sh, H, n_splits,
+                    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    bh = tl.program_id(0)  # one query head of one row
+    b, h = bh // H, bh % H
+    bg, head = bh // G, bh % G  # its group (b H_kv + h // G) and place in the group
+    vcols = tl.arange(0, DV)
+    splits = tl.arange(0, SPLITS_PAD)
+    slots = (bg * n_splits + splits) * G_PAD + head
+    real = splits < n_splits
+    pmax = tl.load(omax_ptr + slots, mask=real, other=float("-inf"))
+    weight = tl.load(osum_ptr + slots, mask=real, other=0.0) * tl.exp(pmax - tl.max(pmax, 0))  # top is finite
+    parts = tl.load(part_ptr + slots[:, None] * DV + vcols[None, :], mask=real[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + vcols, out.to(out_ptr.dtype.element_ty))
 
 
 def _setting(value: torch.Tensor | float, batch: int, kv_heads: int, device: torch.device,
@@ -337,7 +337,6 @@ def selection_decode_triton(
     score_sum = torch.empty(groups, group, score_splits, **f32)
     kept_index = torch.empty(groups, l_max, dtype=torch.int32, device=device)
     kept_total = torch.empty(groups, dtype=torch.int32, device=device)
-    ticket = torch.empty(groups, dtype=torch.int32, device=device)  # reset by the threshold kernel
     partial = torch.empty(groups, attend_splits, g_pad, dv, **f32)
     partial_max = torch.empty(groups, attend_splits, g_pad, **f32)
     partial_sum = torch.empty(groups, attend_splits, g_pad, **f32)
@@ -352,14 +351,16 @@ def selection_decode_triton(
     block_n = triton.next_power_of_2(l_max)
     _threshold_kernel[(groups,)](
         scores, score_max, score_sum, lengths, lengths.stride(0), keep, *keep.stride(), kept_index, kept_total,
-        ticket, l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
+        l_max, kv_heads, score_splits, sink_tokens, recent_tokens,
         RTOL_INVERSE=RTOL_INVERSE, G=group, SPLITS_PAD=triton.next_power_of_2(score_splits), BLOCK_N=block_n,
         num_warps=THRESHOLD_WARPS if block_n >= 4096 else 4)
     _attend_kernel[(groups, attend_splits)](
         rotated_query, *q_strides, rotated_keys, *k_strides, values, values.stride(0), values.stride(1),
-        values.stride(2), kept_index, kept_total, ticket, partial, partial_max, partial_sum, out, out.stride(0),
-        out.stride(1), l_max, kv_heads, attend_splits, scaling, G=group, G_PAD=g_pad, D=d, DV=dv,
-        BLOCK=ATTEND_BLOCK, SPLITS_PAD=triton.next_power_of_2(attend_splits), IEEE=ieee, num_warps=4)
+        values.stride(2), kept_index, kept_total, partial, partial_max, partial_sum, l_max, kv_heads, attend_splits,
+        scaling, G=group, G_PAD=g_pad, D=d, DV=dv, BLOCK=ATTEND_BLOCK, IEEE=ieee, num_warps=4)
+    _combine_kernel[(batch * heads,)](
+        partial, partial_max, partial_sum, out, out.stride(0), out.stride(1), heads, attend_splits,
+        G=group, G_PAD=g_pad, DV=dv, SPLITS_PAD=triton.next_power_of_2(attend_splits), num_warps=4)
     return out
 
 
