@@ -66,6 +66,7 @@ class EpisodeState:
     rank_history: np.ndarray  # (B, n_units, n_segments) ranks run so far (0: not run yet)
     segment: int = 1  # the next segment to run
     probe_reference: Captured | None = None  # the reference with attention outputs, for probes of other metrics
+    signals: np.ndarray | None = None  # the last segment's attention signals (DecisionSpace.signals_of), if observed
 
 
 class EpisodeBatch:
@@ -89,7 +90,8 @@ class EpisodeBatch:
                                    config.perturbation_weight))
         self.selection = config.attention == "select"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
-                                       config.n_segments, config.keep_choices if self.selection else None)
+                                       config.n_segments, config.keep_choices if self.selection else None,
+                                       config.observation_features)
         self.n_units, self.feature_names = self.decisions.n_units, self.decisions.feature_names
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
@@ -150,8 +152,10 @@ class EpisodeBatch:
         prev_index = np.full((self.batch_size, self.n_units), self.decisions.n_choices - 1)
         history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
         history[:, :, 0] = full
-        observed = self.decisions.observe(stats, prev_index, 1)
-        self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history)
+        summary = self.decisions.summarize(stats)
+        observed = self.decisions.observe_summary(summary, prev_index, 1)
+        self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history,
+                                    signals=self.decisions.signals_of(summary))
         info = {
             "segment": np.zeros(self.batch_size, dtype=np.int64),
             "epsilon": np.full(self.batch_size, self.epsilon),
@@ -173,7 +177,8 @@ class EpisodeBatch:
         with torch.inference_mode(), record_function("drrl.device_step"):
             fidelity, summary, stats, executed = self._run_device_step(t, layer_ranks)
         with record_function("drrl.observe_cpu"):
-            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
+            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1, episode.signals)
+            episode.signals = self.decisions.signals_of(summary)
         episode.stats = stats
         keys = (t + 1) * length
         if self.selection:
@@ -324,7 +329,9 @@ class EpisodeBatch:
         if ranks is not None:
             attention.set_ranks(ranks)
         grid = self.decisions.selection_grid if statistics else None
-        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid) as recorded:
+        signals = self.decisions.signal_queries if statistics else 0
+        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid,
+                                                                          signals) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None

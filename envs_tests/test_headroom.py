@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_basis
 
 from drrl_gym.headroom import (
     ChoiceSet,
@@ -24,7 +25,6 @@ from drrl_gym.headroom import (
 )
 from drrl_gym.lowrank import DynamicRankAttention
 from drrl_gym.perplexity import segmented_perplexity
-from envs_tests.conftest import random_basis
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEGMENT = 16
