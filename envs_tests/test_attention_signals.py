@@ -130,3 +130,21 @@ def test_deployed_runtime_observes_the_selected_groups(attention):
     change = [i for i, name in enumerate(names) if "_change" in name]
     assert len(policy.seen) == 3 and all(o.shape == (2, g.num_layers, len(names)) for o in policy.seen)
     assert np.all(policy.seen[0][..., change] == 0.5) and not np.all(policy.seen[1][..., change] == 0.5)
+
+
+def test_feature_ablation_gathers_the_policy_and_its_measured_neighbours(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import feature_ablation
+
+    assert set(feature_ablation.VARIANTS["+signals"]) == set(ALL_GROUPS)
+    rows = [{"method": "uniform r=8", "perplexity": 9.0}, {"method": "learned policy", "perplexity": 7.0},
+            {"method": "uniform r=8 (measured, saves more)", "perplexity": 9.0}]
+    (tmp_path / "default" / "eval").mkdir(parents=True)
+    (tmp_path / "default" / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
+    gathered = feature_ablation.summary_rows(tmp_path, ["default", "+attention"])
+    assert [r["method"] for r in gathered] == ["learned policy", "uniform r=8 (measured, saves more)",
+                                               "(no evaluation: the run failed or was skipped)"]
