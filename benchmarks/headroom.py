@@ -98,11 +98,15 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
         return nll.reshape(len(plans), n, n_segments)
 
     def run_static(units: np.ndarray) -> np.ndarray:
-        return run(np.repeat(units[:, None, :], n_segments, 1))
+        began = time.perf_counter()
+        nll = run(np.repeat(units[:, None, :], n_segments, 1))
+        print(f"L={length} {approximation}: measured {len(units)} static plan(s) "
+              f"[{time.perf_counter() - began:.1f} s]", flush=True)
+        return nll
 
     start = time.perf_counter()
-    full = run_static(np.full((1, len(np.unique(groups))), len(choices) - 1))[0].sum(1)
     path = greedy_static_path(run_static, costs, n_segments, min(budgets))
+    full = path[0].nll.sum(1)  # the path starts at exact attention everywhere
     searched = time.perf_counter()
     rows = []
     for budget in budgets:
@@ -113,6 +117,8 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
         static = np.asarray(step.units)
         delta, static_nll = first_order_gains(backbone, attention, choices, groups, held_out, static,
                                               args.segment_len, args.max_rows)
+        print(f"L={length} {approximation} B={budget}: first-order gains measured "
+              f"[{time.perf_counter() - start:.0f} s]", flush=True)
         plan = np.repeat(np.repeat(static[None, None], n, 0), n_segments, 1)  # (n, n_segments, n_units)
         for i in range(n):
             for s in range(1, n_segments):
