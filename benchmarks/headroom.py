@@ -1,8 +1,8 @@
 """Headroom of per-segment decisions: how much better than the best static allocation could ANY per-segment policy do?
 
-    python benchmarks/headroom.py --out docs/results/headroom_h200                         # the H200 run (~4 min)
-    python benchmarks/headroom.py --seq-lens 1024 --eval-tokens 1024 --device cpu \\
-        --out docs/results/headroom_cpu                                                   # SmolLM2 on the CPU
+    python benchmarks/headroom.py --out docs/results/headroom_h200        # the H200 run (~4-6 min, an estimate)
+    python benchmarks/headroom.py --attention select --seq-lens 1024 --eval-tokens 1024 --device cpu \\
+        --out docs/results/headroom_cpu                                  # SmolLM2 on the CPU (~15 min on 2 cores)
     python benchmarks/headroom.py --smoke --out /tmp/headroom                             # tiny model, CPU, seconds
 
 Per sequence length L and attention mode (``--attention``), on held-out text (the calibrated basis is fitted on
