@@ -22,7 +22,7 @@ from drrl_gym.backbone import DEFAULT_MODEL, AttentionGeometry, Backbone, resolv
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.corpus import DEFAULT_CORPUS, EMBEDDED_CORPORA, CorpusConfig, looks_like_path
 from drrl_gym.lowrank import APPROXIMATIONS, validate_rank_choices
-from drrl_gym.observation import GRANULARITIES
+from drrl_gym.observation import DEFAULT_FEATURE_GROUPS, GRANULARITIES, check_feature_groups
 from drrl_gym.reward import FIDELITY_METRICS, REWARDS
 
 # The mask's default threshold per attention mode. Low-rank scores: a bound on the RMS per-row change of attention,
@@ -99,6 +99,8 @@ class EnvConfig:
     eval_sequences: int = 16
     cuda_graphs: bool = True
     reference_cache_gib: float = 8.0  # memory for warm-ups and references kept across episodes (0: none; docs/env.md)
+    # Which observation columns the policy sees, by group (drrl_gym.observation.FEATURE_GROUPS): for ablations.
+    observation_features: tuple[str, ...] = DEFAULT_FEATURE_GROUPS
     # Deprecated names of the reward weights (alpha, beta, gamma in DR-RL's notation; "gamma" collided with the RL
     # discount): accepted for one release with a DeprecationWarning, moved into the new fields, then cleared.
     alpha: float | None = None
@@ -154,6 +156,10 @@ class EnvConfig:
         if any(a >= b for a, b in zip(choices, choices[1:])):
             fail("rank_choices", choices, "must be strictly increasing", f"pass {tuple(sorted(set(choices)))}")
         object.__setattr__(self, "rank_choices", tuple(int(r) for r in choices))
+        try:
+            object.__setattr__(self, "observation_features", check_feature_groups(self.observation_features))
+        except (ValueError, TypeError) as error:
+            raise ValueError(str(error)) from None
         if self.granularity not in GRANULARITIES:
             fail("granularity", self.granularity, "unknown granularity", f"choose one of {GRANULARITIES}")
         if self.attention not in APPROXIMATIONS:

@@ -67,6 +67,7 @@ class EpisodeState:
     rank_history: np.ndarray  # (B, n_units, n_segments) ranks run so far (0: not run yet)
     segment: int = 1  # the next segment to run
     probe_reference: Captured | None = None  # the reference with attention outputs, for probes of other metrics
+    signals: np.ndarray | None = None  # the last segment's attention signals (DecisionSpace.signals_of), if observed
 
 
 class EpisodeBatch:
@@ -90,13 +91,15 @@ class EpisodeBatch:
                                    config.perturbation_weight))
         self.selection = config.attention == "select"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
-                                       config.n_segments, config.keep_choices if self.selection else None)
+                                       config.n_segments, config.keep_choices if self.selection else None,
+                                       config.observation_features)
         self.n_units, self.feature_names = self.decisions.n_units, self.decisions.feature_names
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
         self.episode: EpisodeState | None = None
         # The agent-independent start of an episode per train sequence, kept across episodes (drrl_gym.reference_cache)
         self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
+        self._optional_stats: tuple[str, ...] = ()  # which optional statistics the cached starts hold (set on store)
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
         # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
@@ -149,8 +152,10 @@ class EpisodeBatch:
         prev_index = np.full((self.batch_size, self.n_units), self.decisions.n_choices - 1)
         history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
         history[:, :, 0] = full
-        observed = self.decisions.observe(stats, prev_index, 1)
-        self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history)
+        summary = self.decisions.summarize(stats)
+        observed = self.decisions.observe_summary(summary, prev_index, 1)
+        self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history,
+                                    signals=self.decisions.signals_of(summary))
         info = {
             "segment": np.zeros(self.batch_size, dtype=np.int64),
             "epsilon": np.full(self.batch_size, self.epsilon),
@@ -182,7 +187,8 @@ class EpisodeBatch:
             counted = flops_fractions(self.geometry, layer_ranks.numpy(), length, keys, self.config.basis)
             ran = flops_fractions(self.geometry, executed.numpy(), length, keys, self.config.basis)
         with record_function("drrl.observe_cpu"):
-            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1)
+            episode.observed = self.decisions.observe_summary(summary, chosen, t + 1, episode.signals)
+            episode.signals = self.decisions.signals_of(summary)
         episode.stats = stats
         components = self.reward.components(fidelity.double().cpu().numpy(), counted.scores, perturbation)
         ranks = self.decisions.choice_ranks[chosen]
@@ -326,7 +332,9 @@ class EpisodeBatch:
         if ranks is not None:
             attention.set_ranks(ranks)
         grid = self.decisions.selection_grid if statistics else None
-        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid) as recorded:
+        signals = self.decisions.signal_queries if statistics else 0
+        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid,
+                                                                          signals) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None
@@ -349,11 +357,12 @@ class EpisodeBatch:
         missing = np.flatnonzero(~held)
         computed = None
         if len(missing):
-            computed = self._computed_start(torch.from_numpy(missing).to(self._tokens.device)).rows()
+            start = self._computed_start(torch.from_numpy(missing).to(self._tokens.device))
+            self._optional_stats, computed = start.optional_stats(), start.rows()
             self.references.store(indices[missing], computed)
         with record_function("drrl.reference_cache_gather"):
             rows = self.references.merged(held, slots, computed)
-        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.selection,
+        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self._optional_stats,
                                        self.reward.needs_attention_outputs)
         cache = DynamicCache(config=self.backbone.model.config)
         for layer, (keys, values) in enumerate(start.kv):

@@ -40,6 +40,7 @@ from drrl_gym.rotated_cache import rotate_precisely
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
+    attention_signals,
     dropped_mass_bound_table,
     selection_attention,
 )
@@ -80,6 +81,12 @@ class SegmentStats:
     # Selection mode: mean over each KV group's query rows of the dropped-mass bound for every candidate setting,
     # (B, num_layers, num_kv_heads, n_ranks, n_keeps) float64 (drrl_gym.selection.dropped_mass_bound_table)
     selection_bound: torch.Tensor | None = None
+    # With recording(signal_queries=m): drrl_gym.selection.attention_signals of the last m queries, stacked over
+    # layers: entropy (B, num_layers, num_kv_heads); in selection mode the estimated dropped mass and the score margin
+    # of every candidate setting, (B, num_layers, num_kv_heads, n_ranks, n_keeps) float32.
+    entropy: torch.Tensor | None = None
+    signal_mass: torch.Tensor | None = None
+    signal_margin: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Recording:
     attention_outputs: list[torch.Tensor | None]
     selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # candidate (ranks, keeps) to bound
     selection_bound: list[torch.Tensor | None] | None = None
+    signal_queries: int = 0  # last queries of a segment the attention signals are taken from; 0: none
+    signals: list | None = None  # per layer: drrl_gym.selection.AttentionSignals
     num_queries: int = 0
     num_keys: int = 0
 
@@ -106,8 +115,14 @@ class Recording:
         if not self.statistics or any(g is None for g in self.query_gram):
             raise RuntimeError("no statistics recorded. Fix: run a forward inside recording(statistics=True).")
         bound = None if self.selection_bound is None else torch.stack(self.selection_bound, 1)
+        signals = {}
+        if self.signals is not None:
+            signals["entropy"] = torch.stack([s.entropy for s in self.signals], 1)
+            if self.signals[0].dropped_mass is not None:
+                signals["signal_mass"] = torch.stack([s.dropped_mass for s in self.signals], 1)
+                signals["signal_margin"] = torch.stack([s.margin for s in self.signals], 1)
         return SegmentStats(torch.stack(self.query_gram, 1), torch.stack(self.key_gram, 1), self.num_queries,
-                            self.num_keys, bound)
+                            self.num_keys, bound, **signals)
 
 
 def _dispatch(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
@@ -265,21 +280,26 @@ class DynamicRankAttention:
 
     @contextmanager
     def recording(self, statistics: bool = False, outputs: bool = False,
-                  selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> Iterator[Recording]:
+                  selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
+                  signal_queries: int = 0) -> Iterator[Recording]:
         """Record, in the forward passes run inside the context, the statistics and/or attention outputs.
 
         ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
         statistics makes even full rank take the projection path (the Grams are taken in the basis). In selection
         mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting.
+        ``signal_queries=m`` (with statistics) also records ``drrl_gym.selection.attention_signals`` of the last m
+        queries (with the grid's settings in selection mode).
         """
         if self._recording is not None:
             raise RuntimeError("this DynamicRankAttention is already recording. Fix: finish the outer recording first.")
         if selection_grid is not None and (self.approximation != "select" or not statistics):
             raise ValueError("selection_grid needs approximation='select' and statistics=True.")
+        if signal_queries < 0 or (signal_queries and not statistics):
+            raise ValueError(f"signal_queries={signal_queries} needs statistics=True and must be >= 0.")
         layers = self.geometry.num_layers
         bounds = None if selection_grid is None else [None] * layers
         self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers,
-                                    selection_grid, bounds)
+                                    selection_grid, bounds, signal_queries, [None] * layers if signal_queries else None)
         try:
             yield self._recording
         finally:
@@ -313,6 +333,7 @@ class DynamicRankAttention:
         k_proj = key @ basis if cached_keys is None else cached_keys
         if statistics:
             self._record_grams(layer, q_proj, k_proj, cached_keys is not None, n_queries)
+            self._record_signals(layer, q_proj.reshape(batch, heads, n_queries, d), k_proj, scaling)
             q_proj = q_proj[..., :r_max]
         k_proj = k_proj[..., :r_max]
         if not uniform:
@@ -334,8 +355,9 @@ class DynamicRankAttention:
             recording = self._recording
             grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d) @ basis
             self._record_grams(layer, grouped, rotated, cached_keys is not None, n_queries)
+            rotated_query = grouped.reshape(batch, heads, n_queries, d)  # heads j*G..j*G+G-1: KV head j
+            self._record_signals(layer, rotated_query, rotated, scaling)
             if recording.selection_grid is not None:
-                rotated_query = grouped.reshape(batch, heads, n_queries, d)  # heads j*G..j*G+G-1: KV head j
                 ranks, keeps = recording.selection_grid
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
                     rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
@@ -367,6 +389,16 @@ class DynamicRankAttention:
         key_gram = self._running_key_gram[layer] if keys_cached else _gram(k_proj)
         recording.query_gram[layer], recording.key_gram[layer] = _gram(q_proj), key_gram
         recording.num_queries, recording.num_keys = n_queries, k_proj.shape[2]
+
+    def _record_signals(self, layer: int, rotated_query: torch.Tensor, rotated_keys: torch.Tensor,
+                        scaling: float) -> None:
+        """Record the attention signals of the last ``signal_queries`` queries, if asked for."""
+        recording = self._recording
+        if recording.signal_queries:
+            recording.signals[layer] = attention_signals(
+                rotated_query[:, :, -recording.signal_queries:], rotated_keys, recording.selection_grid,
+                scaling=scaling, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                selection=self.selection)
 
     def _extend_projected_keys(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """Project the keys not seen yet onto the full basis, append them and add their Gram to the running one."""

@@ -30,6 +30,12 @@ from drrl_gym.lowrank import SegmentStats
 from drrl_gym.spectra import energies, normalized_energy_ratio, stable_rank, tail_energy
 
 GRANULARITIES = ("layer", "kv_head")
+# Feature groups (docs/env.md, "Observation"): the columns a config may select, for ablations. The default is the
+# observation every earlier release had; "attention" and "attention_change" are cheap by-products of the step
+# (drrl_gym.selection.attention_signals on its last SIGNAL_QUERIES queries).
+FEATURE_GROUPS = ("spectra", "bounds", "context", "attention", "attention_change")
+DEFAULT_FEATURE_GROUPS = ("spectra", "bounds", "context")
+SIGNAL_QUERIES = 8
 
 # Per-token observation features, in column order. A name ending in "@r" stands for one column per rank choice
 # (named e.g. "query_ner@32"); observation_feature_names() expands them.
@@ -54,6 +60,14 @@ OBSERVATION_FEATURES = (
 # ship (SmolLM2: ~1e2 to 4e2), and e^4 - 1 ~ 53 above the normalised bounds seen on SmolLM2 (up to ~18).
 LOG_ENERGY_SCALE = 12.0
 LOG_BOUND_SCALE = 4.0
+# Which group each feature stem belongs to (selection-only stems included).
+_FEATURE_GROUP = {
+    **dict.fromkeys(("query_log_energy", "key_log_energy", "query_stable_rank", "key_stable_rank", "query_ner",
+                     "key_ner", "query_log_tail", "key_log_tail"), "spectra"),
+    **dict.fromkeys(("bound_to_full", "transition_bound", "dropped_mass_bound"), "bounds"),
+    **dict.fromkeys(("prev_rank_fraction", "position", "layer_fraction", "kv_head_fraction", "prev_keep"), "context"),
+    **dict.fromkeys(("attention_entropy", "dropped_mass_estimate", "score_margin"), "attention"),
+}
 
 
 _Array = TypeVar("_Array", np.ndarray, torch.Tensor)
@@ -66,21 +80,47 @@ class StatsSummary:
     columns: torch.Tensor  # (B, n_units, 4 + 5 * n_ranks) float32: the features before transition_bound@r
     bound: torch.Tensor  # (B, n_units, m, m) float64 normalised bounds between the ranks (and full rank, last)
     selection: torch.Tensor | None = None  # selection mode: (B, n_units, n_choices) dropped-mass bound per setting
+    # with signal groups: (B, n_units, 1 (+ 2 * n_choices in selection mode)) attention signals, mapped to [0, 1]
+    signals: torch.Tensor | None = None
 
 
 def observation_feature_names(rank_choices: tuple[int, ...],
-                              settings: tuple[tuple[int, float], ...] | None = None) -> tuple[str, ...]:
-    """Column names of the observation for these rank choices: 8 + 6 * len(rank_choices) features, plus in
-    selection mode (``settings``: the (rank, keep) choices) one ``dropped_mass_bound@r/keep`` per choice and
-    ``prev_keep``."""
+                              settings: tuple[tuple[int, float], ...] | None = None,
+                              feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS) -> tuple[str, ...]:
+    """Column names of the observation for these rank choices and feature groups.
+
+    The default groups give 8 + 6 * len(rank_choices) features, plus in selection mode (``settings``: the
+    (rank, keep) choices) one ``dropped_mass_bound@r/keep`` per choice and ``prev_keep``. "attention" adds
+    ``attention_entropy`` and, in selection mode, ``dropped_mass_estimate@r/keep`` and ``score_margin@r/keep`` per
+    choice; "attention_change" the same names ending in ``_change``."""
+    return tuple(name for name, group in _all_columns(rank_choices, settings) if group in feature_groups)
+
+
+def check_feature_groups(feature_groups: tuple[str, ...]) -> tuple[str, ...]:
+    """``feature_groups`` as a tuple of known, distinct group names, or a ValueError saying the fix."""
+    groups = (feature_groups,) if isinstance(feature_groups, str) else tuple(feature_groups)
+    if not groups or any(g not in FEATURE_GROUPS for g in groups) or len(set(groups)) != len(groups):
+        raise ValueError(f"observation_features={feature_groups!r}: must be distinct names of {FEATURE_GROUPS}. Fix: "
+                         f"pass e.g. {DEFAULT_FEATURE_GROUPS} (the default) or {(*DEFAULT_FEATURE_GROUPS, 'attention')}.")
+    return groups
+
+
+def _all_columns(rank_choices: tuple[int, ...],
+                 settings: tuple[tuple[int, float], ...] | None) -> list[tuple[str, str]]:
+    """(name, group) of every column the observation computes, in order (before the groups select)."""
     names: list[str] = []
     for feature in OBSERVATION_FEATURES:
         stem, per_choice, _ = feature.partition("@")
         names.extend(f"{stem}@{r}" for r in rank_choices) if per_choice else names.append(feature)
+    signals = ["attention_entropy"]
     if settings is not None:
         names.extend(f"dropped_mass_bound@{r}/{keep:g}" for r, keep in settings)
         names.append("prev_keep")
-    return tuple(names)
+        signals += [f"{stem}@{r}/{keep:g}" for stem in ("dropped_mass_estimate", "score_margin") for r, keep in settings]
+    columns = [(name, _FEATURE_GROUP[name.partition("@")[0]]) for name in names + signals]
+    stem_change = [(f"{name.partition('@')[0]}_change" + "".join(name.partition("@")[1:]), "attention_change")
+                   for name in signals]
+    return columns + stem_change
 
 
 def selection_settings(rank_choices: tuple[int, ...], keep_choices: tuple[float, ...],
@@ -117,6 +157,7 @@ class DecisionSpace:
     def __init__(
         self, geometry: AttentionGeometry, rank_choices: tuple[int, ...], granularity: str, segment_len: int,
         n_segments: int, keep_choices: tuple[float, ...] | None = None,
+        feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}: unknown. Fix: choose one of {GRANULARITIES}.")
@@ -136,7 +177,12 @@ class DecisionSpace:
                                              + self.keep_choices.index(k) for r, k in self.settings])
         else:
             self.settings = tuple((r, 1.0) for r in self.rank_choices)
-        self.feature_names = observation_feature_names(self.rank_choices, self.settings if self.selection else None)
+        self.feature_groups = check_feature_groups(feature_groups)
+        columns = _all_columns(self.rank_choices, self.settings if self.selection else None)
+        self._columns = np.asarray([i for i, (_, group) in enumerate(columns) if group in self.feature_groups])
+        self.feature_names = tuple(columns[i][0] for i in self._columns)
+        # the attention signals are recorded only when a selected group reads them (they cost a little each step)
+        self.signal_queries = SIGNAL_QUERIES if {"attention", "attention_change"} & set(self.feature_groups) else 0
         self.n_choices = len(self.settings)
         self.choice_ranks = np.asarray([r for r, _ in self.settings])
         self.choice_keeps = np.asarray([k for _, k in self.settings])
@@ -197,15 +243,34 @@ class DecisionSpace:
                                  "attention.recording(statistics=True, selection_grid=decisions.selection_grid).")
             grid = stats.selection_bound.flatten(-2)[..., self._grid_index.to(stats.selection_bound.device)]
             selection = grid.mean(2) if self.per_layer else grid.flatten(1, 2)  # a layer: mean over its rows
-        return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound, selection)
+        signals = self._signals(stats) if self.signal_queries else None
+        return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound, selection, signals)
+
+    def _signals(self, stats: SegmentStats) -> torch.Tensor:
+        """(B, n_units, n_signals) in [0, 1]: entropy, then in selection mode every choice's estimated dropped mass
+        and log1p(score margin) / LOG_BOUND_SCALE; a layer unit takes the mean over its KV heads."""
+        if stats.entropy is None or (self.selection and stats.signal_mass is None):
+            raise ValueError("the attention feature groups need statistics recorded with signal_queries. Fix: record "
+                             "with attention.recording(statistics=True, signal_queries=decisions.signal_queries, ...).")
+        parts = [stats.entropy[..., None]]  # (B, layers, kv_heads, 1)
+        if self.selection:
+            index = self._grid_index.to(stats.signal_mass.device)
+            parts += [stats.signal_mass.flatten(-2)[..., index],
+                      _log_scaled(stats.signal_margin.flatten(-2)[..., index], LOG_BOUND_SCALE)]
+        signals = torch.cat([p.float() for p in parts], -1).clamp(0, 1)
+        return signals.mean(2) if self.per_layer else signals.flatten(1, 2)
 
     @property
     def selection_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """The (ranks, keeps) grid the attention must record bounds on in selection mode; None otherwise."""
         return (self.rank_choices, self.keep_choices) if self.selection else None
 
-    def observe_summary(self, summary: StatsSummary, prev_index: np.ndarray, segment: int) -> Observed:
-        """:meth:`observe` from a :meth:`summarize` result: adds what depends on the previous ranks, on the CPU."""
+    def observe_summary(self, summary: StatsSummary, prev_index: np.ndarray, segment: int,
+                        previous_signals: np.ndarray | None = None) -> Observed:
+        """:meth:`observe` from a :meth:`summarize` result: adds what depends on the previous ranks, on the CPU.
+
+        ``previous_signals``: :meth:`signals_of` the last segment's summary, for the "attention_change" group (the
+        change since the last segment, 0.5 + change / 2; 0.5 when there is no last segment)."""
         g, n = self.geometry, len(self.rank_choices)
         summarized, bound = summary.columns.cpu().numpy(), summary.bound.cpu().numpy()
         batch = np.arange(len(bound))[:, None]
@@ -224,9 +289,27 @@ class DecisionSpace:
             mass = summary.selection.cpu().numpy()
             columns += [mass, self.choice_keeps[prev_index][..., None]]
             transition = to_full = mass
+        signals = self.signals_of(summary)
+        if signals is not None:
+            change = 0.5 + (signals - (signals if previous_signals is None else previous_signals)) / 2
+            columns += [signals, change]
         observation = np.concatenate(columns, axis=-1).astype(np.float32)
+        if signals is None:  # the columns of the signal groups are computed only when one is selected
+            observation = np.concatenate([observation, np.zeros((*observation.shape[:2], self._n_signal_columns),
+                                                                np.float32)], -1)
         # nan_to_num: zero energies cannot give NaN here, but an observation must never carry one.
-        return Observed(np.clip(np.nan_to_num(observation), 0.0, 1.0), transition, to_full)
+        observation = np.clip(np.nan_to_num(observation[..., self._columns]), 0.0, 1.0)
+        return Observed(observation, transition, to_full)
+
+    @staticmethod
+    def signals_of(summary: StatsSummary) -> np.ndarray | None:
+        """The summary's attention signals (B, n_units, n_signals) on the CPU (a copy: a CUDA graph's next replay
+        overwrites the summary), or None when no selected group reads them."""
+        return None if summary.signals is None else np.nan_to_num(summary.signals.cpu().numpy())
+
+    @property
+    def _n_signal_columns(self) -> int:
+        return 2 * (1 + 2 * self.n_choices if self.selection else 1)
 
     @staticmethod
     def allowed(to_full: np.ndarray, epsilon: float) -> np.ndarray:

@@ -26,6 +26,8 @@ from drrl_gym.lowrank import SegmentStats
 from drrl_gym.reward import Captured
 
 GIB = 2**30
+# SegmentStats fields a reset may have recorded besides the Grams (selection mode, the attention signals)
+OPTIONAL_STATS = ("selection_bound", "entropy", "signal_mass", "signal_margin")
 
 
 @dataclass
@@ -38,23 +40,30 @@ class EpisodeStart:
     reference: Captured
 
     def rows(self) -> list[torch.Tensor]:
-        """Every tensor, leading axis the row: keys and values per layer, the Grams, the selection bound (selection
-        mode), the reference's hidden states and attention outputs (if recorded)."""
+        """Every tensor, leading axis the row: keys and values per layer, the Grams, the optional statistics that
+        were recorded (:data:`OPTIONAL_STATS`, in that order), the reference's hidden states and attention outputs
+        (if recorded)."""
         stats, reference = self.stats, self.reference
-        bound = [] if stats.selection_bound is None else [stats.selection_bound]
-        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *bound, reference.hidden]
+        optional = [getattr(stats, name) for name in self.optional_stats()]
+        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *optional, reference.hidden]
                 + list(reference.attention or []))
 
+    def optional_stats(self) -> tuple[str, ...]:
+        """The names of the optional statistics this start holds (what :meth:`from_rows` needs to read it back)."""
+        return tuple(name for name in OPTIONAL_STATS if getattr(self.stats, name) is not None)
+
     @classmethod
-    def from_rows(cls, rows: Sequence[torch.Tensor], num_layers: int, selection: bool,
+    def from_rows(cls, rows: Sequence[torch.Tensor], num_layers: int, optional_stats: Sequence[str],
                   attention_outputs: bool) -> EpisodeStart:
-        """The inverse of :meth:`rows` (the same layout: the attention mode and fidelity metric fix it)."""
+        """The inverse of :meth:`rows`, given :meth:`optional_stats` (the attention mode, the observation's
+        feature groups and the fidelity metric fix the layout)."""
         kv = [(rows[2 * layer], rows[2 * layer + 1]) for layer in range(num_layers)]
-        rest = list(rows[2 * num_layers:])
-        bound = rest.pop(2) if selection else None
+        query_gram, key_gram, *rest = rows[2 * num_layers:]
+        optional = dict(zip(optional_stats, rest, strict=False))
+        hidden, *attention = rest[len(optional):]
         length = kv[0][0].shape[2]  # the warm-up segment: its queries are its keys
-        stats = SegmentStats(rest[0], rest[1], length, length, bound)
-        return cls(kv, stats, Captured(rest[2], rest[3:] if attention_outputs else None))
+        stats = SegmentStats(query_gram, key_gram, length, length, **optional)
+        return cls(kv, stats, Captured(hidden, attention if attention_outputs else None))
 
 
 class ReferenceCache:

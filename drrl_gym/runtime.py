@@ -48,7 +48,7 @@ from drrl_gym.backbone import AttentionGeometry, Backbone
 from drrl_gym.config import EnvConfig
 from drrl_gym.hf_compat import cache_argument, pop_cache
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
-from drrl_gym.observation import DecisionSpace
+from drrl_gym.observation import DEFAULT_FEATURE_GROUPS, DecisionSpace, check_feature_groups
 from drrl_gym.policies import FullRank, NetworkPolicy, RankPolicy, RankPolicyNetwork
 
 
@@ -64,9 +64,11 @@ class ControllerSpec:
     basis_mode: str
     attention: str = "lowrank_scores"
     keep_choices: tuple[float, ...] | None = None  # selection mode's kept fractions
+    feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS  # the observation's columns (EnvConfig.observation_features)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_choices", tuple(self.rank_choices))
+        object.__setattr__(self, "feature_groups", check_feature_groups(self.feature_groups))
         if self.keep_choices is not None:
             object.__setattr__(self, "keep_choices", tuple(self.keep_choices))
 
@@ -76,7 +78,7 @@ class ControllerSpec:
         epsilon = None if math.isinf(config.epsilon_end) else float(config.epsilon_end)
         keeps = tuple(config.keep_choices) if config.attention == "select" else None
         return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon,
-                   config.basis, config.attention, keeps)
+                   config.basis, config.attention, keeps, tuple(config.observation_features))
 
     @property
     def n_segments(self) -> int:
@@ -85,7 +87,7 @@ class ControllerSpec:
     def controller(self, geometry: AttentionGeometry) -> DecisionSpace:
         """The rank controller this spec describes, for ``geometry`` (build policies with it)."""
         return DecisionSpace(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments,
-                             self.keep_choices)
+                             self.keep_choices, self.feature_groups)
 
 
 class DynamicRankRuntime:
@@ -225,7 +227,8 @@ class DynamicRankRuntime:
             needed = b - a if last == 0 else min(b - a, max(0, b - (length - last)))
             outputs_wanted = self._outputs is not None
             grid = self.controller.selection_grid if self.recording_statistics else None
-            with self.attention.recording(self.recording_statistics, outputs_wanted, grid) as recorded:
+            signals = self.controller.signal_queries if self.recording_statistics else 0
+            with self.attention.recording(self.recording_statistics, outputs_wanted, grid, signals) as recorded:
                 if needed == 0:  # no logit of this piece is wanted: skip the LM head
                     out = self.model.base_model(**piece)
                 elif "logits_to_keep" in self._signature.parameters:
@@ -260,6 +263,7 @@ class DynamicRankRuntime:
             self._batch, self._position, self.rank_history, self.keep_history = batch, 0, [], []
             self._prev_index = np.full((batch, self.controller.n_units), self.controller.n_choices - 1)
             self._stats: SegmentStats | None = None
+            self._signals: np.ndarray | None = None  # the last observation's attention signals (their change)
             self.policy.reset(batch)
             self.attention.start_sequence()
         elif start != self._position or batch != self._batch:
@@ -294,15 +298,17 @@ class DynamicRankRuntime:
             if new.selection_bound is not None:  # means over query rows: weight each piece by its rows
                 total = old.num_queries + new.num_queries
                 bound = (old.selection_bound * old.num_queries + new.selection_bound * new.num_queries) / total
+            # the attention signals are the segment's last queries': the newest piece's
             self._stats = SegmentStats(old.query_gram + new.query_gram, new.key_gram, old.num_queries + new.num_queries,
-                                       new.num_keys, bound)
+                                       new.num_keys, bound, new.entropy, new.signal_mass, new.signal_margin)
 
     def _decide(self, segment: int) -> np.ndarray:
         """(B, n_units) choice indices for ``segment`` from the last segment's statistics."""
         controller = self.controller
         if self.recording_statistics:
-            observed = controller.observe(self._stats, self._prev_index, segment)
-            observation = observed.matrix
+            summary = controller.summarize(self._stats)
+            observed = controller.observe_summary(summary, self._prev_index, segment, self._signals)
+            observation, self._signals = observed.matrix, controller.signals_of(summary)
             epsilon = math.inf if self.spec.epsilon is None else self.spec.epsilon
             allowed = controller.allowed(observed.to_full, epsilon)
         else:  # the policy ignores the observation and there is no mask

@@ -18,6 +18,7 @@ from conftest import TINY_ENV
 from gymnasium.vector import AutoresetMode
 
 from drrl_gym.env import DRRLAttentionEnv
+from drrl_gym.observation import FEATURE_GROUPS
 from drrl_gym.training.sb3_vec_env import DRRLAttentionSB3VecEnv
 from drrl_gym.vector import DRRLAttentionVecEnv
 
@@ -223,9 +224,9 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fidelity", ["attention_cosine", "kl"])
-def test_cuda_graphs_match_the_eager_forward(fidelity: str) -> None:
-    kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity)
+@pytest.mark.parametrize("fidelity, features", [("attention_cosine", FEATURE_GROUPS[:3]), ("kl", FEATURE_GROUPS)])
+def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...]) -> None:
+    kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features)
     graphed = DRRLAttentionVecEnv(num_envs=N, **kwargs)
     eager = DRRLAttentionVecEnv(num_envs=N, cuda_graphs=False, **kwargs)
     assert graphed.batch._graphs is not None and eager.batch._graphs is None
