@@ -99,7 +99,6 @@ class EpisodeBatch:
         self.episode: EpisodeState | None = None
         # The agent-independent start of an episode per train sequence, kept across episodes (drrl_gym.reference_cache)
         self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
-        self._optional_stats: tuple[str, ...] = ()  # which optional statistics the cached starts hold (set on store)
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
         # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
@@ -358,11 +357,11 @@ class EpisodeBatch:
         computed = None
         if len(missing):
             start = self._computed_start(torch.from_numpy(missing).to(self._tokens.device))
-            self._optional_stats, computed = start.optional_stats(), start.rows()
-            self.references.store(indices[missing], computed)
+            computed = start.rows()
+            self.references.store(indices[missing], computed, start.optional_stats())
         with record_function("drrl.reference_cache_gather"):
             rows = self.references.merged(held, slots, computed)
-        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self._optional_stats,
+        start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.references.layout,
                                        self.reward.needs_attention_outputs)
         cache = DynamicCache(config=self.backbone.model.config)
         for layer, (keys, values) in enumerate(start.kv):

@@ -81,6 +81,7 @@ class ReferenceCache:
         self._slabs: list[torch.Tensor] | None = None
         self._capacity = 0  # entries the budget allows (known once the first entry's size is)
         self.hits = self.misses = 0
+        self.layout: tuple[str, ...] | None = None  # what the rows hold besides the fixed ones (set by the first store)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -127,8 +128,16 @@ class ReferenceCache:
             rows.append(row.index_copy_(0, where_held, cached).index_copy_(0, where_computed, fresh))
         return rows
 
-    def store(self, keys: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
-        """Keep row b of every tensor in ``rows`` under ``keys[b]`` (keys already held or repeated are skipped)."""
+    def store(self, keys: Sequence[int], rows: Sequence[torch.Tensor], layout: tuple[str, ...] = ()) -> None:
+        """Keep row b of every tensor in ``rows`` under ``keys[b]`` (keys already held or repeated are skipped).
+
+        ``layout`` names what the rows hold beyond a fixed part (for the env, :meth:`EpisodeStart.optional_stats`);
+        a cache holds one layout, so whoever reads it back (also another env handed this cache) knows it."""
+        if self.layout is None:
+            self.layout = tuple(layout)
+        elif self.layout != tuple(layout):
+            raise ValueError(f"this cache holds rows of layout {self.layout}, not {tuple(layout)}. Fix: give each "
+                             "environment configuration (attention mode, observation features, fidelity) its own cache.")
         if self._slabs is None:
             per_entry = sum(r[0].numel() * r.element_size() for r in rows)
             self._capacity = self.budget_bytes // per_entry if per_entry else 0

@@ -276,6 +276,7 @@ def test_generate_on_cuda_equals_the_reference_backend_and_the_export_decodes_al
     model = build_dynamic_rank_model(backbone, RandomRanks(spec.controller(backbone.geometry), seed=4), basis, spec)
     kernel = model.generate(prompt, **options)
     monkeypatch.setattr(lowrank, "DECODE_KERNEL_DEVICES", ())
+    model.drrl.use(RandomRanks(spec.controller(backbone.geometry), seed=4))  # the same draws again (they continue)
     dense = model.generate(prompt, **options)
     assert torch.equal(kernel.sequences, dense.sequences)
     torch.testing.assert_close(torch.stack(kernel.logits), torch.stack(dense.logits), rtol=1e-4, atol=1e-4)

@@ -30,6 +30,8 @@ def test_cache_keeps_rows_and_evicts_the_least_recently_used() -> None:
     held, _ = cache.lookup([5, 6, 7, 8])
     assert held.tolist() == [True, False, True, True] and cache.allocated_bytes == 3 * 20
     assert (cache.hits, cache.misses) == (5, 2)
+    with pytest.raises(ValueError, match="its own cache"):  # one cache, one layout of rows
+        cache.store([9], rows([9]), layout=("selection_bound",))
 
 
 def test_a_budget_below_one_entry_stores_nothing() -> None:
@@ -40,11 +42,15 @@ def test_a_budget_below_one_entry_stores_nothing() -> None:
         ReferenceCache(-1)
 
 
-@pytest.mark.parametrize("attention", ["lowrank_scores", "select"])
-def test_reset_of_seen_sequences_runs_no_forward_and_repeats_the_episode(attention: str) -> None:
-    """An episode replayed from the cache equals the first run of it exactly, with no reference forward; a batch
-    of seen and unseen sequences equals the uncached env."""
-    kwargs = dict(TINY_ENV, attention=attention)
+EVERY_GROUP = ("spectra", "bounds", "context", "attention", "attention_change")
+
+
+@pytest.mark.parametrize("attention, features", [("lowrank_scores", None), ("select", None), ("select", EVERY_GROUP)])
+def test_reset_of_seen_sequences_runs_no_forward_and_repeats_the_episode(attention: str, features) -> None:
+    """An episode replayed from the cache equals the first run of it exactly, with no reference forward (also in an
+    env the cache is handed to, which has stored nothing itself); a batch of seen and unseen sequences equals the
+    uncached env. With every feature group the cached starts carry the attention signals too."""
+    kwargs = dict(TINY_ENV, attention=attention, **({} if features is None else {"observation_features": features}))
     cached, uncached = DRRLAttentionVecEnv(num_envs=2, **kwargs), DRRLAttentionVecEnv(num_envs=2, reference_cache_gib=0,
                                                                                       **kwargs)
     actions = np.zeros((2, cached.n_units), dtype=np.int64)
@@ -68,6 +74,12 @@ def test_reset_of_seen_sequences_runs_no_forward_and_repeats_the_episode(attenti
     assert first_forwards == 2 and reset_forwards == 0  # warm-up and reference, then nothing
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b[::-1])
+    handed = DRRLAttentionVecEnv(num_envs=2, **kwargs)
+    handed.batch.references = cached.batch.references
+    replayed, handed_forwards = episode(handed, [3, 4])
+    assert handed_forwards == 0
+    for a, b in zip(first, replayed, strict=True):
+        np.testing.assert_array_equal(a, b)
     (mixed, _), (plain, _) = episode(cached, [3, 5]), episode(uncached, [3, 5])
     for a, b in zip(mixed, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
