@@ -75,6 +75,9 @@ class Row:
     perplexity: float | None = None
     perplexity_increase_pct: float | None = None
     speedup: float | None = None  # tokens/s over the fastest plain row of the same (L, B)
+    # what the speedup is against: "fastest" (every plain setting measured) or "cuda graph only" (torch.compile
+    # skipped or failed at this (L, B): the plain model may be faster than its row says)
+    baseline: str = ""
     note: str = ""
 
 
@@ -265,24 +268,25 @@ def fill_comparisons(rows: list[Row], quality: dict[int, dict[str, float]]) -> N
         row.perplexity = ppl.get(row.method)
         if row.perplexity is not None and "plain" in ppl:
             row.perplexity_increase_pct = 100 * (row.perplexity / ppl["plain"] - 1)
-        plain = [r.tokens_per_s for r in rows if r.method == "plain" and r.tokens_per_s
-                 and (r.length, r.batch) == (row.length, row.batch)]
-        if row.tokens_per_s and plain:
-            row.speedup = row.tokens_per_s / max(plain)
-            if row.method == "plain" and row.tokens_per_s == max(plain) and len(plain) > 1:
-                row.note = (row.note + " fastest plain").strip()
+        plain = [r for r in rows if r.method == "plain" and (r.length, r.batch) == (row.length, row.batch)]
+        speeds = [r.tokens_per_s for r in plain if r.tokens_per_s]
+        if row.tokens_per_s and speeds:
+            row.speedup = row.tokens_per_s / max(speeds)
+            row.baseline = "fastest" if len(speeds) == len(plain) else "cuda graph only"
 
 
 def markdown(rows: list[Row], header: str) -> str:
     def number(value: float | None, form: str) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, form)
 
-    lines = [header, "", "| L | B | method | how | decode tok/s | ms/step | vs fastest plain | peak GiB (decode) | "
-             "peak GiB (prefill) | cache GiB | perplexity | increase | note |", "|" + "---|" * 13]
+    lines = [header, "", "Speed is against the fastest plain row of the same (L, B); where torch.compile of the plain model was "
+             "not measured there, the baseline column says `cuda graph only` and the plain model may be faster.", "",
+             "| L | B | method | how | decode tok/s | ms/step | vs plain | baseline | peak GiB (decode) | "
+             "peak GiB (prefill) | cache GiB | perplexity | increase | note |", "|" + "---|" * 14]
     for r in rows:
         increase = "" if r.perplexity_increase_pct is None else f"{r.perplexity_increase_pct:+.2f}%"
         lines.append(f"| {r.length} | {r.batch} | {r.method} | {r.how} | {number(r.tokens_per_s, '.0f')} | "
-                     f"{number(r.step_ms, '.3f')} | {number(r.speedup, '.2f')} | {number(r.peak_decode_gib, '.2f')} | "
+                     f"{number(r.step_ms, '.3f')} | {number(r.speedup, '.2f')} | {r.baseline} | {number(r.peak_decode_gib, '.2f')} | "
                      f"{number(r.peak_prefill_gib, '.2f')} | {number(r.cache_gib, '.3f')} | "
                      f"{number(r.perplexity, '.3f')} | {increase} | {r.note} |")
     return "\n".join(lines) + "\n"
