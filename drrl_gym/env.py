@@ -9,7 +9,8 @@ import numpy as np
 
 from drrl_gym.backbone import Backbone
 from drrl_gym.config import EnvConfig, fail
-from drrl_gym.episode import EpisodeBatch, EpisodeBatchView, check_reset_options, info_row
+from drrl_gym.episode import EpisodeBatch
+from drrl_gym.episode_view import EpisodeBatchView, check_reset_options, info_row
 from drrl_gym.render import rank_heatmap, render_text
 
 

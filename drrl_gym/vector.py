@@ -37,7 +37,8 @@ from gymnasium.vector.utils import batch_space
 
 from drrl_gym.backbone import Backbone
 from drrl_gym.config import EnvConfig
-from drrl_gym.episode import EpisodeBatch, EpisodeBatchView, check_reset_options
+from drrl_gym.episode import EpisodeBatch
+from drrl_gym.episode_view import EpisodeBatchView, check_reset_options
 
 # Batched values with one row per sub-env: ``call``/``get_attr`` hand sub-env i its row. Anything else is shared.
 PER_ENV = frozenset({"action_masks", "transition_bounds", "full_rank_bounds", "probe_layer_fidelity"})

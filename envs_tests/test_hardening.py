@@ -43,7 +43,7 @@ from agents.train_ppo import resolve_config
 from drrl_gym.bases import BASIS_MODES
 from drrl_gym.config import DTYPES, EnvConfig
 from drrl_gym.env import DRRLAttentionEnv
-from drrl_gym.episode import RESET_OPTIONS
+from drrl_gym.episode_view import RESET_OPTIONS
 from drrl_gym.observation import GRANULARITIES
 from drrl_gym.reward import FIDELITY_METRICS
 from drrl_gym.training.config import ConfigError

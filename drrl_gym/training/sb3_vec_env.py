@@ -13,7 +13,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from drrl_gym import DRRLAttentionVecEnv
-from drrl_gym.episode import info_row
+from drrl_gym.episode_view import info_row
 
 
 class DRRLAttentionSB3VecEnv(VecEnv):
