@@ -34,13 +34,13 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from drrl_gym.attention_signals import attention_signals
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES, exact_basis
 from drrl_gym.rotated_cache import rotate_precisely
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
-    attention_signals,
     dropped_mass_bound_table,
     selection_attention,
 )
@@ -81,7 +81,7 @@ class SegmentStats:
     # Selection mode: mean over each KV group's query rows of the dropped-mass bound for every candidate setting,
     # (B, num_layers, num_kv_heads, n_ranks, n_keeps) float64 (drrl_gym.selection.dropped_mass_bound_table)
     selection_bound: torch.Tensor | None = None
-    # With recording(signal_queries=m): drrl_gym.selection.attention_signals of the last m queries, stacked over
+    # With recording(signal_queries=m): drrl_gym.attention_signals.attention_signals of the last m queries, stacked over
     # layers: entropy (B, num_layers, num_kv_heads); in selection mode the estimated dropped mass and the score margin
     # of every candidate setting, (B, num_layers, num_kv_heads, n_ranks, n_keeps) float32.
     entropy: torch.Tensor | None = None
@@ -106,7 +106,7 @@ class Recording:
     selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # candidate (ranks, keeps) to bound
     selection_bound: list[torch.Tensor | None] | None = None
     signal_queries: int = 0  # last queries of a segment the attention signals are taken from; 0: none
-    signals: list | None = None  # per layer: drrl_gym.selection.AttentionSignals
+    signals: list | None = None  # per layer: drrl_gym.attention_signals.AttentionSignals
     num_queries: int = 0
     num_keys: int = 0
 
@@ -287,7 +287,7 @@ class DynamicRankAttention:
         ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
         statistics makes even full rank take the projection path (the Grams are taken in the basis). In selection
         mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting.
-        ``signal_queries=m`` (with statistics) also records ``drrl_gym.selection.attention_signals`` of the last m
+        ``signal_queries=m`` (with statistics) also records ``drrl_gym.attention_signals.attention_signals`` of the last m
         queries (with the grid's settings in selection mode).
         """
         if self._recording is not None:

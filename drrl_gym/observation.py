@@ -32,7 +32,7 @@ from drrl_gym.spectra import energies, normalized_energy_ratio, stable_rank, tai
 GRANULARITIES = ("layer", "kv_head")
 # Feature groups (docs/env.md, "Observation"): the columns a config may select, for ablations. The default is the
 # observation every earlier release had; "attention" and "attention_change" are cheap by-products of the step
-# (drrl_gym.selection.attention_signals on its last SIGNAL_QUERIES queries).
+# (drrl_gym.attention_signals on its last SIGNAL_QUERIES queries).
 FEATURE_GROUPS = ("spectra", "bounds", "context", "attention", "attention_change")
 DEFAULT_FEATURE_GROUPS = ("spectra", "bounds", "context")
 SIGNAL_QUERIES = 8

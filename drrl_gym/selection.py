@@ -139,9 +139,9 @@ def selection_attention(
     for that, not for this function's work. Approximate scores are formed in at least float32. At r = d and
     keep = 1 the result is plain causal attention.
     """
-    batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(query, key, value, basis, rotated_keys)
+    batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(query, key, value, basis, rotated_keys)
     group = heads // kv_heads
-    scaling = _checked_scaling(scaling, d)
+    scaling = checked_scaling(scaling, d)
     check_selection(selection)
     rank, keep = _settings(rank, keep, batch, kv_heads, d)  # host settings stay on the host: no wait for the device
     work = torch.promote_types(query.dtype, torch.float32)
@@ -155,8 +155,8 @@ def selection_attention(
     cast = basis.to(device=query.device, dtype=work)
     q_rot = query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ cast[None, :, None]
     k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys.to(work)
-    approx = _approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
-    priority = _priority(approx, visible, forced, selection)
+    approx = approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
+    priority = priorities(approx, visible, forced, selection)
     group_counts = counts[:, :, None]  # (B, H_kv, 1, T): one count per KV group and query
     threshold = _thresholds(priority, host_counts[:, :, None][None], visible_counts)[0]
     kept = _top_keys(priority, group_counts, threshold)  # (B, H_kv, G or 1, T, L)
@@ -205,7 +205,7 @@ def dropped_mass_bound(
     the causal visibility; each row must keep at least one visible key), rank broadcastable to (B, H_kv). The choice
     rule that produced ``kept`` does not matter: (7) holds for every S.
     """
-    batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
+    batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     if tuple(kept.shape) != (batch, heads, n_queries, n_keys) or kept.dtype != torch.bool:
         raise ValueError(f"kept must be a bool tensor of shape {(batch, heads, n_queries, n_keys)}, got "
                          f"{kept.dtype} {tuple(kept.shape)}. Fix: pass SelectionDetails.kept or a per-head mask.")
@@ -216,7 +216,7 @@ def dropped_mass_bound(
         raise ValueError("a row of kept has no visible key: the restricted softmax is undefined. Fix: keep at least "
                          "one key per query (recent_tokens >= 1 keeps the query's own key).")
     q = rotated_query.double().reshape(batch, kv_heads, heads // kv_heads, n_queries, d)
-    return _mass_bound(q, rotated_keys.double(), kept, visible, rank, _checked_scaling(scaling, d)).reshape(
+    return _mass_bound(q, rotated_keys.double(), kept, visible, rank, checked_scaling(scaling, d)).reshape(
         batch, heads, n_queries)
 
 
@@ -254,8 +254,8 @@ def dropped_mass_bound_table(
     whose k_i is every visible key drops nothing: its bound is exactly 0. For a safety mask on the NEXT segment this
     is a prediction, not a certificate.
     """
-    batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
-    scaling = _checked_scaling(scaling, d)
+    batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
+    scaling = checked_scaling(scaling, d)
     check_selection(selection)
     if not ranks or not keeps:
         raise ValueError("ranks and keeps must be non-empty. Fix: pass the candidate settings, e.g. ranks=(16, 64), "
@@ -279,10 +279,10 @@ def dropped_mass_bound_table(
     rows = (batch, kv_heads, group, n_queries)
     for a, r in enumerate(ranks):
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
-        approx = _approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
+        approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
         q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
         k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
-        order = _priority(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
+        order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
         top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
         invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
         top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
@@ -300,66 +300,8 @@ def dropped_mass_bound_table(
     return means, maxes
 
 
-@dataclass(frozen=True)
-class AttentionSignals:
-    """Cheap by-products of a segment for the observation, from its last queries (:func:`attention_signals`)."""
-
-    entropy: torch.Tensor  # (B, H_kv) float32: softmax entropy over the visible keys / log(visible), in [0, 1]
-    dropped_mass: torch.Tensor | None  # (B, H_kv, n_ranks, n_keeps) float32: exact mass the choice would drop
-    margin: torch.Tensor | None  # (B, H_kv, n_ranks, n_keeps) float32: priority gap at the keep boundary, >= 0
-
-
-def attention_signals(
-    rotated_query: torch.Tensor,
-    rotated_keys: torch.Tensor,
-    grid: tuple[Sequence[int], Sequence[float]] | None = None,
-    *,
-    scaling: float | None = None,
-    sink_tokens: int = DEFAULT_SINK_TOKENS,
-    recent_tokens: int = DEFAULT_RECENT_TOKENS,
-    selection: str = "group",
-) -> AttentionSignals:
-    """Attention entropy and, for every (rank, keep) of ``grid``, the estimated dropped mass and score margin.
-
-    ``rotated_query`` (B, H, m, d): the LAST m queries of a segment (any basis, as long as the keys share it: the
-    exact scores do not depend on it, (1)); ``rotated_keys`` (B, H_kv, L, d). Per query row: the entropy of the exact
-    softmax over V_i divided by log n_i; the exact softmax mass outside the set (2)-(4) would keep, m of (8); and the
-    margin pi_(k_i) - pi_(k_i + 1) of the sorted priorities (3) around the last kept key (its distance to a change of
-    the kept set; forced keys aside; 1e4 where every key is kept). Means over the group's rows. Costs m / T of the
-    segment's scores per rank: a few percent of its attention for m = 8, T = 128.
-    """
-    batch, heads, n_queries, d, kv_heads, n_keys = _check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
-    scaling, group, device = _checked_scaling(scaling, d), heads // kv_heads, rotated_query.device
-    q = rotated_query.float().reshape(batch, kv_heads, group, n_queries, d)
-    k = rotated_keys.float()
-    visible = visible_mask(n_queries, n_keys, device)
-    log_p = (scaling * q @ k[:, :, None].transpose(-1, -2)).masked_fill(~visible, float("-inf")).log_softmax(-1)
-    p = log_p.exp()
-    entropy = -(p * log_p.masked_fill(~visible, 0)).sum(-1) / visible.sum(-1).clamp_min(2).log()
-    if grid is None:
-        return AttentionSignals(entropy.mean((2, 3)), None, None)
-    check_selection(selection)
-    ranks, keeps = grid
-    forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
-    counts = torch.stack([kept_counts(torch.tensor(float(x), device=device), visible.sum(-1), sink_tokens,
-                                      recent_tokens) for x in keeps])  # (n_keep, m)
-    index = counts.T[None, None, None].expand(batch, kv_heads, group, n_queries, len(keeps))
-    masses, margins = [], []
-    for r in ranks:
-        rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
-        priority = _priority(_approximate_scores(q, k, rank, scaling), visible, forced, selection)
-        ordered, order = priority.sort(dim=-1, descending=True, stable=True)
-        kept_mass = p.gather(-1, order.expand_as(p)).cumsum(-1)  # mass of the first j + 1 keys of the order
-        masses.append((1 - kept_mass.gather(-1, index - 1)).clamp_min(0).mean((2, 3)))
-        ordered = torch.cat([ordered, torch.full_like(ordered[..., :1], float("-inf"))], -1).expand(
-            batch, kv_heads, group, n_queries, n_keys + 1)
-        gap = (ordered.gather(-1, index - 1) - ordered.gather(-1, index)).nan_to_num(1e4, 1e4).clamp(0, 1e4)
-        margins.append(gap.mean((2, 3)))
-    return AttentionSignals(entropy.mean((2, 3)), torch.stack(masses, 2), torch.stack(margins, 2))
-
-
-# ------------------------------------------------------------------------------------------------------ internals
-def _approximate_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------------------ helpers (the unprefixed ones are shared with drrl_gym.attention_signals)
+def approximate_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
     """(2): q_rot (B, H_kv, G, T, d) x k_rot (B, H_kv, L, d) with rank (B, H_kv) -> (B, H_kv, G, T, L).
     Zeroing q's columns beyond r removes exactly those terms (a kernel slices instead)."""
     columns = torch.arange(q_rot.shape[-1], device=q_rot.device) < rank[..., None]  # (B, H_kv, d)
@@ -390,14 +332,14 @@ def _log_sum(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _mass_bound(q_rot, k_rot, kept, visible, rank, scaling) -> torch.Tensor:
     """(7) in float64 log space: sigmoid(log U - log W), (B, H_kv, G, T). log W is finite (S is never empty); an
     empty dropped set gives log U = -inf and a bound of exactly 0."""
-    approx = _approximate_scores(q_rot, k_rot, rank, scaling)
+    approx = approximate_scores(q_rot, k_rot, rank, scaling)
     delta = _radius(q_rot, k_rot, rank, scaling)
     log_u = _log_sum(approx + delta, visible & ~kept)
     log_w = _log_sum(approx - delta, kept & visible)
     return torch.sigmoid(log_u - log_w)
 
 
-def _priority(approx: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, selection: str) -> torch.Tensor:
+def priorities(approx: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, selection: str) -> torch.Tensor:
     """The keys' priority (3): forced keys +inf, invisible ones -inf, (B, H_kv, G or 1, T, L)."""
     priority = approx.masked_fill(~visible, float("-inf"))
     if selection == "group":
@@ -436,7 +378,7 @@ def _top_keys(priority: torch.Tensor, counts: torch.Tensor, threshold: torch.Ten
     return above | (tied & (tied.cumsum(-1) <= room[..., None]))
 
 
-def _check_shapes(query, key, value, basis, rotated_keys):
+def check_shapes(query, key, value, basis, rotated_keys):
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"query, key and value must be 4-D (B, H, T, d), (B, H_kv, L, d), (B, H_kv, L, dv); got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -494,7 +436,7 @@ def _to(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return x.to(device)
 
 
-def _checked_scaling(scaling: float | None, d: int) -> float:
+def checked_scaling(scaling: float | None, d: int) -> float:
     scaling = d**-0.5 if scaling is None else float(scaling)
     if not (math.isfinite(scaling) and scaling > 0):
         raise ValueError(f"scaling must be a positive finite number, got {scaling}. Fix: pass None for 1/sqrt(d).")

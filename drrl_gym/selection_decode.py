@@ -24,8 +24,8 @@ import torch
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
-    _checked_scaling,
     check_window,
+    checked_scaling,
     selection_attention,
 )
 
@@ -134,7 +134,7 @@ def selection_decode(
                          "for the CPU interpreter). Fix: move the tensors to the GPU or use backend='reference'.")
     check_window(sink_tokens, recent_tokens)
     return selection_decode_triton(rotated_query, rotated_keys, values, lengths, rank, keep,
-                                   scaling=_checked_scaling(scaling, rotated_query.shape[-1]),
+                                   scaling=checked_scaling(scaling, rotated_query.shape[-1]),
                                    sink_tokens=sink_tokens, recent_tokens=recent_tokens)
 
 

@@ -1,4 +1,4 @@
-"""The observation's attention signals (drrl_gym.selection.attention_signals) and the selectable feature groups."""
+"""The observation's attention signals (drrl_gym.attention_signals) and the selectable feature groups."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import TINY_ENV
 
+from drrl_gym.attention_signals import attention_signals
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.config import EnvConfig
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.observation import DEFAULT_FEATURE_GROUPS, FEATURE_GROUPS, DecisionSpace, observation_feature_names
-from drrl_gym.selection import attention_signals, rotate, selection_attention
+from drrl_gym.selection import rotate, selection_attention
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ALL_GROUPS = FEATURE_GROUPS
