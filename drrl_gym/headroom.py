@@ -35,6 +35,7 @@ from drrl_gym.backbone import AttentionGeometry, Backbone
 from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.lowrank import APPROXIMATIONS, DynamicRankAttention
+from drrl_gym.perplexity import predicted_targets
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,7 @@ def _run_segment(backbone: Backbone, cache: DynamicCache, tokens: torch.Tensor, 
     start = segment * segment_len
     hidden = backbone.model.base_model(tokens[:, start:start + segment_len], **cache_argument(cache),
                                        use_cache=True).last_hidden_state
-    targets = tokens[:, start + 1:start + 1 + segment_len]
-    logits = backbone.model.get_output_embeddings()(hidden[:, :targets.shape[1]]).float()
+    logits, targets = predicted_targets(backbone.model.get_output_embeddings()(hidden), tokens, start)
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     return nll.double().sum(1).cpu().numpy()
 

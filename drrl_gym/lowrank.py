@@ -53,6 +53,18 @@ APPROXIMATIONS = ("lowrank_scores", "select")
 DECODE_KERNEL_DEVICES = ("cuda",)
 
 
+def attention_modules(model: PreTrainedModel, num_layers: int) -> list[torch.nn.Module]:
+    """The self-attention modules of ``model`` (those with a ``layer_idx``), checked to be ``num_layers`` of them:
+    where an attention function is attached (:class:`DynamicRankAttention`, ``drrl_gym.press``)."""
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
+    if len(layers) != num_layers:
+        raise ValueError(
+            f"found {len(layers)} attention modules with a layer_idx in {type(model).__name__}, expected "
+            f"{num_layers}: this architecture is not supported (Llama-family and GPT-2 are)."
+        )
+    return layers
+
+
 def validate_rank_choices(rank_choices: Sequence[int], head_dim: int) -> tuple[int, ...]:
     """Return ``rank_choices`` as a tuple after checking it is non-empty, strictly increasing and within [1, head_dim]."""
     choices = tuple(int(r) for r in rank_choices)
@@ -246,13 +258,7 @@ class DynamicRankAttention:
     # -------------------------------------------------------------------------------------- attach / detach
     def attach(self, model: PreTrainedModel) -> None:
         """Route ``model``'s self-attention through this object (and remember the previous implementation)."""
-        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
-        if len(layers) != self.geometry.num_layers:
-            raise ValueError(
-                f"found {len(layers)} attention modules with a layer_idx in {type(model).__name__}, expected "
-                f"{self.geometry.num_layers}: this architecture is not supported (Llama-family and GPT-2 are)."
-            )
-        for module in layers:
+        for module in attention_modules(model, self.geometry.num_layers):
             module.drrl_attention = self
         if model.config._attn_implementation != ATTENTION_NAME:  # re-attaching (another object) keeps the original
             model.drrl_previous_attention = model.config._attn_implementation

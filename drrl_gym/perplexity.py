@@ -46,11 +46,17 @@ def segmented_perplexity(
 
 def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> tuple[float, int]:
     """Summed NLL of the tokens that a segment's logits (B, T, V), starting at position ``start`` of ``tokens`` (B, L),
-    predict, and how many there are; the last segment of a sequence has no target for its final token."""
-    targets = tokens[:, start + 1 : start + 1 + logits.shape[1]]
-    logits = logits[:, : targets.shape[1]].float()
+    predict, and how many there are (:func:`predicted_targets`)."""
+    logits, targets = predicted_targets(logits, tokens, start)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
     return nll, targets.numel()
+
+
+def predicted_targets(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 logits (B, T', V) of a segment starting at position ``start`` of ``tokens`` (B, L) that have a
+    next token, and those tokens (B, T'): the last segment of a sequence has no target for its final token."""
+    targets = tokens[:, start + 1 : start + 1 + logits.shape[1]]
+    return logits[:, : targets.shape[1]].float(), targets
 
 
 def describe_machine(device: torch.device | None = None) -> str:

@@ -34,7 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.hf_compat import cache_argument, pop_cache
-from drrl_gym.lowrank import ATTENTION_NAME
+from drrl_gym.lowrank import ATTENTION_NAME, attention_modules
 from drrl_gym.rotated_cache import RotatedCache, check_basis, rotate_precisely, stream_capturing
 from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, check_window, checked_keep, visible_mask
 from drrl_gym.selection_decode import rows_layout, selection_decode
@@ -201,10 +201,7 @@ def selection_press(model: PreTrainedModel, basis: torch.Tensor, ranks: torch.Te
                            "press, or use a plain model (drrl_gym.backbone.load_backbone).")
     press = SelectionPress(model, basis, ranks, keeps, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
                            backend=backend)
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
-    if len(modules) != press.geometry.num_layers:
-        raise ValueError(f"found {len(modules)} attention modules with a layer_idx, expected "
-                         f"{press.geometry.num_layers}: this architecture is not supported. Fix: use a Llama-family model.")
+    modules = attention_modules(model, press.geometry.num_layers)
     previous, own_generate = model.config._attn_implementation, model.__dict__.get("generate")
     original = model.generate
     for module in modules:
