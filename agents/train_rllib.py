@@ -83,7 +83,7 @@ from drrl_gym.training.rllib_layout import GpuLayout
 RLLIB_ENV = "drrl-attention-rllib"  # the name the creator is registered under with Ray
 FORWARDED_ENV_VARS = ("DRRL_GYM_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 METRIC_COLUMNS = ("iteration", "env_steps", "episodes", "episode_return_mean", "episode_len_mean", *INFO_METRICS,
-                  "total_loss", "entropy", "iteration_time_s", "total_time_s")
+                  "total_loss", "entropy", "iteration_time_s", "env_steps_per_s", "total_time_s")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Each option's config key; the options override --config and --set.
 OPTION_KEYS = {"seed": "seed", "run_dir": "run_dir", **{name: f"rllib.{name}" for name in (
@@ -313,6 +313,9 @@ def metrics_row(result: Mapping[str, Any]) -> dict[str, Any]:
            "episode_len_mean": runners.get("episode_len_mean"), **{key: drrl.get(key) for key in INFO_METRICS},
            "total_loss": learner.get("total_loss"), "entropy": learner.get("entropy"),
            "iteration_time_s": result.get("time_this_iter_s"), "total_time_s": result.get("time_total_s")}
+    # Throughput of the whole iteration (sampling and learning), as a user waiting on the run sees it.
+    sampled = runners.get("num_env_steps_sampled")
+    row["env_steps_per_s"] = sampled / row["iteration_time_s"] if sampled and row["iteration_time_s"] else None
     return {key: math.nan if value is None else value for key, value in row.items()}
 
 
@@ -321,7 +324,8 @@ def format_row(row: Mapping[str, Any]) -> str:
             f"return {row['episode_return_mean']:8.4f} | fidelity {row['fidelity']:.4f} | "
             f"FLOPs saved {row['flops_saved_scores']:.3f} | rank {row['rank_fraction']:.3f} | "
             f"mask rejections {row['mask_rejections']:.2f} | loss {row['total_loss']:.4f} | "
-            f"entropy {row['entropy']:.3f} | {row['iteration_time_s']:.1f} s (total {row['total_time_s']:.1f} s)")
+            f"entropy {row['entropy']:.3f} | {row['iteration_time_s']:.1f} s, {row['env_steps_per_s']:.0f} env steps/s "
+            f"(total {row['total_time_s']:.1f} s)")
 
 
 def keep_metrics_until(path: Path, iteration: int) -> None:

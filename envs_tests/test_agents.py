@@ -238,3 +238,31 @@ def test_batched_vector_env_and_reward_normalisation(tmp_path: Path) -> None:
     assert (path / "model.vecnormalize.pkl").is_file() and (path / "checkpoints" / "ppo_16_steps.vecnormalize.pkl").is_file()
     rows = list(csv.DictReader(open(path / "logs" / "train" / "progress.csv")))
     assert any(row.get("rollout/ep_rew_mean") for row in rows)  # VecMonitor reports episodes of the batched env
+
+
+def test_learning_curves_pool_sb3_and_rllib_logs(tmp_path: Path) -> None:
+    """benchmarks/learning_curves.py reads both trainers' logs; seeds pool at the steps all of them logged, with
+    the Student-t interval of the last mean."""
+    import benchmarks.learning_curves as learning_curves  # the repository root is on sys.path under pytest
+
+    def sb3_run(name: str, returns: list[float]) -> Path:
+        log = tmp_path / name / "logs" / "train"
+        log.mkdir(parents=True)
+        rows = "".join(f"{value},{512 * (i + 1)}\n" for i, value in enumerate(returns))
+        (log / "progress.csv").write_text("rollout/ep_rew_mean,time/total_timesteps\n" + rows)
+        return tmp_path / name
+
+    seeds = [sb3_run("s0", [1.0, 2.0]), sb3_run("s1", [1.0, 4.0]), sb3_run("s2", [1.0, 6.0, 9.0])]
+    rllib = tmp_path / "rllib"
+    rllib.mkdir()
+    (rllib / "metrics.csv").write_text("iteration,env_steps,episode_return_mean\n1,256,0.5\n2,512,0.75\n")
+    out = tmp_path / "out"
+    learning_curves.main(["--run", f"ppo=eq={','.join(map(str, seeds))}", "--run", f"rllib={rllib}",
+                          "--out", str(out)])
+    table = (out / "learning_curves.md").read_text()
+    # last common step 1024: returns 2, 4, 6 -> mean 4, sd 2, half-width 4.303 * 2 / sqrt(3)
+    assert f"| ppo=eq | 3 | 512, 1,024 | 1.0000 | 4.0000 +/- {4.303 * 2 / 3 ** 0.5:.4f} |" in table
+    assert "| rllib | 1 | 256, 512 | 0.5000 | 0.7500 (1 seed: no interval) |" in table
+    assert (out / "learning_curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="neither"):
+        learning_curves.main(["--run", f"x={tmp_path / 'missing'}", "--out", str(out)])

@@ -121,6 +121,7 @@ def test_rllib_ppo_trains_checkpoints_resumes_and_acts(tmp_path: Path) -> None:
         assert row["episode_len_mean"] == 3  # seq_len / segment_len - 1 decisions
         assert 0 < row["fidelity"] <= 1 and 0 <= row["flops_saved_scores"] < 1, row
         assert math.isfinite(row["total_loss"]), row
+        assert row["env_steps_per_s"] == pytest.approx(32 / row["iteration_time_s"]), row
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000001", "iter_000002"]
 
