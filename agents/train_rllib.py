@@ -105,6 +105,15 @@ def check_runner_env(config: TrainConfig) -> EnvConfig:
     return config.env_config(device="cpu")
 
 
+def runner_device(config: TrainConfig) -> str:
+    """The kind of device the env runners stepped on: the env's own setting unless it is "auto", which in a runner
+    means "the GPU Ray assigned, else the CPU" (sampling in this process, "auto" keeps its usual meaning)."""
+    device = config.env.get("device", "auto")
+    if device != "auto" or config.rllib.num_env_runners == 0:
+        return device
+    return "cuda" if config.rllib.num_gpus_per_env_runner > 0 else "cpu"
+
+
 def env_kwargs_from(items: list[str]) -> dict[str, Any]:
     """``--env-kwargs`` items in order: KEY=VALUE sets one key (YAML value), anything else is a YAML/JSON file."""
     kwargs: dict[str, Any] = {}
@@ -406,7 +415,10 @@ def export_checkpoint(config: TrainConfig, checkpoint: Path, run_dir: Path) -> P
     from drrl_gym.training.rllib_module import policy_network_from_rllib
 
     network = policy_network_from_rllib(RLModule.from_checkpoint(checkpoint.joinpath(*MODULE_DIR)))
-    env = DRRLAttentionEnv(**{**config.env, "device": "cpu"})  # the backbone, basis and settings it was trained on
+    # The backbone, basis and settings it was trained on: on the runners' kind of device, so that the calibrated
+    # basis is the runners' own (bases are cached per model fingerprint, which differs between a bf16 GPU load and
+    # an fp32 CPU one, and a basis calibrated on the other device differs beyond rounding).
+    env = DRRLAttentionEnv(**{**config.env, "device": runner_device(config)})
     try:
         export_dir = export_env_policy(run_dir / "export", env, network, config.export.save_backbone, overwrite=True)
     finally:

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import yaml
 
-from agents.train_rllib import MODULE_DIR, build_config, env_kwargs_from, main, parse_args, resolve_run
+from agents.train_rllib import (
+    MODULE_DIR,
+    build_config,
+    env_kwargs_from,
+    main,
+    parse_args,
+    resolve_run,
+    runner_device,
+)
 from drrl_gym.training.config import ConfigError, RLlibConfig, TrainConfig
 from drrl_gym.training.rllib_layout import GpuLayout
 
@@ -47,6 +55,21 @@ def test_settings_defaults_and_config_yaml(tmp_path: Path) -> None:
     assert run_dir == tmp_path / "run" and config.rllib.iterations == RLlibConfig.iterations
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["env"]["rank_choices"] == [4, 8, 12, 16] and saved["rllib"]["hidden"] == RLlibConfig().hidden
+
+
+def test_the_export_calibrates_on_the_runners_kind_of_device(tmp_path: Path) -> None:
+    """The export's basis must be the runners' own: "auto" resolves as it did in the runners."""
+    env = [item for item in TINY_ENV if not item.startswith("device=")]
+
+    def device(*options: str) -> str:
+        config, _ = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), *options, "--env-kwargs", *env]))
+        return runner_device(config)
+
+    assert device("--gpus", "2") == "cuda"
+    assert device("--num-env-runners", "2") == "cpu"  # CPU runners: "auto" meant the CPU there
+    assert device("--num-env-runners", "0") == "auto"  # sampled in the driver: "auto" as usual
+    config, _ = resolve_run(parse_args(["--run-dir", str(tmp_path / "run"), "--gpus", "1", "--env-kwargs", *TINY_ENV]))
+    assert runner_device(config) == "cpu"  # an explicit device is kept
 
 
 def test_options_override_config_and_set(tmp_path: Path) -> None:
