@@ -113,7 +113,9 @@ def learned_methods(exports: list[Path], basis: torch.Tensor) -> dict[str, Any]:
         exported = load_exported_policy(path)  # the policy only; the benchmark's model runs it
         if exported.basis is not None and not torch.allclose(exported.basis.float().cpu(), basis.float().cpu(), atol=1e-5):
             raise ValueError(f"{path} was trained with another basis than the benchmark's. Fix: train it with "
-                             "env.corpus set to --fit-corpus and the same calibration settings.")
+                             "env.corpus set to --fit-corpus and the same calibration settings, and measure it on "
+                             "the kind of device it was trained on (a basis calibrated in bf16 on a GPU differs "
+                             "from one calibrated in fp32 on the CPU).")
         name = path.parent.name if path.name == "export" else path.name
         methods[f"learned {name}"] = ("learned", None, exported.policy, exported.spec)
         if exported.spec.epsilon is not None:

@@ -365,9 +365,10 @@ class DynamicRankAttention:
             self._record_signals(layer, rotated_query, rotated, scaling)
             if recording.selection_grid is not None:
                 ranks, keeps = recording.selection_grid
+                # float32 work: half the traffic of float64 for a mean the mask compares with a threshold
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
                     rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
-                    recent_tokens=self.recent_tokens, selection=self.selection)
+                    recent_tokens=self.recent_tokens, selection=self.selection, dtype=torch.float32)
         if (n_queries == 1 and cached_keys is not None and self.selection == "group"
                 and query.device.type in DECODE_KERNEL_DEVICES):
             # One decoded token over the projected-key cache: the decode kernel reads only what it chooses. Every

@@ -241,9 +241,13 @@ def dropped_mass_bound_table(
     sink_tokens: int = DEFAULT_SINK_TOKENS,
     recent_tokens: int = DEFAULT_RECENT_TOKENS,
     selection: str = "group",
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max over a group's G*T rows of the bound (7) for every candidate (rank, keep): two (B, H_kv,
     len(ranks), len(keeps)) float64 tensors, from one segment's rotated q (B, H, T, d) and K~ (B, H_kv, L, d).
+    The work runs in ``dtype``: float64 (the default) reproduces the per-row bound of ``selection_attention`` to
+    rounding; float32 halves the memory traffic of the (B, H_kv, G, T, L) tensors it forms and agrees to about
+    1e-5 relatively, ample for a mask that compares the mean with a threshold (the env uses it).
 
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
     float64, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
@@ -271,11 +275,11 @@ def dropped_mass_bound_table(
     if not dropping:
         return means, maxes
     largest = int(counts[dropping].max())
-    kept_places = (torch.arange(largest) < counts[dropping][..., None]).to(device)  # (C, T, largest), nested in c
+    kept_counts_by_keep = counts[dropping].to(device)  # (C, T): k_i, at most ``largest``
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
-    q = rotated_query.double().reshape(batch, kv_heads, group, n_queries, d)
-    k = rotated_keys.double()
+    q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
+    k = rotated_keys.to(dtype)
     rows = (batch, kv_heads, group, n_queries)
     for a, r in enumerate(ranks):
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
@@ -286,16 +290,20 @@ def dropped_mass_bound_table(
         top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
         invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
         top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
-        low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
-        high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
+        # Over the keys in priority order, every keep at once: log W for the first k places is a prefix logsumexp
+        # of s^ - delta, and the top's share of log U a suffix logsumexp of s^ + delta from place k on.
+        w_prefix = _log_cumsum_exp((top_approx - top_delta).masked_fill_(invisible, float("-inf")))
+        u_suffix = _log_cumsum_exp((top_approx + top_delta).masked_fill_(invisible, float("-inf")).flip(-1)).flip(-1)
+        u_suffix = torch.cat([u_suffix, u_suffix.new_full((*rows, 1), float("-inf"))], -1)  # place `largest`: none
         # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
         rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
         rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
         del approx
-        for c, kept in zip(dropping, kept_places, strict=True):  # kept (T, largest): the first k_i places
-            log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
-            log_u = torch.logaddexp(rest, high.masked_fill(kept, float("-inf")).logsumexp(-1))
-            bound = torch.sigmoid(log_u - log_w)  # (B, H_kv, G, T)
+        for c, kept in zip(dropping, kept_counts_by_keep, strict=True):  # kept (T,): k_i, the first k_i places
+            place = kept.expand(*rows)[..., None]
+            log_w = w_prefix.gather(-1, place - 1)[..., 0]
+            log_u = torch.logaddexp(rest, u_suffix.gather(-1, place)[..., 0])
+            bound = torch.sigmoid(log_u - log_w).double()  # (B, H_kv, G, T)
             means[:, :, a, c], maxes[:, :, a, c] = bound.mean((2, 3)), bound.amax((2, 3))
     return means, maxes
 
@@ -306,6 +314,14 @@ def approximate_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Ten
     Zeroing q's columns beyond r removes exactly those terms (a kernel slices instead)."""
     columns = torch.arange(q_rot.shape[-1], device=q_rot.device) < rank[..., None]  # (B, H_kv, d)
     return scaling * (q_rot * columns[:, :, None, None].to(q_rot.dtype)) @ k_rot[:, :, None].transpose(-1, -2)
+
+
+def _log_cumsum_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(cumsum(exp(x))) along the last axis, as one cumsum in float64 shifted by the row's largest value
+    (``torch.logcumsumexp`` runs a log-add per element, several times slower): terms more than ~700 nats below the
+    row's largest count as zero, where they cannot move the sum that holds it; a prefix of only such terms is -inf."""
+    shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # finite, even for a row of -inf
+    return ((x - shift).double().exp().cumsum(-1).log() + shift).to(x.dtype)
 
 
 def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:

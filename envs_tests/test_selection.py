@@ -307,6 +307,12 @@ def test_bound_table_matches_reference_forward():
                 rows = details.dropped_mass_bound.reshape(batch, kv_heads, group * n_queries)
                 torch.testing.assert_close(mean[:, :, a, b], rows.mean(-1), rtol=1e-10, atol=1e-300)
                 torch.testing.assert_close(top[:, :, a, b], rows.amax(-1), rtol=1e-10, atol=1e-300)
+        # float32 work (what the env uses) agrees with the float64 reference to float32 rounding
+        mean32, top32 = dropped_mass_bound_table(rotate(q, basis), rotate(k, basis), ranks, keeps, sink_tokens=1,
+                                                 recent_tokens=2, selection=selection, dtype=torch.float32)
+        assert mean32.dtype == torch.float64
+        torch.testing.assert_close(mean32, mean, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(top32, top, rtol=1e-4, atol=1e-7)
 
 
 def test_output_change_bound_uses_visible_values_only():
