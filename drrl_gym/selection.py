@@ -284,8 +284,8 @@ def dropped_mass_bound_table(
     for a, r in enumerate(ranks):
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
         approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
-        q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
-        k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
+        q_tail = scaling * _tail_norm(q, int(r))[..., None]  # (B, H_kv, G, T, 1)
+        k_tail = _tail_norm(k, int(r))[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
         order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
         top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
         invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
@@ -324,9 +324,12 @@ def _log_cumsum_exp(x: torch.Tensor) -> torch.Tensor:
     return ((x - shift).double().exp().cumsum(-1).log() + shift).to(x.dtype)
 
 
-def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """||x_{>r}|| per row: x (..., N, d), rank (...) -> (..., N). The tail is summed from the end, not taken as a
-    difference of prefix sums, so a small tail keeps its relative precision (as in drrl_gym.spectra.tail_energy)."""
+def _tail_norm(x: torch.Tensor, rank: torch.Tensor | int) -> torch.Tensor:
+    """||x_{>r}|| per row: x (..., N, d), rank (...) or one int for every row -> (..., N). Only the tail's squares
+    are summed, never a difference of prefix sums, so a small tail keeps its relative precision (as in
+    drrl_gym.spectra.tail_energy)."""
+    if isinstance(rank, int):
+        return x[..., rank:].pow(2).sum(-1).sqrt()
     from_end = x.pow(2).flip(-1).cumsum(-1).flip(-1)  # from_end[c] = sum_{c' >= c} x_c'^2
     padded = torch.cat([from_end, torch.zeros_like(from_end[..., :1])], -1)
     index = rank[..., None, None].expand(*x.shape[:-1], 1)
@@ -391,7 +394,7 @@ def _top_keys(priority: torch.Tensor, counts: torch.Tensor, threshold: torch.Ten
     above = priority > threshold
     tied = priority == threshold
     room = counts.expand(priority.shape[:-1]) - above.sum(-1)  # how many of the tied keys still fit
-    return above | (tied & (tied.cumsum(-1) <= room[..., None]))
+    return above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room[..., None]))
 
 
 def check_shapes(query, key, value, basis, rotated_keys):
