@@ -24,7 +24,9 @@ saving within +1% perplexity per family, and each learned policy against the mea
 and uniform ranks nearest to its QK^T cost on each side: "dominated" when one saves at least as much at lower
 perplexity; never a line interpolated between measured points, which flatters whatever lies under a convex
 curve), ``pareto.png`` (perplexity increase against QK^T and whole-attention FLOPs) and ``ranks.png`` (mean rank per
-segment and layer of the learned and static policies).
+segment and layer of the learned and static policies). "Choices changed between segments" is the share of decisions
+(sequence, layer, KV head; after the first decision segment) whose rank differs from the previous segment's: 0% for
+a static allocation, so it says how dynamic a policy really is.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Result:
     attention_saved_pct: float
     latency_ms: float
     rank_fraction: float
+    switch_pct: float | None = None  # decisions that differ from the previous segment's (absent in older results)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -155,13 +158,15 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
         at = [r for r in results if r.seq_len == length]
         tokens = eval_tokens[str(length)]
         lines += [f"### L = {length} ({tokens} held-out tokens)", "",
-                  "| method | perplexity | increase | fidelity | QK^T saved | attention saved | mean r/d | latency ms/segment |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | perplexity | increase | fidelity | QK^T saved | attention saved | mean r/d | "
+                  "choices changed between segments | latency ms/segment |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in at:
             fidelity = "" if r.fidelity is None else f"{r.fidelity:.4f}"
+            switched = "" if r.switch_pct is None else f"{r.switch_pct:.1f}%"
             lines.append(f"| {r.method} | {r.perplexity:.3f} | {r.increase_pct:+.2f}% | {fidelity} | "
                          f"{r.scores_saved_pct:+.1f}% | {r.attention_saved_pct:+.1f}% | {r.rank_fraction:.3f} | "
-                         f"{r.latency_ms:.1f} |")
+                         f"{switched} | {r.latency_ms:.1f} |")
         lines += ["", f"Best QK^T saving within +{TARGET_INCREASE_PCT:g}% perplexity, per family:", "",
                   "| family | method | QK^T saved | attention saved | increase |", "|---|---|---|---|---|"]
         for family in dict.fromkeys(r.family for r in at):
@@ -458,7 +463,8 @@ def _results(length: int, methods: dict[str, Any], measured: dict[str, Measureme
     full = measured["full rank"].perplexity
     return [Result(length, methods[name][0], name, methods[name][1], m.perplexity, 100 * (m.perplexity / full - 1),
                    m.fidelity, 100 * (1 - m.scores_flops_fraction), 100 * (1 - m.attention_flops_fraction),
-                   m.latency_ms, m.rank_fraction) for name, m in ((n, measured[n]) for n in methods if n in measured)]
+                   m.latency_ms, m.rank_fraction, None if m.switch_fraction is None else 100 * m.switch_fraction)
+            for name, m in ((n, measured[n]) for n in methods if n in measured)]
 
 
 if __name__ == "__main__":

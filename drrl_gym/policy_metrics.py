@@ -52,6 +52,9 @@ class Measurement:
     attention_flops_fraction: float
     latency_ms: float
     mean_ranks: np.ndarray  # (n_segments, num_layers, num_kv_heads): rank per segment, averaged over sequences
+    # Of the decisions after the first, the fraction whose rank differs from the same (sequence, layer, KV head)'s
+    # in the previous segment: 0 for a static allocation; None with fewer than two decision segments.
+    switch_fraction: float | None = None
 
     @property
     def rank_fraction(self) -> float:
@@ -175,6 +178,8 @@ def measure_policies(model: PreTrainedModel, methods: dict[str, tuple[RankPolicy
 def _summarize(tally: _Tally, fidelity: bool, is_reference: bool) -> Measurement:
     cosine = (1.0 if is_reference else tally.cosine / tally.vectors) if fidelity and (is_reference or tally.vectors) else None
     fractions = tally.flops / tally.baseline
-    mean_ranks = np.concatenate(tally.ranks, axis=1).mean(axis=1)  # average over all sequences
+    history = np.concatenate(tally.ranks, axis=1)  # (n_segments, sequences, layers, kv_heads)
+    decisions = history[1:]  # segment 0 is the full-rank warm-up
+    switch = float((decisions[1:] != decisions[:-1]).mean()) if len(decisions) > 1 else None
     return Measurement(math.exp(tally.nll / tally.tokens), cosine, float(fractions[0]), float(fractions[1]),
-                       1000 * float(np.median(tally.latencies)), mean_ranks)
+                       1000 * float(np.median(tally.latencies)), history.mean(axis=1), switch)

@@ -474,6 +474,11 @@ def test_measure_policies(env, basis) -> None:
     assert all(np.isfinite(m.perplexity) and m.perplexity > 1 for m in results.values())
     assert low.mean_ranks.shape == (4, 2, 2) and (low.mean_ranks[0] == 16).all() and (low.mean_ranks[1:] == 4).all()
     assert long.mean_ranks.shape == (2, 2, 2) and low.rank_fraction == 0.25 and long.rank_fraction == 0.5
+    # a static allocation never changes its choice; a single decision segment has nothing to compare
+    assert low.switch_fraction == 0.0 and long.switch_fraction is None
+    switching = measure_policies(model, {"random": (RandomRanks(c, seed=0), spec)}, sequences, fidelity=False,
+                                 progress=False)["random"]
+    assert 0.3 < switching.switch_fraction <= 1.0  # 4 rank choices drawn independently: about 3/4 change
 
     with pytest.raises(ValueError, match="FullRank"):
         measure_policies(model, {"uniform4": methods["uniform4"], "full": methods["full"]}, sequences, fidelity=True,
