@@ -92,6 +92,9 @@ class EnvConfig:
     epsilon_anneal_steps: int = 0
     attention: str = "lowrank_scores"
     keep_choices: tuple[float, ...] = (0.0625, 0.125, 0.25, 1.0)
+    # Selection mode: the dropped-mass bound behind the mask and the observation is taken over the last m queries of
+    # each segment (None: all of them); its work is proportional to m (docs/env.md).
+    bound_queries: int | None = None
     basis: str = "calibrated"
     device: str = "auto"
     dtype: str | None = None
@@ -175,6 +178,11 @@ class EnvConfig:
             fail("keep_choices", self.keep_choices, "must end at 1.0 in selection mode (exact attention is the "
                  "choice the mask always allows)", f"append 1.0: {(*keeps, 1.0)}")
         object.__setattr__(self, "keep_choices", keeps)
+        m = self.bound_queries
+        if m is not None and (self.attention != "select" or not is_int(m) or not 1 <= m <= self.segment_len):
+            fail("bound_queries", m, f"must be None or an int in [1, segment_len={self.segment_len}], in selection "
+                 "mode only", "pass e.g. 32 with attention='select', or None (every query)")
+        object.__setattr__(self, "bound_queries", None if m is None else int(m))
 
     def _check_reward_and_mask(self) -> None:
         for name in ("fidelity_weight", "cost_weight", "perturbation_weight"):

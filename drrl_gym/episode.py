@@ -329,8 +329,8 @@ class EpisodeBatch:
             attention.set_ranks(ranks)
         grid = self.decisions.selection_grid if statistics else None
         signals = self.decisions.signal_queries if statistics else 0
-        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, grid,
-                                                                          signals) as recorded:
+        with attention.attached(self.backbone.model), attention.recording(
+                statistics, outputs, grid, signals, self.config.bound_queries if statistics else None) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None

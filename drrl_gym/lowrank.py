@@ -119,6 +119,7 @@ class Recording:
     selection_bound: list[torch.Tensor | None] | None = None
     signal_queries: int = 0  # last queries of a segment the attention signals are taken from; 0: none
     signals: list | None = None  # per layer: drrl_gym.attention_signals.AttentionSignals
+    bound_queries: int | None = None  # last queries of a forward the selection bound is taken over; None: all
     num_queries: int = 0
     num_keys: int = 0
 
@@ -287,12 +288,13 @@ class DynamicRankAttention:
     @contextmanager
     def recording(self, statistics: bool = False, outputs: bool = False,
                   selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
-                  signal_queries: int = 0) -> Iterator[Recording]:
+                  signal_queries: int = 0, bound_queries: int | None = None) -> Iterator[Recording]:
         """Record, in the forward passes run inside the context, the statistics and/or attention outputs.
 
         ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
         statistics makes even full rank take the projection path (the Grams are taken in the basis). In selection
-        mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting.
+        mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting (over
+        the last ``bound_queries`` queries of the forward; None: all).
         ``signal_queries=m`` (with statistics) also records ``drrl_gym.attention_signals.attention_signals`` of the last m
         queries (with the grid's settings in selection mode).
         """
@@ -305,7 +307,8 @@ class DynamicRankAttention:
         layers = self.geometry.num_layers
         bounds = None if selection_grid is None else [None] * layers
         self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers,
-                                    selection_grid, bounds, signal_queries, [None] * layers if signal_queries else None)
+                                    selection_grid, bounds, signal_queries, [None] * layers if signal_queries else None,
+                                    bound_queries=bound_queries)
         try:
             yield self._recording
         finally:
@@ -366,8 +369,9 @@ class DynamicRankAttention:
             if recording.selection_grid is not None:
                 ranks, keeps = recording.selection_grid
                 # float32 work: half the traffic of float64 for a mean the mask compares with a threshold
+                bounded = rotated_query[:, :, -recording.bound_queries:] if recording.bound_queries else rotated_query
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
-                    rotated_query, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
+                    bounded, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
                     recent_tokens=self.recent_tokens, selection=self.selection, dtype=torch.float32)
         if (n_queries == 1 and cached_keys is not None and self.selection == "group"
                 and query.device.type in DECODE_KERNEL_DEVICES):

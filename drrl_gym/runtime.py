@@ -65,6 +65,7 @@ class ControllerSpec:
     attention: str = "lowrank_scores"
     keep_choices: tuple[float, ...] | None = None  # selection mode's kept fractions
     feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS  # the observation's columns (EnvConfig.observation_features)
+    bound_queries: int | None = None  # selection mode: last queries of a segment the mask's bound is taken over
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_choices", tuple(self.rank_choices))
@@ -78,7 +79,7 @@ class ControllerSpec:
         epsilon = None if math.isinf(config.epsilon_end) else float(config.epsilon_end)
         keeps = tuple(config.keep_choices) if config.attention == "select" else None
         return cls(tuple(config.rank_choices), config.granularity, config.segment_len, config.seq_len, epsilon,
-                   config.basis, config.attention, keeps, tuple(config.observation_features))
+                   config.basis, config.attention, keeps, tuple(config.observation_features), config.bound_queries)
 
     @property
     def n_segments(self) -> int:
@@ -228,7 +229,8 @@ class DynamicRankRuntime:
             outputs_wanted = self._outputs is not None
             grid = self.controller.selection_grid if self.recording_statistics else None
             signals = self.controller.signal_queries if self.recording_statistics else 0
-            with self.attention.recording(self.recording_statistics, outputs_wanted, grid, signals) as recorded:
+            bound = self.spec.bound_queries if self.recording_statistics else None
+            with self.attention.recording(self.recording_statistics, outputs_wanted, grid, signals, bound) as recorded:
                 if needed == 0:  # no logit of this piece is wanted: skip the LM head
                     out = self.model.base_model(**piece)
                 elif "logits_to_keep" in self._signature.parameters:

@@ -252,11 +252,12 @@ def test_export_trained_on_a_local_corpus_loads_where_that_corpus_is_missing(env
     assert model(torch.zeros((1, 40), dtype=torch.long)).logits.shape[:2] == (1, 40)
 
 
-def test_selection_model_decides_like_the_environment(tmp_path) -> None:
-    """Selection mode end to end: the exported model picks the (rank, keep) settings the env applies, and
-    generate() switches them every segment."""
-    env = DRRLAttentionEnv(**{**TINY, "attention": "select", "keep_choices": (0.25, 0.5, 1.0), "epsilon_start": 0.3,
-                              "epsilon_end": 0.3})
+@pytest.mark.parametrize(("bound_queries", "epsilon"), [(None, 0.3), (4, 0.6)])  # the last queries drop more mass
+def test_selection_model_decides_like_the_environment(tmp_path, bound_queries, epsilon) -> None:
+    """Selection mode end to end: the exported model picks the (rank, keep) settings the env applies (observing
+    the bound over the same queries), and generate() switches them every segment."""
+    env = DRRLAttentionEnv(**{**TINY, "attention": "select", "keep_choices": (0.25, 0.5, 1.0),
+                              "epsilon_start": epsilon, "epsilon_end": epsilon, "bound_queries": bound_queries})
     basis = env.batch.attention.basis
     policy = random_policy(env, seed=4)
     observation, _ = env.reset(options={"sequence_index": 1})
@@ -270,6 +271,7 @@ def test_selection_model_decides_like_the_environment(tmp_path) -> None:
     path = export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config)
     model = load_dynamic_rank_model(path, "cpu")
     assert model.drrl.spec.attention == "select" and model.drrl.attention.approximation == "select"
+    assert model.drrl.spec.bound_queries == bound_queries
     with torch.no_grad():
         model(env.corpus.train[1:2])
     runtime = model.drrl

@@ -494,6 +494,27 @@ def test_env_in_selection_mode_masks_by_the_dropped_mass_bound():
     assert info["flops_cost"] == pytest.approx(1.0)
 
 
+def test_bound_over_the_last_queries_only():
+    """bound_queries=m takes the mask's bound over a segment's last m queries: all of them is the default, fewer
+    change the bounds; anything else is refused with the fix."""
+    import numpy as np
+    from conftest import TINY_ENV
+
+    from drrl_gym.env import DRRLAttentionEnv
+
+    select = {**TINY_ENV, "attention": "select", "keep_choices": (0.25, 0.5, 1.0)}
+    bounds = {}
+    for m in (None, 32, 4):  # TINY_ENV's segments hold 32 tokens
+        env = DRRLAttentionEnv(**select, bound_queries=m)
+        env.reset(seed=0)
+        env.step(np.zeros(env.n_units, dtype=np.int64))
+        bounds[m] = env.full_rank_bounds
+    assert np.array_equal(bounds[None], bounds[32]) and not np.allclose(bounds[None], bounds[4])
+    for bad, kwargs in ((0, select), (33, select), (2.5, select), (8, TINY_ENV)):
+        with pytest.raises(ValueError, match="bound_queries.*Fix"):
+            DRRLAttentionEnv(**kwargs, bound_queries=bad)
+
+
 @pytest.mark.slow
 def test_dropped_mass_bound_holds_on_smollm2_activations(smollm2):
     """The bound (7) against the true dropped mass on real post-RoPE activations: every layer of SmolLM2 on held-out
