@@ -345,6 +345,7 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
     result = dict(
         attention=attention, num_envs=n, dtype=str(venv.backbone.dtype), episodes=episodes, cuda_graphs=graphs, rank_choices=list(venv.rank_choices),
         keep_choices=list(venv.config.keep_choices) if attention == "select" else None,
+        bound_queries=venv.config.bound_queries,
         plain_forward_ms=median["model"] * 1e3, plain_forward_no_lm_head_ms=median["base_model"] * 1e3,
         env_step_ms=step * 1e3, env_step_p90_ms=float(np.percentile(times["env"], 90)) * 1e3,
         env_step_eager_ms=None if eager is None else median["eager"] * 1e3,
@@ -474,6 +475,8 @@ def main() -> None:
     parser.add_argument("--select-episodes", type=number_in(int, 1), default=2, help="timed episodes, select mode")
     parser.add_argument("--n-envs-curve", type=int, nargs="*", default=None, help="default 16 32 64 128 256")
     parser.add_argument("--curve-episodes", type=number_in(int, 1), default=1)
+    parser.add_argument("--bound-queries", type=number_in(int, 1), default=None,
+                        help="selection mode: the mask's bound over each segment's last m queries (default: all)")
     parser.add_argument("--reference-cache-gib", type=number_in(float, 0), default=None,
                         help="the env's reference cache budget; default 64 (holds SmolLM2's whole train split)")
     parser.add_argument("--prefill", type=number_in(int, 1), default=None,
@@ -510,6 +513,8 @@ def main() -> None:
     modes, curves, forwards, tokens = {}, {}, {}, None
     for index, attention in enumerate(args.attention):
         mode_kwargs = dict(kwargs, attention=attention)
+        if attention == "select" and args.bound_queries is not None:
+            mode_kwargs["bound_queries"] = args.bound_queries
         modes[attention], mode_tokens, cache = measure_mode(args, mode_kwargs, index == 0)
         tokens = mode_tokens if tokens is None else tokens
         curves[attention] = curve(args, mode_kwargs, cache, forwards)
