@@ -246,11 +246,12 @@ def dropped_mass_bound_table(
     """Mean and max over a group's G*T rows of the bound (7) for every candidate (rank, keep): two (B, H_kv,
     len(ranks), len(keeps)) float64 tensors, from one segment's rotated q (B, H, T, d) and K~ (B, H_kv, L, d).
     The work runs in ``dtype``: float64 (the default) reproduces the per-row bound of ``selection_attention`` to
-    rounding; float32 halves the memory traffic of the (B, H_kv, G, T, L) tensors it forms and agrees to about
-    1e-5 relatively, ample for a mask that compares the mean with a threshold (the env uses it).
+    rounding; float32 halves the memory traffic of the (B, H_kv, G, T, L) tensors it forms and agrees with it to
+    about 1e-7 relatively on random scores (tested to 1e-4), ample for a mask that compares the mean with a
+    threshold (the env uses it).
 
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
-    float64, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
+    ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
     k_i of all keeps orders the candidates: the kept set of k_i keys is the first k_i of that order (forced keys,
     priority +inf, always among them since k_i >= their number), so log W is a logsumexp over a prefix of the top
     keys alone, and log U one over the rest of the top combined with the logsumexp of every visible key outside it.
