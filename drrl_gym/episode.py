@@ -89,7 +89,7 @@ class EpisodeBatch:
         self.selection = config.attention == "select"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
                                        config.n_segments, config.keep_choices if self.selection else None,
-                                       config.observation_features)
+                                       config.observation_features, config.bound_queries)
         self.n_units, self.feature_names = self.decisions.n_units, self.decisions.feature_names
         self.unit_shape = (self.n_units, len(self.feature_names))
         self.total_steps = 0  # over the batch's lifetime: drives the epsilon schedule, not reset by reset()
@@ -327,10 +327,8 @@ class EpisodeBatch:
         attention = self.attention
         if ranks is not None:
             attention.set_ranks(ranks)
-        grid = self.decisions.selection_grid if statistics else None
-        signals = self.decisions.signal_queries if statistics else 0
         with attention.attached(self.backbone.model), attention.recording(
-                statistics, outputs, grid, signals, self.config.bound_queries if statistics else None) as recorded:
+                statistics, outputs, **self.decisions.recording_options(statistics)) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None

@@ -368,8 +368,8 @@ class DynamicRankAttention:
             self._record_signals(layer, rotated_query, rotated, scaling)
             if recording.selection_grid is not None:
                 ranks, keeps = recording.selection_grid
-                # float32 work: half the traffic of float64 for a mean the mask compares with a threshold
                 bounded = rotated_query[:, :, -recording.bound_queries:] if recording.bound_queries else rotated_query
+                # float32 work: half the traffic of float64 for a mean the mask compares with a threshold
                 recording.selection_bound[layer], _ = dropped_mass_bound_table(
                     bounded, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
                     recent_tokens=self.recent_tokens, selection=self.selection, dtype=torch.float32)

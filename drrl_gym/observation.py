@@ -157,12 +157,13 @@ class DecisionSpace:
     def __init__(
         self, geometry: AttentionGeometry, rank_choices: tuple[int, ...], granularity: str, segment_len: int,
         n_segments: int, keep_choices: tuple[float, ...] | None = None,
-        feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS,
+        feature_groups: tuple[str, ...] = DEFAULT_FEATURE_GROUPS, bound_queries: int | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}: unknown. Fix: choose one of {GRANULARITIES}.")
         self.geometry, self.rank_choices, self.granularity = geometry, tuple(rank_choices), granularity
         self.segment_len, self.n_segments = segment_len, n_segments
+        self.bound_queries = bound_queries  # selection mode: last queries of a segment the bound is taken over
         self.per_layer = granularity == "layer"
         units_per_layer = 1 if self.per_layer else geometry.num_kv_heads
         self.kv_heads_per_unit = geometry.num_kv_heads // units_per_layer
@@ -240,7 +241,7 @@ class DecisionSpace:
         if self.selection:
             if stats.selection_bound is None:
                 raise ValueError("selection mode needs statistics recorded with a selection_grid. Fix: record with "
-                                 "attention.recording(statistics=True, selection_grid=decisions.selection_grid).")
+                                 "attention.recording(True, **decisions.recording_options(True)).")
             grid = stats.selection_bound.flatten(-2)[..., self._grid_index.to(stats.selection_bound.device)]
             selection = grid.mean(2) if self.per_layer else grid.flatten(1, 2)  # a layer: mean over its rows
         signals = self._signals(stats) if self.signal_queries else None
@@ -251,7 +252,7 @@ class DecisionSpace:
         and log1p(score margin) / LOG_BOUND_SCALE; a layer unit takes the mean over its KV heads."""
         if stats.entropy is None or (self.selection and stats.signal_mass is None):
             raise ValueError("the attention feature groups need statistics recorded with signal_queries. Fix: record "
-                             "with attention.recording(statistics=True, signal_queries=decisions.signal_queries, ...).")
+                             "with attention.recording(True, **decisions.recording_options(True)).")
         parts = [stats.entropy[..., None]]  # (B, layers, kv_heads, 1)
         if self.selection:
             index = self._grid_index.to(stats.signal_mass.device)
@@ -264,6 +265,14 @@ class DecisionSpace:
     def selection_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """The (ranks, keeps) grid the attention must record bounds on in selection mode; None otherwise."""
         return (self.rank_choices, self.keep_choices) if self.selection else None
+
+    def recording_options(self, statistics: bool) -> dict[str, Any]:
+        """The arguments of ``DynamicRankAttention.recording`` beyond (statistics, outputs) that a forward recording
+        this space's observation needs: none without statistics."""
+        if not statistics:
+            return {}
+        return {"selection_grid": self.selection_grid, "signal_queries": self.signal_queries,
+                "bound_queries": self.bound_queries}
 
     def observe_summary(self, summary: StatsSummary, prev_index: np.ndarray, segment: int,
                         previous_signals: np.ndarray | None = None) -> Observed:

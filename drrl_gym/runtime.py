@@ -88,7 +88,7 @@ class ControllerSpec:
     def controller(self, geometry: AttentionGeometry) -> DecisionSpace:
         """The rank controller this spec describes, for ``geometry`` (build policies with it)."""
         return DecisionSpace(geometry, self.rank_choices, self.granularity, self.segment_len, self.n_segments,
-                             self.keep_choices, self.feature_groups)
+                             self.keep_choices, self.feature_groups, self.bound_queries)
 
 
 class DynamicRankRuntime:
@@ -227,10 +227,8 @@ class DynamicRankRuntime:
                 piece["attention_mask"] = mask[:, : start + b]
             needed = b - a if last == 0 else min(b - a, max(0, b - (length - last)))
             outputs_wanted = self._outputs is not None
-            grid = self.controller.selection_grid if self.recording_statistics else None
-            signals = self.controller.signal_queries if self.recording_statistics else 0
-            bound = self.spec.bound_queries if self.recording_statistics else None
-            with self.attention.recording(self.recording_statistics, outputs_wanted, grid, signals, bound) as recorded:
+            options = self.controller.recording_options(self.recording_statistics)
+            with self.attention.recording(self.recording_statistics, outputs_wanted, **options) as recorded:
                 if needed == 0:  # no logit of this piece is wanted: skip the LM head
                     out = self.model.base_model(**piece)
                 elif "logits_to_keep" in self._signature.parameters:
