@@ -276,7 +276,7 @@ def dropped_mass_bound_table(
     if not dropping:
         return means, maxes
     largest = int(counts[dropping].max())
-    kept_counts_by_keep = counts[dropping].to(device)  # (C, T): k_i, at most ``largest``
+    kept_places = (torch.arange(largest) < counts[dropping][..., None]).to(device)  # (C, T, largest), nested in c
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
@@ -285,25 +285,21 @@ def dropped_mass_bound_table(
     for a, r in enumerate(ranks):
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
         approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
-        q_tail = scaling * _tail_norm(q, int(r))[..., None]  # (B, H_kv, G, T, 1)
-        k_tail = _tail_norm(k, int(r))[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
+        q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
+        k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
         order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
         top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
         invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
         top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
-        # Over the keys in priority order, every keep at once: log W for the first k places is a prefix logsumexp
-        # of s^ - delta, and the top's share of log U a suffix logsumexp of s^ + delta from place k on.
-        w_prefix = _log_cumsum_exp((top_approx - top_delta).masked_fill_(invisible, float("-inf")))
-        u_suffix = _log_cumsum_exp((top_approx + top_delta).masked_fill_(invisible, float("-inf")).flip(-1)).flip(-1)
-        u_suffix = torch.cat([u_suffix, u_suffix.new_full((*rows, 1), float("-inf"))], -1)  # place `largest`: none
+        low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
+        high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
         # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
         rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
         rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
         del approx
-        for c, kept in zip(dropping, kept_counts_by_keep, strict=True):  # kept (T,): k_i, the first k_i places
-            place = kept.expand(*rows)[..., None]
-            log_w = w_prefix.gather(-1, place - 1)[..., 0]
-            log_u = torch.logaddexp(rest, u_suffix.gather(-1, place)[..., 0])
+        for c, kept in zip(dropping, kept_places, strict=True):  # kept (T, largest): the first k_i places
+            log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
+            log_u = torch.logaddexp(rest, high.masked_fill(kept, float("-inf")).logsumexp(-1))
             bound = torch.sigmoid(log_u - log_w).double()  # (B, H_kv, G, T)
             means[:, :, a, c], maxes[:, :, a, c] = bound.mean((2, 3)), bound.amax((2, 3))
     return means, maxes
@@ -317,20 +313,9 @@ def approximate_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Ten
     return scaling * (q_rot * columns[:, :, None, None].to(q_rot.dtype)) @ k_rot[:, :, None].transpose(-1, -2)
 
 
-def _log_cumsum_exp(x: torch.Tensor) -> torch.Tensor:
-    """log(cumsum(exp(x))) along the last axis, as one cumsum in float64 shifted by the row's largest value
-    (``torch.logcumsumexp`` runs a log-add per element, several times slower): terms more than ~700 nats below the
-    row's largest count as zero, where they cannot move the sum that holds it; a prefix of only such terms is -inf."""
-    shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # finite, even for a row of -inf
-    return ((x - shift).double().exp().cumsum(-1).log() + shift).to(x.dtype)
-
-
-def _tail_norm(x: torch.Tensor, rank: torch.Tensor | int) -> torch.Tensor:
-    """||x_{>r}|| per row: x (..., N, d), rank (...) or one int for every row -> (..., N). Only the tail's squares
-    are summed, never a difference of prefix sums, so a small tail keeps its relative precision (as in
-    drrl_gym.spectra.tail_energy)."""
-    if isinstance(rank, int):
-        return x[..., rank:].pow(2).sum(-1).sqrt()
+def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """||x_{>r}|| per row: x (..., N, d), rank (...) -> (..., N). The tail is summed from the end, not taken as a
+    difference of prefix sums, so a small tail keeps its relative precision (as in drrl_gym.spectra.tail_energy)."""
     from_end = x.pow(2).flip(-1).cumsum(-1).flip(-1)  # from_end[c] = sum_{c' >= c} x_c'^2
     padded = torch.cat([from_end, torch.zeros_like(from_end[..., :1])], -1)
     index = rank[..., None, None].expand(*x.shape[:-1], 1)
@@ -395,7 +380,7 @@ def _top_keys(priority: torch.Tensor, counts: torch.Tensor, threshold: torch.Ten
     above = priority > threshold
     tied = priority == threshold
     room = counts.expand(priority.shape[:-1]) - above.sum(-1)  # how many of the tied keys still fit
-    return above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room[..., None]))
+    return above | (tied & (tied.cumsum(-1) <= room[..., None]))
 
 
 def check_shapes(query, key, value, basis, rotated_keys):
