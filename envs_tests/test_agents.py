@@ -266,3 +266,34 @@ def test_learning_curves_pool_sb3_and_rllib_logs(tmp_path: Path) -> None:
     assert (out / "learning_curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="neither"):
         learning_curves.main(["--run", f"x={tmp_path / 'missing'}", "--out", str(out)])
+
+
+def test_rllib_scaling_uses_steady_iterations_and_needs_a_one_gpu_run(tmp_path: Path) -> None:
+    """benchmarks/rllib_scaling.py: throughput after the warm-up iteration, efficiency against 1 GPU, peak memory per
+    GPU from nvidia-smi's CSV (idle GPUs left out)."""
+    import benchmarks.rllib_scaling as rllib_scaling
+
+    def run(name: str, seconds: list[float], memory_mib: dict[int, int]) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        rows = "".join(f"{i + 1},{1000 * (i + 1)},{s}\n" for i, s in enumerate(seconds))
+        (path / "metrics.csv").write_text("iteration,env_steps,iteration_time_s\n" + rows)
+        memory = "".join(f"2026/11/29 16:38:5{i}.5, {gpu}, {mib * i} MiB, 50 %\n"
+                         for i in (1, 2) for gpu, mib in memory_mib.items())
+        (path / "gpu_memory.csv").write_text("timestamp, index, memory.used [MiB], utilization.gpu [%]\n" + memory)
+        return path
+
+    one = run("g1", [9.0, 2.0, 2.0], {0: 1024, 1: 2})  # steady: 2000 steps in 4 s = 500/s
+    two = run("g2", [9.0, 1.0, 1.5], {0: 2048, 1: 1536})  # 2000 steps in 2.5 s = 800/s
+    out = tmp_path / "out"
+    rllib_scaling.main(["--run", f"2={two}", "--run", f"1={one}", "--out", str(out)])
+    rows = json.loads((out / "scaling.json").read_text())["runs"]
+    assert [row["gpus"] for row in rows] == [1, 2]
+    assert rows[0]["env_steps_per_s"] == pytest.approx(500) and rows[1]["env_steps_per_s"] == pytest.approx(800)
+    assert rows[1]["efficiency"] == pytest.approx(0.8)
+    table = (out / "scaling.md").read_text()
+    assert "| 1 | 500 | 1.00x | 100% | 2.0 |" in table and "| 2 | 800 | 1.60x | 80% | 4.0, 3.0 |" in table
+    with pytest.raises(SystemExit):
+        rllib_scaling.main(["--run", f"2={two}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="none after"):
+        rllib_scaling.main(["--run", f"1={one}", "--warmup-iterations", "3", "--out", str(out)])
