@@ -12,7 +12,10 @@ where a search needs a guide:
 * :func:`first_order_gains`: per segment, the NLL change of that segment when one unit alone changes its choice
   from the static plan in that segment only (every earlier segment at the static plan, through its KV cache);
 * :func:`segment_allocation`: for one segment, the choices that minimise the summed first-order changes within a
-  cost budget, greedily by change per cost saved from exact attention downwards (the hindsight oracle's search).
+  cost budget, greedily by change per cost saved from exact attention downwards (the hindsight oracle's search);
+* :func:`per_segment_plan`: that search in every segment, from the segment's own changes (the hindsight oracle) or
+  from the previous segment's (a causal policy that knows exactly what the last segment needed: how far need
+  persists from one segment to the next).
 
 Cost: the environment's ``flops_cost`` of a segment (``drrl_gym.flops``: QK^T for low-rank scores; scoring,
 choosing and exact scores over the kept keys for selection, as a deployed kernel executes them), relative to full
@@ -247,3 +250,21 @@ def segment_allocation(delta: np.ndarray, cost: np.ndarray, budget: float, stati
     if cost[units, static].sum() > budget + 1e-12:  # the static plan is not an option
         return current
     return current if delta[units, current].sum() < 0 else static.copy()
+
+
+def per_segment_plan(delta: np.ndarray, cost: np.ndarray, static: np.ndarray, lag: int = 0) -> np.ndarray:
+    """Per sequence and segment, :func:`segment_allocation` within the static plan's cost in that segment.
+
+    ``delta`` (n_sequences, n_segments, n_units, n_choices) from :func:`first_order_gains`, ``cost`` (n_segments,
+    n_units, n_choices), ``static`` (n_units,). Segment s is allocated from the changes of segment s - ``lag``:
+    0 is the hindsight oracle; 1 uses only what was measurable once segment s - 1 had run (with no earlier
+    decision segment, segment 0's changes are 0 and the static choices stay). Returns the plan (n_sequences,
+    n_segments, n_units); segment 0, the exact warm-up, keeps the static choices (the runner ignores them).
+    """
+    n, n_segments = delta.shape[:2]
+    units = np.arange(len(static))
+    plan = np.repeat(np.repeat(static[None, None], n, 0), n_segments, 1)
+    for i in range(n):
+        for s in range(1, n_segments):
+            plan[i, s] = segment_allocation(delta[i, max(s - lag, 0)], cost[s], cost[s, units, static].sum(), static)
+    return plan

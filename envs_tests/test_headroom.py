@@ -18,6 +18,7 @@ from drrl_gym.headroom import (
     first_order_gains,
     greedy_static_path,
     layer_groups,
+    per_segment_plan,
     plan_cost,
     segment_allocation,
     segment_nll,
@@ -62,6 +63,18 @@ def test_segment_allocation_spends_the_budget_where_it_hurts_least():
     np.testing.assert_array_equal(segment_allocation(sensitive, cost, 0.7, static), static)
     np.testing.assert_array_equal(segment_allocation(delta, cost, 0.4, static), [0, 0])  # a smaller budget
     assert cost[[0, 1], segment_allocation(delta, cost, 0.45, static)].sum() <= 0.45
+
+
+def test_per_segment_plan_uses_the_segment_or_the_one_before():
+    cost = np.repeat(np.array([[[0.2, 0.5], [0.2, 0.5]]]), 4, 0)  # 4 segments, 2 units, choice 1 exact
+    static = np.array([1, 0])
+    helps_unit_1 = np.array([[0.2, 0.0], [0.0, -1.0]])  # segment_allocation moves the budget to unit 1
+    delta = np.zeros((1, 4, 2, 2))
+    delta[0, 2] = helps_unit_1
+    oracle, previous = per_segment_plan(delta, cost, static), per_segment_plan(delta, cost, static, lag=1)
+    np.testing.assert_array_equal(oracle[0], [static, static, [0, 1], static])  # acts in segment 2, where it helps
+    np.testing.assert_array_equal(previous[0], [static, static, static, [0, 1]])  # one segment late
+    assert (plan_cost(previous, cost) <= plan_cost(np.repeat(static[None, None], 4, 1), cost) + 1e-12).all()
 
 
 def test_greedy_static_path_follows_the_measured_gain_per_cost():
@@ -119,3 +132,7 @@ def test_smoke_run_writes_its_results(tmp_path):
     for row in rows:
         assert row["oracle_cost"] <= row["static_cost"] + 1e-9
         assert row["headroom_pp"] == pytest.approx(row["static_increase_pct"] - row["oracle_increase_pct"])
+        assert row["previous_cost"] <= row["static_cost"] + 1e-9 and 0 <= row["previous_changed_fraction"] <= 1
+        assert math.isfinite(row["previous_first_order_estimate_pct"]) and math.isfinite(row["first_order_estimate_pct"])
+        assert row["need_autocorrelation"] is None or -1 <= row["need_autocorrelation"] <= 1
+    assert "previous-segment policy % (cost); first order" in (tmp_path / "results.md").read_text()
