@@ -17,11 +17,12 @@ contiguous groups (a group is one decision unit), the choices of ``drrl_gym.head
 * ``oracle``: per sequence and segment, first-order NLL changes of every (unit, choice) from that static plan
   (``first_order_gains``), then per segment the choices minimising their sum within the static plan's cost in that
   segment (``segment_allocation``); the resulting plan is run and its perplexity measured.
-* ``previous segment``: the same search, but segment s allocated from segment s-1's changes (``per_segment_plan``
-  with lag 1): a causal policy that knows exactly what the last segment needed. Its share of the oracle's headroom
-  says how far need persists from one segment to the next, which is what a policy observing by-products of the
-  previous segment has to go on; ``need_autocorrelation`` is the correlation of the changes between consecutive
-  segments.
+* policies that see only the past (``causal`` in the JSON, ``drrl_gym.headroom.predicted_changes``): the same
+  search, but segment s allocated from what was measurable before it ran: ``previous``, segment s-1's changes (the
+  exact need of the last segment), or ``past_mean``, the mean of the decided segments' changes. Each plan is run.
+  Their share of the oracle's headroom says how far need persists from one segment to the next, which is what a
+  policy observing by-products of earlier segments has to go on; ``need_autocorrelation`` is the correlation of
+  the changes of consecutive segments.
 
 headroom = static - oracle in perplexity increase over full (percentage points), at each one's measured cost (the
 oracle's cost is at most the static's; nothing is interpolated). The spread: per sequence, and per segment (NLL per
@@ -38,6 +39,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from drrl_gym.cli import number_in
 from drrl_gym.corpus import CorpusConfig, load_corpus
 from drrl_gym.files import atomic_write_text
 from drrl_gym.headroom import (
+    CAUSAL_RULES,
     ChoiceSet,
     at_budget,
     first_order_gains,
@@ -58,6 +61,7 @@ from drrl_gym.headroom import (
     layer_groups,
     per_segment_plan,
     plan_cost,
+    predicted_changes,
     segment_nll,
     unit_costs,
 )
@@ -127,22 +131,23 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
         plan = per_segment_plan(delta, costs, static)  # (n, n_segments, n_units)
         oracle_nll = segment_nll(backbone, attention, choices, groups, held_out, plan, args.segment_len,
                                  args.max_rows)
-        previous = per_segment_plan(delta, costs, static, lag=1)
-        previous_nll = segment_nll(backbone, attention, choices, groups, held_out, previous, args.segment_len,
-                                   args.max_rows)
+        causal = {rule: per_segment_plan(predicted_changes(delta, rule), costs, static) for rule in CAUSAL_RULES}
+        causal_nll = {rule: segment_nll(backbone, attention, choices, groups, held_out, causal_plan,
+                                        args.segment_len, args.max_rows) for rule, causal_plan in causal.items()}
         static_pct = increase_pct(static_nll.sum(1), full, targets)
         oracle_pct = increase_pct(oracle_nll.sum(1), full, targets)
         per_token = (static_nll - oracle_nll)[:, 1:] / args.segment_len  # per decision segment, nats per token
         total = targets.sum()
+        plan_figures = plan_measures(costs, static, delta, static_nll, full, total)
+        oracle = plan_figures(plan, oracle_nll)
         row = {
             "length": length, "attention": approximation, "budget": budget, "sequences": n,
             "full_perplexity": math.exp(full.sum() / total),
             "static_units": static.tolist(), "static_cost": step.cost,
             "static_increase_pct": float(100 * (math.exp((static_nll.sum() - full.sum()) / total) - 1)),
-            "oracle_cost": float(plan_cost(plan, costs).mean()),
-            "oracle_increase_pct": float(100 * (math.exp((oracle_nll.sum() - full.sum()) / total) - 1)),
-            "oracle_changed_fraction": float((plan[:, 1:] != static).any(-1).mean()),
-            "first_order_estimate_pct": first_order_estimate(plan, delta, static_nll, full, total),
+            "oracle_cost": oracle["cost"], "oracle_increase_pct": oracle["increase_pct"],
+            "oracle_changed_fraction": oracle["changed_fraction"],
+            "first_order_estimate_pct": oracle["first_order_estimate_pct"],
             "per_sequence": {"static_increase_pct": static_pct.tolist(), "oracle_increase_pct": oracle_pct.tolist(),
                              "headroom_pp": (static_pct - oracle_pct).tolist()},
             "segment_gain_nats_per_token": {q: float(np.quantile(per_token, p)) for q, p in
@@ -153,43 +158,46 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
             "seconds": {"static_search": searched - start, "total": time.perf_counter() - start},
         }
         row["headroom_pp"] = row["static_increase_pct"] - row["oracle_increase_pct"]
-        row |= previous_segment_policy(previous, previous_nll, static_nll, full, total, costs, static, delta, row)
+        row["causal"] = {rule: plan_figures(causal[rule], causal_nll[rule]) for rule in CAUSAL_RULES}
+        for figures in row["causal"].values():
+            figures["share_of_headroom"] = ((row["static_increase_pct"] - figures["increase_pct"]) / row["headroom_pp"]
+                                            if row["headroom_pp"] > 0 else None)
+        row["need_autocorrelation"] = need_autocorrelation(delta, static)
         rows.append(row)
         print(f"L={length} {approximation} B={budget}: static {row['static_increase_pct']:+.2f}% @ {step.cost:.3f}, "
               f"oracle {row['oracle_increase_pct']:+.2f}% @ {row['oracle_cost']:.3f}, headroom "
-              f"{row['headroom_pp']:.2f} pp, previous-segment policy {row['previous_increase_pct']:+.2f}% @ "
-              f"{row['previous_cost']:.3f} [{row['seconds']['total']:.0f} s]", flush=True)
+              f"{row['headroom_pp']:.2f} pp; "
+              + ", ".join(f"{rule} {f['increase_pct']:+.2f}% @ {f['cost']:.3f}" for rule, f in row["causal"].items())
+              + f" [{row['seconds']['total']:.0f} s]", flush=True)
     return rows
 
 
-def first_order_estimate(plan: np.ndarray, delta: np.ndarray, static_nll: np.ndarray, full: np.ndarray,
-                         total: float) -> float:
-    """Perplexity increase, %, that a plan (n, n_segments, n_units) would have if each of its changes from the
-    static plan cost exactly its first-order change in that segment, measured alone (no interaction through the
-    KV cache)."""
-    n, n_segments, n_units = plan.shape
-    changes = delta[np.arange(n)[:, None, None], np.arange(n_segments)[None, :, None], np.arange(n_units), plan]
-    return float(100 * (math.exp((changes.sum() + static_nll.sum() - full.sum()) / total) - 1))
+def plan_measures(costs: np.ndarray, static: np.ndarray, delta: np.ndarray, static_nll: np.ndarray,
+                  full: np.ndarray, total: float) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """A function of (plan, its measured NLL) giving a plan's figures: its measured increase over full (%) and
+    cost, its first-order estimate (the increase if each change from the static plan cost exactly its
+    first-order change, measured alone: no interaction through the KV cache), and how often a decision segment
+    leaves the static plan."""
+    def figures(plan: np.ndarray, nll: np.ndarray) -> dict:
+        n, n_segments, n_units = plan.shape
+        changes = delta[np.arange(n)[:, None, None], np.arange(n_segments)[None, :, None], np.arange(n_units), plan]
+        return {"cost": float(plan_cost(plan, costs).mean()),
+                "increase_pct": float(100 * (math.exp((nll.sum() - full.sum()) / total) - 1)),
+                "first_order_estimate_pct": float(100 * (math.exp((changes.sum() + static_nll.sum() - full.sum())
+                                                                  / total) - 1)),
+                "changed_fraction": float((plan[:, 1:] != static).any(-1).mean())}
+    return figures
 
 
-def previous_segment_policy(plan: np.ndarray, nll: np.ndarray, static_nll: np.ndarray, full: np.ndarray, total: float,
-                            costs: np.ndarray, static: np.ndarray, delta: np.ndarray, row: dict) -> dict:
-    """The row's figures for the lag-1 plan: its measured increase and cost, its share of the oracle's headroom
-    (None without headroom), its first-order estimate (what it would be without interactions, to set beside the
-    oracle's: the gap between the two is what the lag alone costs), how often it leaves the static plan, and the
-    correlation of the first-order changes of consecutive segments (over every sequence, unit and non-static
-    choice, segments 1 on)."""
-    increase = float(100 * (math.exp((nll.sum() - full.sum()) / total) - 1))
+def need_autocorrelation(delta: np.ndarray, static: np.ndarray) -> float | None:
+    """Correlation of the first-order changes of consecutive decision segments, over every sequence, unit and
+    non-static choice (None where it is undefined: fewer than 3 segments, or constant changes)."""
     changed = np.ones(delta.shape[2:], bool)
     changed[np.arange(len(static)), static] = False
     now, before = delta[:, 2:][..., changed].ravel(), delta[:, 1:-1][..., changed].ravel()
-    correlated = now.size > 1 and now.std() > 0 and before.std() > 0
-    return {"previous_cost": float(plan_cost(plan, costs).mean()), "previous_increase_pct": increase,
-            "previous_first_order_estimate_pct": first_order_estimate(plan, delta, static_nll, full, total),
-            "previous_share_of_headroom": (row["static_increase_pct"] - increase) / row["headroom_pp"]
-            if row["headroom_pp"] > 0 else None,
-            "previous_changed_fraction": float((plan[:, 1:] != static).any(-1).mean()),
-            "need_autocorrelation": float(np.corrcoef(now, before)[0, 1]) if correlated else None}
+    if now.size < 2 or now.std() == 0 or before.std() == 0:
+        return None
+    return float(np.corrcoef(now, before)[0, 1])
 
 
 def optional(value: float | None, spec: str) -> str:
@@ -197,20 +205,26 @@ def optional(value: float | None, spec: str) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| L | mode | seqs | full ppl | static % (cost) | oracle % (cost); first order | headroom pp | per-sequence "
-             "headroom pp (min / max) | per-segment gain nats/token p10 / p50 / p90 | oracle changed | previous-segment "
-             "policy % (cost); first order | its share of the headroom | need autocorrelation |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| L | mode | seqs | full ppl | static % (cost) | oracle % (cost); first order | headroom pp | "
+             "per-sequence headroom pp (min / max) | per-segment gain nats/token p10 / p50 / p90 | oracle changed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per, seg = r["per_sequence"]["headroom_pp"], r["segment_gain_nats_per_token"]
         lines.append(f"| {r['length']} | {r['attention']} | {r['sequences']} | {r['full_perplexity']:.3f} | "
                      f"{r['static_increase_pct']:+.2f} ({r['static_cost']:.3f}) | {r['oracle_increase_pct']:+.2f} "
-                     f"({r['oracle_cost']:.3f}); {r['first_order_estimate_pct']:+.2f} | {r['headroom_pp']:.2f} | {min(per):.2f} / {max(per):.2f} | "
-                     f"{seg['p10']:+.4f} / {seg['p50']:+.4f} / {seg['p90']:+.4f} | "
-                     f"{100 * r['oracle_changed_fraction']:.0f}% | {r['previous_increase_pct']:+.2f} "
-                     f"({r['previous_cost']:.3f}); {optional(r.get('previous_first_order_estimate_pct'), '+.2f')} | "
-                     f"{optional(r['previous_share_of_headroom'], '.0%')} | "
-                     f"{optional(r['need_autocorrelation'], '+.2f')} |")
+                     f"({r['oracle_cost']:.3f}); {r['first_order_estimate_pct']:+.2f} | {r['headroom_pp']:.2f} | "
+                     f"{min(per):.2f} / {max(per):.2f} | {seg['p10']:+.4f} / {seg['p50']:+.4f} / {seg['p90']:+.4f} | "
+                     f"{100 * r['oracle_changed_fraction']:.0f}% |")
+    lines += ["", "Policies that see only the past: each segment allocated from the previous segment's changes, or "
+              "from the mean of all decided segments' (run, at their own cost; share = (static - policy) / headroom).",
+              "", "| L | mode | need autocorrelation | "
+              + " | ".join(f"{rule} % (cost); first order | {rule} share" for rule in CAUSAL_RULES) + " |",
+              "|---|---|---|" + "---|---|" * len(CAUSAL_RULES)]
+    for r in rows:
+        cells = [f"{f['increase_pct']:+.2f} ({f['cost']:.3f}); {f['first_order_estimate_pct']:+.2f} | "
+                 f"{optional(f['share_of_headroom'], '.0%')}" for f in (r["causal"][rule] for rule in CAUSAL_RULES)]
+        lines.append(f"| {r['length']} | {r['attention']} | {optional(r['need_autocorrelation'], '+.2f')} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

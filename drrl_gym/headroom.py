@@ -14,8 +14,8 @@ where a search needs a guide:
 * :func:`segment_allocation`: for one segment, the choices that minimise the summed first-order changes within a
   cost budget, greedily by change per cost saved from exact attention downwards (the hindsight oracle's search);
 * :func:`per_segment_plan`: that search in every segment, from the segment's own changes (the hindsight oracle) or
-  from the previous segment's (a causal policy that knows exactly what the last segment needed: how far need
-  persists from one segment to the next).
+  from :func:`predicted_changes`, what a policy that sees only the past could know of them (the last segment's
+  changes, or the mean of all decided ones): how far need persists from one segment to the next.
 
 Cost: the environment's ``flops_cost`` of a segment (``drrl_gym.flops``: QK^T for low-rank scores; scoring,
 choosing and exact scores over the kept keys for selection, as a deployed kernel executes them), relative to full
@@ -252,19 +252,40 @@ def segment_allocation(delta: np.ndarray, cost: np.ndarray, budget: float, stati
     return current if delta[units, current].sum() < 0 else static.copy()
 
 
-def per_segment_plan(delta: np.ndarray, cost: np.ndarray, static: np.ndarray, lag: int = 0) -> np.ndarray:
+CAUSAL_RULES = ("previous", "past_mean")
+
+
+def predicted_changes(delta: np.ndarray, rule: str) -> np.ndarray:
+    """What a policy that sees only the past knows of each segment's first-order changes when it decides it.
+
+    ``delta`` (n_sequences, n_segments, n_units, n_choices) from :func:`first_order_gains`. ``rule``:
+    ``"previous"``: segment s gets segment s-1's changes (the exact need of the last segment);
+    ``"past_mean"``: the mean over the decided segments 1..s-1 (an online per-sequence estimate of need).
+    Segment 1 has no decided segment before it: its prediction is 0, so it keeps the static choices.
+    """
+    if rule not in CAUSAL_RULES:
+        raise ValueError(f"rule must be one of {CAUSAL_RULES}, got {rule!r}")
+    predicted = np.zeros_like(delta)
+    if rule == "previous":
+        predicted[:, 1:] = delta[:, :-1]
+    else:
+        decided = np.cumsum(delta[:, 1:-1], axis=1) / np.arange(1, delta.shape[1] - 1)[None, :, None, None]
+        predicted[:, 2:] = decided  # segment s: mean of segments 1..s-1
+    return predicted
+
+
+def per_segment_plan(changes: np.ndarray, cost: np.ndarray, static: np.ndarray) -> np.ndarray:
     """Per sequence and segment, :func:`segment_allocation` within the static plan's cost in that segment.
 
-    ``delta`` (n_sequences, n_segments, n_units, n_choices) from :func:`first_order_gains`, ``cost`` (n_segments,
-    n_units, n_choices), ``static`` (n_units,). Segment s is allocated from the changes of segment s - ``lag``:
-    0 is the hindsight oracle; 1 uses only what was measurable once segment s - 1 had run (with no earlier
-    decision segment, segment 0's changes are 0 and the static choices stay). Returns the plan (n_sequences,
+    ``changes`` (n_sequences, n_segments, n_units, n_choices): what each segment is allocated from; the measured
+    :func:`first_order_gains` give the hindsight oracle, :func:`predicted_changes` a policy that sees only the
+    past. ``cost`` (n_segments, n_units, n_choices), ``static`` (n_units,). Returns the plan (n_sequences,
     n_segments, n_units); segment 0, the exact warm-up, keeps the static choices (the runner ignores them).
     """
-    n, n_segments = delta.shape[:2]
+    n, n_segments = changes.shape[:2]
     units = np.arange(len(static))
     plan = np.repeat(np.repeat(static[None, None], n, 0), n_segments, 1)
     for i in range(n):
         for s in range(1, n_segments):
-            plan[i, s] = segment_allocation(delta[i, max(s - lag, 0)], cost[s], cost[s, units, static].sum(), static)
+            plan[i, s] = segment_allocation(changes[i, s], cost[s], cost[s, units, static].sum(), static)
     return plan

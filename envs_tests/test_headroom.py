@@ -20,6 +20,7 @@ from drrl_gym.headroom import (
     layer_groups,
     per_segment_plan,
     plan_cost,
+    predicted_changes,
     segment_allocation,
     segment_nll,
     unit_costs,
@@ -65,16 +66,23 @@ def test_segment_allocation_spends_the_budget_where_it_hurts_least():
     assert cost[[0, 1], segment_allocation(delta, cost, 0.45, static)].sum() <= 0.45
 
 
-def test_per_segment_plan_uses_the_segment_or_the_one_before():
-    cost = np.repeat(np.array([[[0.2, 0.5], [0.2, 0.5]]]), 4, 0)  # 4 segments, 2 units, choice 1 exact
+def test_per_segment_plan_from_the_segment_or_from_the_past():
+    cost = np.repeat(np.array([[[0.2, 0.5], [0.2, 0.5]]]), 5, 0)  # 5 segments, 2 units, choice 1 exact
     static = np.array([1, 0])
     helps_unit_1 = np.array([[0.2, 0.0], [0.0, -1.0]])  # segment_allocation moves the budget to unit 1
-    delta = np.zeros((1, 4, 2, 2))
+    delta = np.zeros((1, 5, 2, 2))
     delta[0, 2] = helps_unit_1
-    oracle, previous = per_segment_plan(delta, cost, static), per_segment_plan(delta, cost, static, lag=1)
-    np.testing.assert_array_equal(oracle[0], [static, static, [0, 1], static])  # acts in segment 2, where it helps
-    np.testing.assert_array_equal(previous[0], [static, static, static, [0, 1]])  # one segment late
-    assert (plan_cost(previous, cost) <= plan_cost(np.repeat(static[None, None], 4, 1), cost) + 1e-12).all()
+    oracle = per_segment_plan(delta, cost, static)
+    previous = per_segment_plan(predicted_changes(delta, "previous"), cost, static)
+    np.testing.assert_array_equal(oracle[0], [static, static, [0, 1], static, static])  # where it helps
+    np.testing.assert_array_equal(previous[0], [static, static, static, [0, 1], static])  # one segment late
+    assert (plan_cost(previous, cost) <= plan_cost(np.repeat(static[None, None], 5, 1), cost) + 1e-12).all()
+    mean = predicted_changes(delta, "past_mean")  # segment s: mean of segments 1..s-1
+    np.testing.assert_allclose(mean[0, :3], 0)
+    np.testing.assert_allclose(mean[0, 3], helps_unit_1 / 2)
+    np.testing.assert_allclose(mean[0, 4], helps_unit_1 / 3)
+    with pytest.raises(ValueError, match="rule"):
+        predicted_changes(delta, "next")
 
 
 def test_greedy_static_path_follows_the_measured_gain_per_cost():
@@ -132,7 +140,9 @@ def test_smoke_run_writes_its_results(tmp_path):
     for row in rows:
         assert row["oracle_cost"] <= row["static_cost"] + 1e-9
         assert row["headroom_pp"] == pytest.approx(row["static_increase_pct"] - row["oracle_increase_pct"])
-        assert row["previous_cost"] <= row["static_cost"] + 1e-9 and 0 <= row["previous_changed_fraction"] <= 1
-        assert math.isfinite(row["previous_first_order_estimate_pct"]) and math.isfinite(row["first_order_estimate_pct"])
+        assert math.isfinite(row["first_order_estimate_pct"])
         assert row["need_autocorrelation"] is None or -1 <= row["need_autocorrelation"] <= 1
-    assert "previous-segment policy % (cost); first order" in (tmp_path / "results.md").read_text()
+        for figures in row["causal"].values():
+            assert figures["cost"] <= row["static_cost"] + 1e-9 and 0 <= figures["changed_fraction"] <= 1
+            assert math.isfinite(figures["increase_pct"]) and math.isfinite(figures["first_order_estimate_pct"])
+    assert "past_mean % (cost); first order" in (tmp_path / "results.md").read_text()
