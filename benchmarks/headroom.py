@@ -85,7 +85,8 @@ def choice_set(approximation: str, head_dim: int) -> ChoiceSet:
 
 
 def increase_pct(nll: np.ndarray, full: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Perplexity increase over full, %, of summed NLL (..., n_sequences) against full's (n_sequences,)."""
+    """Perplexity increase over full, %, of summed NLL (..., n_sequences) against full's (n_sequences,) over their
+    target counts; totals over all sequences (scalars) give the increase of the whole set."""
     return 100 * (np.exp((nll - full) / tokens) - 1)
 
 
@@ -144,7 +145,7 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
             "length": length, "attention": approximation, "budget": budget, "sequences": n,
             "full_perplexity": math.exp(full.sum() / total),
             "static_units": static.tolist(), "static_cost": step.cost,
-            "static_increase_pct": float(100 * (math.exp((static_nll.sum() - full.sum()) / total) - 1)),
+            "static_increase_pct": float(increase_pct(static_nll.sum(), full.sum(), total)),
             "oracle_cost": oracle["cost"], "oracle_increase_pct": oracle["increase_pct"],
             "oracle_changed_fraction": oracle["changed_fraction"],
             "first_order_estimate_pct": oracle["first_order_estimate_pct"],
@@ -153,7 +154,7 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
             "segment_gain_nats_per_token": {q: float(np.quantile(per_token, p)) for q, p in
                                             (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
             "static_path": [{"units": list(map(int, s.units)), "cost": s.cost,
-                             "increase_pct": float(100 * (math.exp((s.nll.sum() - full.sum()) / total) - 1))}
+                             "increase_pct": float(increase_pct(s.nll.sum(), full.sum(), total))}
                             for s in path],
             "seconds": {"static_search": searched - start, "total": time.perf_counter() - start},
         }
@@ -182,9 +183,8 @@ def plan_measures(costs: np.ndarray, static: np.ndarray, delta: np.ndarray, stat
         n, n_segments, n_units = plan.shape
         changes = delta[np.arange(n)[:, None, None], np.arange(n_segments)[None, :, None], np.arange(n_units), plan]
         return {"cost": float(plan_cost(plan, costs).mean()),
-                "increase_pct": float(100 * (math.exp((nll.sum() - full.sum()) / total) - 1)),
-                "first_order_estimate_pct": float(100 * (math.exp((changes.sum() + static_nll.sum() - full.sum())
-                                                                  / total) - 1)),
+                "increase_pct": float(increase_pct(nll.sum(), full.sum(), total)),
+                "first_order_estimate_pct": float(increase_pct(changes.sum() + static_nll.sum(), full.sum(), total)),
                 "changed_fraction": float((plan[:, 1:] != static).any(-1).mean())}
     return figures
 
