@@ -297,11 +297,10 @@ def dropped_mass_bound_table(
         rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
         rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
         del approx
-        for c, kept in zip(dropping, kept_places, strict=True):  # kept (T, largest): the first k_i places
-            log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
-            log_u = torch.logaddexp(rest, high.masked_fill(kept, float("-inf")).logsumexp(-1))
-            bound = torch.sigmoid(log_u - log_w).double()  # (B, H_kv, G, T)
-            means[:, :, a, c], maxes[:, :, a, c] = bound.mean((2, 3)), bound.amax((2, 3))
+        log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
+        log_u = torch.logaddexp(rest[..., None], _masked_logsumexps(high, ~kept_places))
+        bound = torch.sigmoid(log_u - log_w).double()
+        means[:, :, a, dropping], maxes[:, :, a, dropping] = bound.mean((2, 3)), bound.amax((2, 3))
     return means, maxes
 
 
@@ -314,12 +313,25 @@ def approximate_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Ten
 
 
 def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """||x_{>r}|| per row: x (..., N, d), rank (...) -> (..., N). The tail is summed from the end, not taken as a
-    difference of prefix sums, so a small tail keeps its relative precision (as in drrl_gym.spectra.tail_energy)."""
-    from_end = x.pow(2).flip(-1).cumsum(-1).flip(-1)  # from_end[c] = sum_{c' >= c} x_c'^2
-    padded = torch.cat([from_end, torch.zeros_like(from_end[..., :1])], -1)
-    index = rank[..., None, None].expand(*x.shape[:-1], 1)
-    return padded.gather(-1, index)[..., 0].sqrt()
+    """||x_{>r}|| per row: x (..., N, d), rank (...) -> (..., N). Only the tail's squares are summed (a masked norm,
+    not a difference of prefix sums), so a small tail keeps its relative precision; one pass over x, no scan."""
+    beyond = torch.arange(x.shape[-1], device=x.device) >= rank[..., None, None]  # (..., 1, d)
+    return torch.linalg.vector_norm(x * beyond.to(x.dtype), dim=-1)
+
+
+def _masked_logsumexps(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """log sum_{i in masks[c]} exp(x_i) for every mask c at once: x (..., T, n), masks (C, T, n) bool -> (..., T, C).
+
+    One shift by the row's maximum and one batched product with the masks, instead of a masked logsumexp per mask.
+    Shifted terms lie in [0, 1]: a set whose terms all underflow (87 nats below the row's maximum in float32) sums
+    to 0, which in (7) can only raise the bound (log W = -inf gives 1) or change it by less than e^-87 (a U whose
+    terms underflow has a W holding the maximum). Empty sets give -inf. Runs in x's dtype; TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``) would round the sums to about 1e-3."""
+    shift = x.amax(-1, keepdim=True)
+    shift = shift.masked_fill(~torch.isfinite(shift), 0)  # rows of -inf alone sum to 0 below
+    terms = (x - shift).exp()
+    sums = torch.einsum("...tn,ctn->...tc", terms, masks.to(terms.dtype))
+    return sums.log() + shift
 
 
 def _radius(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
