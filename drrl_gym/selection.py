@@ -149,7 +149,7 @@ def selection_attention(
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
     visible_counts = torch.arange(n_keys - n_queries + 1, n_keys + 1, device=keep.device)  # n_i, (T,)
     host_counts = kept_counts(keep, visible_counts, sink_tokens, recent_tokens)  # (B, H_kv, T), on keep's device
-    rank, counts = _to(rank, query.device), _to(host_counts, query.device)
+    rank, counts = to_device(rank, query.device), to_device(host_counts, query.device)
 
     # choose, (2)-(4): rank-r scores with q's columns beyond r zeroed (per-head ranks, as in drrl_gym.lowrank)
     cast = basis.to(device=query.device, dtype=work)
@@ -209,7 +209,7 @@ def dropped_mass_bound(
     if tuple(kept.shape) != (batch, heads, n_queries, n_keys) or kept.dtype != torch.bool:
         raise ValueError(f"kept must be a bool tensor of shape {(batch, heads, n_queries, n_keys)}, got "
                          f"{kept.dtype} {tuple(kept.shape)}. Fix: pass SelectionDetails.kept or a per-head mask.")
-    rank = _to(_settings(rank, 1.0, batch, kv_heads, d)[0], rotated_query.device)
+    rank = to_device(_settings(rank, 1.0, batch, kv_heads, d)[0], rotated_query.device)
     visible = visible_mask(n_queries, n_keys, rotated_query.device)
     kept = kept.reshape(batch, kv_heads, heads // kv_heads, n_queries, n_keys) & visible
     if not kept.any(-1).all():
@@ -276,7 +276,8 @@ def dropped_mass_bound_table(
     if not dropping:
         return means, maxes
     largest = int(counts[dropping].max())
-    kept_places = (torch.arange(largest) < counts[dropping][..., None]).to(device)  # (C, T, largest), nested in c
+    kept_places = to_device(torch.arange(largest) < counts[dropping][..., None], device)  # (C, T, largest), nested in c
+    dropping_index = to_device(torch.tensor(dropping), device)  # a list index would copy from pageable memory: a wait
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
@@ -300,7 +301,8 @@ def dropped_mass_bound_table(
         log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
         log_u = torch.logaddexp(rest[..., None], _masked_logsumexps(high, ~kept_places))
         bound = torch.sigmoid(log_u - log_w).double()
-        means[:, :, a, dropping], maxes[:, :, a, dropping] = bound.mean((2, 3)), bound.amax((2, 3))
+        means[:, :, a].index_copy_(-1, dropping_index, bound.mean((2, 3)))
+        maxes[:, :, a].index_copy_(-1, dropping_index, bound.amax((2, 3)))
     return means, maxes
 
 
@@ -327,8 +329,7 @@ def _masked_logsumexps(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     to 0, which in (7) can only raise the bound (log W = -inf gives 1) or change it by less than e^-87 (a U whose
     terms underflow has a W holding the maximum). Empty sets give -inf. Runs in x's dtype; TF32 matmuls
     (``torch.backends.cuda.matmul.allow_tf32``) would round the sums to about 1e-3."""
-    shift = x.amax(-1, keepdim=True)
-    shift = shift.masked_fill(~torch.isfinite(shift), 0)  # rows of -inf alone sum to 0 below
+    shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # a row of -inf alone stays -inf
     terms = (x - shift).exp()
     sums = torch.einsum("...tn,ctn->...tc", terms, masks.to(terms.dtype))
     return sums.log() + shift
@@ -377,8 +378,8 @@ def _thresholds(priority: torch.Tensor, counts: torch.Tensor, visible_counts: to
     top = priority.topk(largest, dim=-1, sorted=True).values  # (..., T, largest), descending
     thresholds = []
     for count, every in zip(counts, full, strict=True):
-        index = _to((count - 1).clamp(max=largest - 1), top.device).expand(rows)[..., None]
-        every = _to(every, top.device).expand(rows)
+        index = to_device((count - 1).clamp(max=largest - 1), top.device).expand(rows)[..., None]
+        every = to_device(every, top.device).expand(rows)
         thresholds.append(top.gather(-1, index)[..., 0].masked_fill(every, float("-inf")))
     return thresholds
 
@@ -429,7 +430,7 @@ def checked_keep(keep) -> torch.Tensor:
 
 def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """rank (long) and keep (float64) broadcast to (B, H_kv), after the range checks, where they are: settings
-    given on the host are checked there, so the check does not wait for the device (move them with :func:`_to`)."""
+    given on the host are checked there, so the check does not wait for the device (move them with :func:`to_device`)."""
     rank, keep = torch.as_tensor(rank), checked_keep(keep)
     if rank.is_floating_point() or rank.dtype == torch.bool:
         raise ValueError(f"rank must be integers, got dtype {rank.dtype}. Fix: pass rank.long() (values in [1, {d}]).")
@@ -443,7 +444,7 @@ def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tens
                          f"{(batch, kv_heads)}. Fix: pass a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
 
 
-def _to(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``x`` on ``device``; from the host to a GPU through pinned memory, without waiting for the GPU's queue."""
     device = torch.device(device)
     if x.device == device:
