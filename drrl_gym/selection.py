@@ -32,6 +32,7 @@ reference below: ``drrl_gym.selection_cost``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -282,28 +283,45 @@ def dropped_mass_bound_table(
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
     k = rotated_keys.to(dtype)
-    rows = (batch, kv_heads, group, n_queries)
+    rank_bounds = _compiled_rank_bounds() if device.type == "cuda" else _rank_bounds
     for a, r in enumerate(ranks):
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
-        approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
-        q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
-        k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
-        order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
-        top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
-        invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
-        top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
-        low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
-        high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
-        # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
-        rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
-        rest = rest.logsumexp(-1)  # (B, H_kv, G, T)
-        del approx
-        log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
-        log_u = torch.logaddexp(rest[..., None], _masked_logsumexps(high, ~kept_places))
-        bound = torch.sigmoid(log_u - log_w).double()
-        means[:, :, a].index_copy_(-1, dropping_index, bound.mean((2, 3)))
-        maxes[:, :, a].index_copy_(-1, dropping_index, bound.amax((2, 3)))
+        mean, top = rank_bounds(q, k, rank, scaling, visible, forced, kept_places, largest, selection)
+        means[:, :, a].index_copy_(-1, dropping_index, mean)
+        maxes[:, :, a].index_copy_(-1, dropping_index, top)
     return means, maxes
+
+
+def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: torch.Tensor, scaling: float, visible: torch.Tensor,
+                 forced: torch.Tensor, kept_places: torch.Tensor, largest: int,
+                 selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max over a group's rows of the bound (7) at one rank for every dropping keep: q (B, H_kv, G, T, d),
+    k (B, H_kv, L, d), kept_places (C, T, largest) -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`)."""
+    rows = q.shape[:4]
+    n_keys = k.shape[2]
+    approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
+    q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
+    k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
+    order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
+    top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
+    invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
+    top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
+    low = (top_approx - top_delta).masked_fill(invisible, float("-inf"))
+    high = (top_approx + top_delta).masked_fill(invisible, float("-inf"))
+    # log of the sum of exp(s^ + delta) over the visible keys outside the top
+    rest = (approx + q_tail * k_tail).masked_fill(~visible, float("-inf")).scatter(-1, top, float("-inf"))
+    log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
+    log_u = torch.logaddexp(rest.logsumexp(-1)[..., None], _masked_logsumexps(high, ~kept_places))
+    bound = torch.sigmoid(log_u - log_w).double()
+    return bound.mean((2, 3)), bound.amax((2, 3))
+
+
+@functools.cache
+def _compiled_rank_bounds():
+    """:func:`_rank_bounds` through torch.compile (CUDA): its chains of masks, shifts, exponentials and sums over
+    the (B, H_kv, G, T, L) scores fuse into a few kernels instead of one pass over memory each. Dynamic shapes: one
+    compilation serves every key count and top size of a run."""
+    return torch.compile(_rank_bounds, dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers (the unprefixed ones are shared with drrl_gym.attention_signals)
