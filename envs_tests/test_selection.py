@@ -6,7 +6,8 @@
 * A seeded property test over 1200 random cases (random bases, ranks, keeps, windows, GQA, KV-cache offsets and
   adversarial scales): the dropped-mass bound is never below the true dropped mass, ||p - p^S||_1 = 2m holds, and
   the output moves by no more than 2 m max ||v||. The bound is exact at r = d and attained by a constructed case.
-* The candidate table equals the bounds of the reference forward; costs equal hand counts; bad arguments raise.
+* The candidate table equals the bounds of the reference forward, compiled (as on CUDA) or not; costs equal hand
+  counts; bad arguments raise.
 """
 
 from __future__ import annotations
@@ -313,6 +314,27 @@ def test_bound_table_matches_reference_forward():
         assert mean32.dtype == torch.float64
         torch.testing.assert_close(mean32, mean, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(top32, top, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from inside the compiler
+def test_bound_table_compiled_as_on_cuda_gives_the_eager_numbers(monkeypatch):
+    # On CUDA the table's per-rank work runs through torch.compile with dynamic shapes; compiled here on the CPU, it
+    # must give the eager float32 numbers at two key counts (the second reuses the dynamic compilation).
+    import drrl_gym.selection as selection
+
+    generator = torch.Generator().manual_seed(7)
+    ranks, keeps = (2, 5, 8), (0.2, 0.4, 1.0)
+    compiled = selection._compiled_rank_bounds()
+    for n_keys in (23, 41):
+        q, k, _, basis = inputs(2, 2, 3, 9, n_keys, 8, generator, dtype=torch.float32)
+        eager = dropped_mass_bound_table(rotate(q, basis), rotate(k, basis), ranks, keeps, dtype=torch.float32)
+        with monkeypatch.context() as patch:
+            patch.setattr(selection, "_rank_bounds", compiled)
+            fused = dropped_mass_bound_table(rotate(q, basis), rotate(k, basis), ranks, keeps, dtype=torch.float32)
+        assert (eager[0] > 0).any()
+        for a, b in zip(fused, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_output_change_bound_uses_visible_values_only():
