@@ -19,7 +19,8 @@ contiguous groups (a group is one decision unit), the choices of ``drrl_gym.head
   segment (``segment_allocation``); the resulting plan is run and its perplexity measured.
 * policies that see only the past (``causal`` in the JSON, ``drrl_gym.headroom.predicted_changes``): the same
   search, but segment s allocated from what was measurable before it ran: ``previous``, segment s-1's changes (the
-  exact need of the last segment), or ``past_mean``, the mean of the decided segments' changes. Each plan is run.
+  exact need of the last segment), ``past_mean``, the mean of the decided segments' changes, or ``fitted``, the
+  best linear weighing of those two per (unit, choice), fitted on the other sequences (at least 2). Each plan is run.
   Their share of the oracle's headroom says how far need persists from one segment to the next, which is what a
   policy observing by-products of earlier segments has to go on; ``need_autocorrelation`` is the correlation of
   the changes of consecutive segments.
@@ -132,7 +133,8 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
         plan = per_segment_plan(delta, costs, static)  # (n, n_segments, n_units)
         oracle_nll = segment_nll(backbone, attention, choices, groups, held_out, plan, args.segment_len,
                                  args.max_rows)
-        causal = {rule: per_segment_plan(predicted_changes(delta, rule), costs, static) for rule in CAUSAL_RULES}
+        rules = [rule for rule in CAUSAL_RULES if rule != "fitted" or n >= 2]  # fitted: on the other sequences
+        causal = {rule: per_segment_plan(predicted_changes(delta, rule), costs, static) for rule in rules}
         causal_nll = {rule: segment_nll(backbone, attention, choices, groups, held_out, causal_plan,
                                         args.segment_len, args.max_rows) for rule, causal_plan in causal.items()}
         static_pct = increase_pct(static_nll.sum(1), full, targets)
@@ -215,14 +217,16 @@ def markdown(rows: list[dict], header: str) -> str:
                      f"({r['oracle_cost']:.3f}); {r['first_order_estimate_pct']:+.2f} | {r['headroom_pp']:.2f} | "
                      f"{min(per):.2f} / {max(per):.2f} | {seg['p10']:+.4f} / {seg['p50']:+.4f} / {seg['p90']:+.4f} | "
                      f"{100 * r['oracle_changed_fraction']:.0f}% |")
-    lines += ["", "Policies that see only the past: each segment allocated from the previous segment's changes, or "
-              "from the mean of all decided segments' (run, at their own cost; share = (static - policy) / headroom).",
+    lines += ["", "Policies that see only the past: each segment allocated from the previous segment's changes, "
+              "from the mean of all decided segments', or from their best linear weighing fitted on the other "
+              "sequences (run, at their own cost; share = (static - policy) / headroom).",
               "", "| L | mode | need autocorrelation | "
               + " | ".join(f"{rule} % (cost); first order | {rule} share" for rule in CAUSAL_RULES) + " |",
               "|---|---|---|" + "---|---|" * len(CAUSAL_RULES)]
     for r in rows:
         cells = [f"{f['increase_pct']:+.2f} ({f['cost']:.3f}); {f['first_order_estimate_pct']:+.2f} | "
-                 f"{optional(f['share_of_headroom'], '.0%')}" for f in (r["causal"][rule] for rule in CAUSAL_RULES)]
+                 f"{optional(f['share_of_headroom'], '.0%')}" if f else "n/a | n/a"
+                 for f in (r["causal"].get(rule) for rule in CAUSAL_RULES)]
         lines.append(f"| {r['length']} | {r['attention']} | {optional(r['need_autocorrelation'], '+.2f')} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -252,7 +252,7 @@ def segment_allocation(delta: np.ndarray, cost: np.ndarray, budget: float, stati
     return current if delta[units, current].sum() < 0 else static.copy()
 
 
-CAUSAL_RULES = ("previous", "past_mean")
+CAUSAL_RULES = ("previous", "past_mean", "fitted")
 
 
 def predicted_changes(delta: np.ndarray, rule: str) -> np.ndarray:
@@ -260,17 +260,44 @@ def predicted_changes(delta: np.ndarray, rule: str) -> np.ndarray:
 
     ``delta`` (n_sequences, n_segments, n_units, n_choices) from :func:`first_order_gains`. ``rule``:
     ``"previous"``: segment s gets segment s-1's changes (the exact need of the last segment);
-    ``"past_mean"``: the mean over the decided segments 1..s-1 (an online per-sequence estimate of need).
-    Segment 1 has no decided segment before it: its prediction is 0, so it keeps the static choices.
+    ``"past_mean"``: the mean over the decided segments 1..s-1 (an online per-sequence estimate of need);
+    ``"fitted"``: the best linear weighing of those two, b0 + b1 previous + b2 past mean per (unit, choice), fitted
+    by least squares on the OTHER sequences' segments 2.. (leave one sequence out: what a policy trained on other
+    text could learn from the history of exact needs). Needs at least 2 sequences.
+    Segment 1 has no decided segment before it: its prediction is 0, so it keeps the static choices (every rule).
     """
     if rule not in CAUSAL_RULES:
         raise ValueError(f"rule must be one of {CAUSAL_RULES}, got {rule!r}")
     predicted = np.zeros_like(delta)
     if rule == "previous":
         predicted[:, 1:] = delta[:, :-1]
-    else:
-        decided = np.cumsum(delta[:, 1:-1], axis=1) / np.arange(1, delta.shape[1] - 1)[None, :, None, None]
-        predicted[:, 2:] = decided  # segment s: mean of segments 1..s-1
+        return predicted
+    past_mean = np.zeros_like(delta)
+    past_mean[:, 2:] = np.cumsum(delta[:, 1:-1], axis=1) / np.arange(1, delta.shape[1] - 1)[None, :, None, None]
+    if rule == "past_mean":
+        return past_mean  # segment s: mean of segments 1..s-1
+    return _leave_one_out_fit(delta, past_mean)
+
+
+def _leave_one_out_fit(delta: np.ndarray, past_mean: np.ndarray) -> np.ndarray:
+    """The ``"fitted"`` rule of :func:`predicted_changes`: per held-out sequence and (unit, choice), least squares
+    of delta[s] on (1, delta[s-1], past_mean[s]) over the other sequences' segments s >= 2."""
+    n, n_segments = delta.shape[:2]
+    if n < 2:
+        raise ValueError(f"the fitted rule needs at least 2 sequences (one to predict, others to fit on), got {n}. "
+                         "Fix: measure more sequences (--eval-tokens of at least 2 sequence lengths).")
+    predicted = np.zeros_like(delta)
+    if n_segments < 3:
+        return predicted
+    # (n, n_segments - 2, n_units, n_choices, 3): the features of segments 2.. and their targets
+    features = np.stack([np.ones_like(delta[:, 2:]), delta[:, 1:-1], past_mean[:, 2:]], -1)
+    targets = delta[:, 2:]
+    for i in range(n):
+        others = np.arange(n) != i
+        x = features[others].transpose(2, 3, 0, 1, 4).reshape(*delta.shape[2:], -1, 3)  # (units, choices, rows, 3)
+        y = targets[others].transpose(2, 3, 0, 1).reshape(*delta.shape[2:], -1, 1)
+        weights = np.linalg.pinv(x) @ y  # (units, choices, 3, 1): minimum-norm least squares (0 where x is 0)
+        predicted[i, 2:] = np.einsum("sucf,ucf->suc", features[i], weights[..., 0])
     return predicted
 
 

@@ -85,6 +85,24 @@ def test_per_segment_plan_from_the_segment_or_from_the_past():
         predicted_changes(delta, "next")
 
 
+def test_fitted_rule_learns_persistence_from_the_other_sequences_only():
+    # need that halves from one segment to the next, exactly: the fit finds it on the other sequences
+    rng = np.random.default_rng(0)
+    delta = np.zeros((4, 6, 2, 3))
+    delta[:, 1] = rng.normal(size=(4, 2, 3))
+    for s in range(2, 6):
+        delta[:, s] = 0.5 * delta[:, s - 1]
+    fitted = predicted_changes(delta, "fitted")
+    np.testing.assert_allclose(fitted[:, 2:], delta[:, 2:], atol=1e-9)
+    np.testing.assert_allclose(fitted[:, :2], 0)  # segment 1 has no past: static choices
+    # causal and held out: sequence 0's last segment is neither a feature of its own predictions nor fitted on
+    changed = delta.copy()
+    changed[0, -1] += 5.0
+    np.testing.assert_allclose(predicted_changes(changed, "fitted")[0], fitted[0])
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        predicted_changes(delta[:1], "fitted")
+
+
 def test_greedy_static_path_follows_the_measured_gain_per_cost():
     sensitivity = np.array([[3.0, 1.0, 0.0], [1.0, 0.5, 0.0]])  # unit 1 is cheaper to lower
 
