@@ -343,9 +343,9 @@ def _masked_logsumexps(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """log sum_{i in masks[c]} exp(x_i) for every mask c at once: x (..., T, n), masks (C, T, n) bool -> (..., T, C).
 
     One shift by the row's maximum and one batched product with the masks, instead of a masked logsumexp per mask.
-    Shifted terms lie in [0, 1]: a set whose terms all underflow (87 nats below the row's maximum in float32) sums
-    to 0, which in (7) can only raise the bound (log W = -inf gives 1) or change it by less than e^-87 (a U whose
-    terms underflow has a W holding the maximum). Empty sets give -inf. Runs in x's dtype; TF32 matmuls
+    Shifted terms lie in [0, 1]; those more than 87 nats below their row's maximum underflow to 0 in float32. In (7)
+    that can only raise the bound when it empties W (log W = -inf gives 1), and drops from U only terms below e^-87
+    times a kept key's exp(s^ + delta). Empty sets give -inf. Runs in x's dtype; TF32 matmuls
     (``torch.backends.cuda.matmul.allow_tf32``) would round the sums to about 1e-3."""
     shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # a row of -inf alone stays -inf
     terms = (x - shift).exp()
