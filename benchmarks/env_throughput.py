@@ -11,10 +11,11 @@ Per attention mode (``--attention``; SmolLM2-135M, 64 sequences of 1024 tokens i
    The eager ``model(...)`` and ``model.base_model`` are measured beside it.
 2. the batched env (``DRRLAttentionVecEnv``, one forward per step for all N episodes): the step; the reset cold
    (warm-up segment + full-rank reference forward; the median after the process's first reset, which also does
-   one-time work such as compilation and is recorded on its own) and warm (every sequence in the reference cache, which the run
-   fills first with every train sequence: the steady state of training with a budget that holds the corpus); the
-   step with the warm reset amortised over the episode's steps; end to end through the gymnasium API (same-step
-   autoreset included) and, for the first mode, the SB3 ``VecEnv`` adapter and a ``DummyVecEnv`` of single envs.
+   one-time work such as compilation and is recorded on its own) and warm (every sequence in the reference cache,
+   which the run fills first with every train sequence: the steady state of training with a budget that holds the
+   corpus); the step with the warm reset amortised over the episode's steps; end to end through the gymnasium API
+   (same-step autoreset included) and, for the first mode, the SB3 ``VecEnv`` adapter and a ``DummyVecEnv`` of
+   single envs.
 3. ``--n-envs-curve``: env steps/s through the gymnasium API, the step's time, the graphed plain forward and the
    peak GPU memory for each number of envs.
 

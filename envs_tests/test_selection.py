@@ -320,7 +320,7 @@ def test_bound_table_matches_reference_forward():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from inside the compiler
 def test_bound_table_compiled_as_on_cuda_gives_the_eager_numbers(monkeypatch):
     # On CUDA the table's per-rank work runs through torch.compile with dynamic shapes; compiled here on the CPU, it
-    # must give the eager float32 numbers at two key counts (the second reuses the dynamic compilation).
+    # must give the eager float32 numbers at two key counts, as the env calls it with a growing KV cache.
     import drrl_gym.selection as selection
 
     generator = torch.Generator().manual_seed(7)
