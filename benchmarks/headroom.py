@@ -161,7 +161,7 @@ def measure_mode(backbone, basis, held_out: torch.Tensor, approximation: str, bu
             "seconds": {"static_search": searched - start, "total": time.perf_counter() - start},
         }
         row["headroom_pp"] = row["static_increase_pct"] - row["oracle_increase_pct"]
-        row["causal"] = {rule: plan_figures(causal[rule], causal_nll[rule]) for rule in CAUSAL_RULES}
+        row["causal"] = {rule: plan_figures(causal_plan, causal_nll[rule]) for rule, causal_plan in causal.items()}
         for figures in row["causal"].values():
             figures["share_of_headroom"] = ((row["static_increase_pct"] - figures["increase_pct"]) / row["headroom_pp"]
                                             if row["headroom_pp"] > 0 else None)

@@ -164,3 +164,22 @@ def test_smoke_run_writes_its_results(tmp_path):
             assert figures["cost"] <= row["static_cost"] + 1e-9 and 0 <= figures["changed_fraction"] <= 1
             assert math.isfinite(figures["increase_pct"]) and math.isfinite(figures["first_order_estimate_pct"])
     assert "past_mean % (cost); first order" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_of_one_sequence_leaves_out_the_fitted_policy(tmp_path, monkeypatch):
+    # the fitted policy is fitted on the other sequences: with one, it is reported as n/a, and the rest still runs
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import headroom
+
+    parse_args = headroom.parse_args
+
+    def one_sequence(argv=None):
+        args = parse_args(argv)
+        args.eval_tokens = args.seq_lens[0]
+        return args
+
+    monkeypatch.setattr(headroom, "parse_args", one_sequence)
+    rows = headroom.main(["--smoke", "--out", str(tmp_path)])
+    assert all(r["sequences"] == 1 and sorted(r["causal"]) == ["past_mean", "previous"] for r in rows)
+    assert "n/a | n/a |" in (tmp_path / "results.md").read_text()
