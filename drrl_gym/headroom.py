@@ -268,8 +268,8 @@ def predicted_changes(delta: np.ndarray, rule: str) -> np.ndarray:
     """
     if rule not in CAUSAL_RULES:
         raise ValueError(f"rule must be one of {CAUSAL_RULES}, got {rule!r}")
-    predicted = np.zeros_like(delta)
     if rule == "previous":
+        predicted = np.zeros_like(delta)
         predicted[:, 1:] = delta[:, :-1]
         return predicted
     past_mean = np.zeros_like(delta)
