@@ -306,10 +306,10 @@ def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: torch.Tensor, scaling: 
     top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
     invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
     top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
-    low = (top_approx - top_delta).masked_fill(invisible, float("-inf"))
-    high = (top_approx + top_delta).masked_fill(invisible, float("-inf"))
-    # log of the sum of exp(s^ + delta) over the visible keys outside the top
-    rest = (approx + q_tail * k_tail).masked_fill(~visible, float("-inf")).scatter(-1, top, float("-inf"))
+    low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
+    high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
+    # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
+    rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
     log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
     log_u = torch.logaddexp(rest.logsumexp(-1)[..., None], _masked_logsumexps(high, ~kept_places))
     bound = torch.sigmoid(log_u - log_w).double()
