@@ -9,7 +9,9 @@ Per attention mode (``--attention``; SmolLM2-135M, 64 sequences of 1024 tokens i
    per segment with its KV cache, as a replayed CUDA graph (DynamicCache) and as ``torch.compile`` over a
    StaticCache (also replayed as a graph when it can be); the faster of the two is the baseline, named in the JSON.
    The eager ``model(...)`` and ``model.base_model`` are measured beside it.
-2. the batched env (``DRRLAttentionVecEnv``, one forward per step for all N episodes): the step; the reset cold
+2. the batched env (``DRRLAttentionVecEnv``, one forward per step for all N episodes; on CUDA its step replayed as
+   CUDA graphs, and in low-rank mode with ``--env-compile`` compiled): the step; the time of the first episode's
+   steps (compilation and graph capture); the reset cold
    (warm-up segment + full-rank reference forward; the median after the process's first reset, which also does
    one-time work such as compilation and is recorded on its own) and warm (every sequence in the reference cache,
    which the run fills first with every train sequence: the steady state of training with a budget that holds the
@@ -326,6 +328,8 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
             if round_:
                 times[name] += steps
                 times[f"{name}_reset"].append(reset)
+            elif name == "env":  # one-time work: the step's compilation and graph captures
+                first_episode_steps = sum(steps)
         tokens = venv.corpus.train[torch.from_numpy(venv.batch.episode.sequence_index)].to(venv.backbone.device)
         for name, lm_head in (("model", True), ("base_model", False)):
             segments = plain_forward(model, tokens, args.segment_len, lm_head)
@@ -347,7 +351,8 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
     step, warm, cold_reset = median["env"], median["env_reset"], float(np.median(cold[1:] or cold))
     cache = venv.batch.references
     result = dict(
-        attention=attention, num_envs=n, dtype=str(venv.backbone.dtype), episodes=episodes, cuda_graphs=graphs, rank_choices=list(venv.rank_choices),
+        attention=attention, num_envs=n, dtype=str(venv.backbone.dtype), episodes=episodes, cuda_graphs=graphs,
+        compiled=venv.batch._compiled, first_episode_steps_s=first_episode_steps, rank_choices=list(venv.rank_choices),
         keep_choices=list(venv.config.keep_choices) if attention == "select" else None,
         bound_queries=venv.config.bound_queries,
         plain_forward_ms=median["model"] * 1e3, plain_forward_no_lm_head_ms=median["base_model"] * 1e3,
@@ -386,8 +391,8 @@ def add_ratios(mode: dict[str, Any], fastest_ms: float) -> None:
 
 def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards: dict[int, float | None]
           ) -> list[dict[str, Any]]:
-    """Per number of envs: gymnasium-API env steps/s (after one untimed episode that captures the CUDA graphs, if
-    the env uses them), the step, the graphed plain forward of the same tokens and the peak GPU memory (the mode's
+    """Per number of envs: gymnasium-API env steps/s (after one untimed episode that compiles the step and captures
+    the CUDA graphs, if the env uses them), the step, the graphed plain forward of the same tokens and the peak GPU memory (the mode's
     reference cache, shared, included)."""
     points = []
     episodes = args.curve_episodes
@@ -396,7 +401,7 @@ def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards
             torch.cuda.reset_peak_memory_stats()
         venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
         venv.batch.references = cache  # sequences seen by the main measurement or earlier points stay cached
-        if venv.batch._graphs is not None:  # an untimed episode captures the graphs (eager envs need none)
+        if venv.batch._graphs is not None or venv.batch._compiled:  # an untimed episode compiles and captures
             gymnasium_api(venv, 1, args.seed + n)
         gym_step = gymnasium_api(venv, episodes, args.seed + 2 * n)
         _, steps = core_episode(venv, np.random.default_rng(args.seed + 3 * n))
@@ -404,7 +409,8 @@ def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards
             tokens = venv.corpus.train[torch.from_numpy(venv.batch.episode.sequence_index)].to(venv.backbone.device)
             forwards[n] = graphed_forward(venv.backbone.model, tokens, args.segment_len)
         step, forward = float(np.median(steps)), forwards[n]
-        points.append(dict(num_envs=n, env_steps_per_s_gymnasium_api=n / gym_step, env_step_ms=step * 1e3,
+        points.append(dict(num_envs=n, compiled=venv.batch._compiled, env_steps_per_s_gymnasium_api=n / gym_step,
+                           env_step_ms=step * 1e3,
                            plain_forward_cuda_graph_ms=None if forward is None else forward * 1e3,
                            ratio_step_to_graphed_forward=None if forward is None else step / forward,
                            peak_gpu_memory_gb=peak_memory_gb(), reference_cache_gib=cache.allocated_bytes / GIB))
@@ -431,8 +437,8 @@ def markdown(result: dict[str, Any]) -> str:
             ("plain HF forward `model(...)` (eager)", mode["plain_forward_ms"], False),
             ("plain HF forward without LM head (eager)", mode["plain_forward_no_lm_head_ms"], False),
             (f"fastest plain forward without LM head ({forward['fastest']})", fastest, False),
-            (f"batched env, step{' (CUDA graphs)' if mode['cuda_graphs'] else ' (eager)'}", mode["env_step_ms"], True),
-            *([("batched env, step without CUDA graphs", mode["env_step_eager_ms"], True)]
+            (f"batched env, step ({step_kind(mode)})", mode["env_step_ms"], True),
+            *([(f"batched env, step ({step_kind(dict(mode, cuda_graphs=False))})", mode["env_step_eager_ms"], True)]
               if mode["env_step_eager_ms"] is not None else []),
             ("batched env, step + cold reset amortised (warm-up + reference forward)",
              mode["env_step_amortised_cold_ms"], True),
@@ -451,16 +457,25 @@ def markdown(result: dict[str, Any]) -> str:
         cache = mode["reference_cache"]
         lines += ["", f"Reference cache: {cache['sequences']} sequences, {cache['gib']:.2f} GiB of a "
                   f"{cache['budget_gib']} GiB budget ({cache['entry_mb']} MB each), {cache['hits']} hits / "
-                  f"{cache['misses']} misses; peak GPU memory {mode['peak_gpu_memory_gb']} GB.", ""]
+                  f"{cache['misses']} misses; peak GPU memory {mode['peak_gpu_memory_gb']} GB. The first episode's "
+                  f"steps (compilation, graph capture) took {mode['first_episode_steps_s']:.1f} s.", ""]
     for attention, points in result["curve"].items():
         lines += [f"### {attention}: env steps/s against the number of envs", "",
-                  "| envs | env steps/s (gymnasium API) | step ms | graphed plain forward ms | x forward | peak GPU GB |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {p['num_envs']} | {p['env_steps_per_s_gymnasium_api']:,.0f} | {p['env_step_ms']:.2f} | "
+                  "| envs | step compiled | env steps/s (gymnasium API) | step ms | graphed plain forward ms | x forward "
+                  "| peak GPU GB |", "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['num_envs']} | {'yes' if p.get('compiled') else 'no'} | "
+                  f"{p['env_steps_per_s_gymnasium_api']:,.0f} | {p['env_step_ms']:.2f} | "
                   f"{_num(p['plain_forward_cuda_graph_ms'])} | {_num(p['ratio_step_to_graphed_forward'])} | "
                   f"{_num(p['peak_gpu_memory_gb'])} |" for p in points]
         lines.append("")
     return "\n".join(lines)
+
+
+def step_kind(mode: dict[str, Any]) -> str:
+    """How a mode's step ran: CUDA graphs and/or torch.compile, else eager kernels."""
+    kinds = [name for name, used in (("CUDA graphs", mode["cuda_graphs"]), ("torch.compile", mode.get("compiled")))
+             if used]
+    return " + ".join(kinds) or "eager"
 
 
 def _num(value: float | None) -> str:
@@ -488,6 +503,9 @@ def main() -> None:
                         help="fill the cache with the first this many train sequences (default: all)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the plain forward (default: on, off with --smoke)")
+    parser.add_argument("--env-compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the env's low-rank step (EnvConfig.compile); on CUDA only the first batch size of "
+                        "a process compiles: for a compiled curve, run one process per --num-envs")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the env without CUDA graphs and compare the two")
     parser.add_argument("--sb3", action=argparse.BooleanOptionalAction, default=True)
@@ -509,7 +527,8 @@ def main() -> None:
             setattr(args, key, value)
     args.out.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = dict(model=args.model, seq_len=args.seq_len, segment_len=args.segment_len,
-                                  device=args.device, dtype=args.dtype, reference_cache_gib=args.reference_cache_gib)
+                                  device=args.device, dtype=args.dtype, reference_cache_gib=args.reference_cache_gib,
+                                  compile=args.env_compile)
     if args.smoke:
         kwargs.update(SMOKE_ENV)
     if args.rank_choices:

@@ -22,17 +22,19 @@ from collections.abc import Sequence
 import torch
 
 
-@functools.lru_cache(maxsize=32)
 def _indicator(ranks: tuple[int, ...], dim: int, device: torch.device) -> torch.Tensor:
-    """(n, n, d) 0/1 masks of the basis columns between ranks[a] and ranks[b] (either order).
-
-    Cached (callers only read it): the environment captures its step in a CUDA graph (drrl_gym.env.SegmentGraphs),
-    which cannot contain the host-to-device copy that building it from a list needs.
-    """
+    """(n, n, d) 0/1 masks of the basis columns between ranks[a] and ranks[b] (either order)."""
     r = torch.as_tensor(ranks, device=device)
     lo, hi = torch.minimum(r[:, None], r[None, :]), torch.maximum(r[:, None], r[None, :])
     j = torch.arange(dim, device=device)
     return ((j >= lo[..., None]) & (j < hi[..., None])).double()
+
+
+# Cached for eager callers (they only read it): the environment captures its step in a CUDA graph
+# (drrl_gym.cuda_graphs), which cannot contain the host-to-device copy that building it from a list needs. Under
+# torch.compile the uncached function is traced (Dynamo would ignore the cache anyway, with a warning); the compiled
+# step's graph capture works with it (the env's CUDA-graph test, compiled).
+_cached_indicator = functools.lru_cache(maxsize=32)(_indicator)
 
 
 def score_change_norm(query_gram: torch.Tensor, key_gram: torch.Tensor, ranks: Sequence[int], scaling: float) -> torch.Tensor:
@@ -42,7 +44,8 @@ def score_change_norm(query_gram: torch.Tensor, key_gram: torch.Tensor, ranks: S
     for small tails and could let rounding push the value below the truth).
     """
     products = (query_gram.double() * key_gram.double())  # (..., d, d)
-    mask = _indicator(tuple(int(r) for r in ranks), products.shape[-1], products.device)  # (n, n, d)
+    indicator = _indicator if torch.compiler.is_compiling() else _cached_indicator
+    mask = indicator(tuple(int(r) for r in ranks), products.shape[-1], products.device)  # (n, n, d)
     squared = torch.einsum("abi,...ij,abj->...ab", mask, products, mask)
     return scaling * squared.clamp_min(0).sqrt()
 

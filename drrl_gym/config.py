@@ -101,6 +101,8 @@ class EnvConfig:
     calibration_sequences: int = 8
     eval_sequences: int = 16
     cuda_graphs: bool = True
+    # torch.compile of the step's device work in low-rank mode: a faster step for a one-time compilation (docs/env.md)
+    compile: bool = False
     reference_cache_gib: float = 8.0  # memory for warm-ups and references kept across episodes (0: none; docs/env.md)
     # Which observation columns the policy sees, by group (drrl_gym.observation.FEATURE_GROUPS): for ablations.
     observation_features: tuple[str, ...] = DEFAULT_FEATURE_GROUPS
@@ -238,6 +240,8 @@ class EnvConfig:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if not isinstance(self.cuda_graphs, (bool, np.bool_)):
             fail("cuda_graphs", self.cuda_graphs, "must be a bool", "pass True (default) or False")
+        if not isinstance(self.compile, (bool, np.bool_)):
+            fail("compile", self.compile, "must be a bool", "pass False (default) or True")
         budget = real_number(self.reference_cache_gib)
         if budget is None or not 0 <= budget < math.inf:
             fail("reference_cache_gib", self.reference_cache_gib, "must be a finite number of GiB >= 0",

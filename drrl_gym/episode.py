@@ -17,9 +17,10 @@ then the mask, projection, FLOPs and reward on the CPU. The state of the running
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
 from drrl_gym.reference_cache import GIB, EpisodeStart, ReferenceCache
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
 from drrl_gym.reward import FIDELITY_METRICS, Captured, FidelityMinusCost, KLBudget, attention_cosine_per_head
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -98,10 +101,14 @@ class EpisodeBatch:
         self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
-        # Selection's reference path sorts keys per query (data-dependent work): it runs eagerly.
-        graphs = (config.cuda_graphs and self.backbone.device.type == "cuda" and config.basis == "calibrated"
-                  and not self.selection)
-        self._graphs = SegmentGraphs(self._device_step) if graphs else None
+        # Selection's reference path sorts keys per query and counts on the host (data-dependent work): it runs
+        # eagerly, its bound table compiled (drrl_gym.selection). Low-rank mode's step is the same program for every
+        # rank choice (DynamicRankAttention.set_static_ranks), so one compilation and one graph per segment serve all.
+        static, cuda = config.basis == "calibrated" and not self.selection, self.backbone.device.type == "cuda"
+        self._compiled = static and config.compile and (not cuda or claim_compilation(self.batch_size))
+        self._step_program = compiled_step(self._device_step) if self._compiled else self._device_step
+        graphs = static and config.cuda_graphs and cuda
+        self._graphs = SegmentGraphs(self._step_program) if graphs else None
 
     # ---------------------------------------------------------------------------------------------- spaces
     def observation_space(self) -> spaces.Box:
@@ -290,15 +297,18 @@ class EpisodeBatch:
     ) -> tuple[torch.Tensor, StatsSummary, SegmentStats, torch.Tensor]:
         """:meth:`_device_step` at ``ranks``: a CUDA graph replay when it can, else eagerly. Returns (fidelity,
         summary, statistics, the (B, layers, kv_heads) ranks the forward executed)."""
-        cache = self.episode.cache
+        full_width = torch.full_like(ranks, self.geometry.head_dim)
         if self._graphs is not None:
             self.attention.set_static_ranks(ranks, self.backbone.device)
-            result = self._graphs.run(segment, cache)
+            result = self._graphs.run(segment, self.episode.cache)
             if result is not None:
                 # The graph runs every layer at full width with the extra columns zeroed (one graph serves every
                 # rank choice): that is what it executes, whatever the ranks count.
-                return (*result, torch.full_like(ranks, self.geometry.head_dim))
-            self._graphs = None  # capture failed (warned): eager from now on
+                return (*result, full_width)
+            self._graphs = None  # capture failed (warned): without graphs from now on
+        if self._compiled:  # the compiled program is the graphs' one: full width, whatever the ranks
+            self.attention.set_static_ranks(ranks, self.backbone.device)
+            return (*self._step_program(segment), full_width)
         self.attention.set_ranks(ranks)
         # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
         executed = ranks.amax(dim=(0, 2), keepdim=True).expand_as(ranks)
@@ -380,6 +390,37 @@ class EpisodeBatch:
         logits = model.get_output_embeddings()(hidden)
         cap = getattr(model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+
+_COMPILED_BATCH_SIZES: set[int] = set()  # batch sizes whose step this process compiled (claim_compilation)
+
+
+def claim_compilation(batch_size: int) -> bool:
+    """Whether an env of ``batch_size`` rows may compile its step on CUDA in this process: yes for the first batch
+    size and for more envs of it (they reuse its compiled code); no, with a warning, for another batch size.
+
+    Why: on an H200 a second batch size compiled in the same process (SmolLM2, the benchmark's curve over batch
+    sizes) broke its CUDA-graph capture and the process then hung (docs/env.md, "torch.compile"). Envs of another
+    size run the uncompiled step (with CUDA graphs), as every env did before ``compile`` existed.
+    """
+    if _COMPILED_BATCH_SIZES - {batch_size}:
+        warnings.warn(f"compile=True: this process already compiled the step of an env of {min(_COMPILED_BATCH_SIZES)} "
+                      f"rows, so this env of {batch_size} runs it uncompiled (same results, slower). Fix: one batch "
+                      "size per process, e.g. a process per env size.", RuntimeWarning, stacklevel=3)
+        return False
+    _COMPILED_BATCH_SIZES.add(batch_size)
+    return True
+
+
+def compiled_step(step: Callable[[int], _T]) -> Callable[[int], _T]:
+    """``step`` through torch.compile: the forward's norms, rotations, projections, masks, Grams and the fidelity's
+    reductions fuse into a few kernels, the work eager PyTorch runs as hundreds of small ones per layer.
+
+    Shapes are left to torch's automatic dynamic shapes: the first segment compiles for its key count, the second
+    recompiles with the key count symbolic, and every later segment (and episode) reuses that; on CUDA the graphs
+    (``drrl_gym.cuda_graphs``) capture the compiled kernels, so a replay runs no Python at all.
+    """
+    return torch.compile(step)
 
 
 def _pinned_captured(graphs: SegmentGraphs, reference: Captured) -> Captured:

@@ -238,6 +238,7 @@ def invalid_field(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         "device": BAD_DEVICES, "dtype": not_one_of(tuple(DTYPES)).filter(lambda v: v is not None)  # None: the default
         | st.sampled_from([torch.int8, torch.float64]),
         "cuda_graphs": st.integers() | st.floats() | st.none() | st.text(max_size=3),
+        "compile": st.integers() | st.floats() | st.none() | st.text(max_size=3),
         "reference_cache_gib": BAD_WEIGHTS,
     }
     name = draw(st.sampled_from(sorted(cases)))

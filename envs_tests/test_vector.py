@@ -9,6 +9,7 @@ actions, masks, projections, ranks and sequence choices must agree exactly.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import gymnasium as gym
 import numpy as np
@@ -223,13 +224,37 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
     torch.testing.assert_close(static_stats.query_gram, eager_stats.query_gram, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_step_matches_the_eager_one() -> None:
+    """compile=True (torch.compile of the low-rank step) gives the uncompiled step's results, over two episodes:
+    the first segment's compilation, the recompilation with a symbolic key count, and reuse."""
+    compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **TINY)
+    eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **TINY)
+    assert compiled.batch._compiled and not eager.batch._compiled
+    rng = np.random.default_rng(4)
+    for env in (compiled, eager):
+        env.reset(seed=2)
+    for _ in range(2 * 3):
+        assert np.array_equal(compiled.action_masks(), eager.action_masks())
+        actions = rng.integers(0, 4, size=(N, compiled.n_units))
+        (obs_c, reward_c, *_), (obs_e, reward_e, *_) = compiled.step(actions), eager.step(actions)
+        np.testing.assert_allclose(obs_c, obs_e, atol=TOLERANCE)
+        np.testing.assert_allclose(reward_c, reward_e, atol=TOLERANCE)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fidelity, features", [("attention_cosine", FEATURE_GROUPS[:3]), ("kl", FEATURE_GROUPS)])
-def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("fidelity, features, compiled", [("attention_cosine", FEATURE_GROUPS[:3], True),
+                                                          ("kl", FEATURE_GROUPS, False)])
+def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...], compiled: bool) -> None:
     kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features)
-    graphed = DRRLAttentionVecEnv(num_envs=N, **kwargs)
-    eager = DRRLAttentionVecEnv(num_envs=N, cuda_graphs=False, **kwargs)
+    graphed = DRRLAttentionVecEnv(num_envs=N, compile=compiled, **kwargs)
+    eager = DRRLAttentionVecEnv(num_envs=N, cuda_graphs=False, compile=False, **kwargs)
     assert graphed.batch._graphs is not None and eager.batch._graphs is None
+    assert graphed.batch._compiled == compiled
+    if compiled:  # another batch size in this process runs uncompiled, with a warning (episode.claim_compilation)
+        with pytest.warns(RuntimeWarning, match="one batch size per process"):
+            assert not DRRLAttentionVecEnv(num_envs=N + 1, compile=True, **kwargs).batch._compiled
     rng = np.random.default_rng(1)
     for env in (graphed, eager):
         env.reset(seed=9)
