@@ -392,8 +392,8 @@ def add_ratios(mode: dict[str, Any], fastest_ms: float) -> None:
 def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards: dict[int, float | None]
           ) -> list[dict[str, Any]]:
     """Per number of envs: gymnasium-API env steps/s (after one untimed episode that compiles the step and captures
-    the CUDA graphs, if the env uses them), the step, the graphed plain forward of the same tokens and the peak GPU memory (the mode's
-    reference cache, shared, included)."""
+    the CUDA graphs, if the env uses them), the step, the graphed plain forward of the same tokens and the peak GPU
+    memory (the mode's reference cache, shared, included)."""
     points = []
     episodes = args.curve_episodes
     for n in args.n_envs_curve:

@@ -9,7 +9,8 @@ and docs/env.md.
 Per reset: the warm-up segment at full rank, then one full-rank forward of all remaining segments of every row from
 a copy of the warm-up cache (the reference trajectory, which does not depend on the agent). Per step: one forward
 of the B segments at the chosen ranks with the statistics it records, each row's fidelity against the reference,
-the observation's reductions (:meth:`EpisodeBatch._device_step`; on CUDA a replayed graph, ``drrl_gym.cuda_graphs``),
+the observation's reductions (:meth:`EpisodeBatch._device_step`; on CUDA a replayed graph, ``drrl_gym.cuda_graphs``,
+of a compiled function with ``compile=True``),
 then the mask, projection, FLOPs and reward on the CPU. The state of the running episodes lives in one
 :class:`EpisodeState`, which does not exist before the first ``reset``.
 """
