@@ -212,8 +212,10 @@ class DynamicRankAttention:
         ranks = self._checked(ranks)
         # Slicing decisions are made from this CPU copy so the forward pass never waits on the GPU for them.
         self.ranks = ranks
-        self._layer_max = ranks.amax(dim=(0, 2)).tolist()
-        self._layer_uniform = [bool((ranks[:, layer] == top).all()) for layer, top in enumerate(self._layer_max)]
+        layer_max = ranks.amax(dim=(0, 2))
+        self._layer_max = layer_max.tolist()
+        # one reduction for all layers, not three small ops per layer: this runs on the CPU before every step
+        self._layer_uniform = (ranks == layer_max[None, :, None]).all(dim=0).all(dim=-1).tolist()
         self._rank_device: torch.Tensor | None = None
 
     def set_keep(self, keep: torch.Tensor | float) -> None:
@@ -228,7 +230,7 @@ class DynamicRankAttention:
             raise ValueError(f"keep must lie in (0, 1], got min {float(keep.min())} max {float(keep.max())}. Fix: "
                              "pass fractions of the visible keys, e.g. 0.125.")
         self.keep = keep
-        self._layer_keeps_all = [bool((keep[:, layer] == 1).all()) for layer in range(g.num_layers)]
+        self._layer_keeps_all = (keep == 1).all(dim=0).all(dim=-1).tolist()
 
     def set_static_ranks(self, ranks: torch.Tensor, device: torch.device) -> None:
         """Set (B, num_layers, num_kv_heads) ranks so that no part of the forward depends on their values.
