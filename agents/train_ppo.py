@@ -87,6 +87,12 @@ def make_vec_env(kind: str, env_kwargs: dict[str, Any], n_envs: int, seed: int, 
     return env
 
 
+def uncompiled(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The env arguments with ``compile`` off: for the probe and evaluation envs, which step little, so that the
+    training envs are the ones a process compiles (on CUDA it compiles one batch size; docs/env.md)."""
+    return {**env_kwargs, "compile": False}
+
+
 # ----------------------------------------------------------------------------------------------- callbacks
 def checkpoint_path(directory: Path, steps: int) -> Path:
     return directory / f"ppo_{steps}_steps.zip"
@@ -221,7 +227,7 @@ def _ppo(config: TrainConfig, model: BaseAlgorithm, run_dir: Path, phase: str, r
         callbacks.append(CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq))
     eval_env = None
     if config.eval_freq:
-        eval_env = make_vec_env(config.vec_env, config.env, 1, config.seed + 20_000,
+        eval_env = make_vec_env(config.vec_env, uncompiled(config.env), 1, config.seed + 20_000,
                                 config.normalize_reward, config.ppo.get("gamma", 0.99), training=False)
         evaluation = MaskableEvalCallback if isinstance(model, MaskablePPO) else EvalCallback
         callbacks.append(evaluation(eval_env, n_eval_episodes=config.n_eval_episodes,
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> Path:
     name = algorithm_name(config)
     algorithm = sb3_algorithms()[name]
     # One direct env for the oracle and the export (backbone, corpus, basis); all envs share the loaded model.
-    probe_env = DRRLAttentionEnv(**config.env)
+    probe_env = DRRLAttentionEnv(**uncompiled(config.env))
     env = make_vec_env(config.vec_env, config.env, config.n_envs, config.seed, config.normalize_reward,
                        config.ppo.get("gamma", 0.99))
     if args.resume is not None:
