@@ -18,6 +18,7 @@ then the mask, projection, FLOPs and reward on the CPU. The state of the running
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ class EpisodeBatch:
         static, cuda = config.basis == "calibrated" and not self.selection, self.backbone.device.type == "cuda"
         self._compiled = static and config.compile and (not cuda or claim_compilation(self.batch_size))
         self._step_program = compiled_step(self._device_step) if self._compiled else self._device_step
+        if self._compiled:  # a long silent pause otherwise: say what it is
+            print(f"drrl_gym: compile=True: the first episode compiles the env step (batch of {self.batch_size}; about "
+                  "2 minutes on an H200, once per process; docs/env.md)", file=sys.stderr, flush=True)
         graphs = static and config.cuda_graphs and cuda
         self._graphs = SegmentGraphs(self._step_program) if graphs else None
 
