@@ -108,12 +108,12 @@ class EpisodeBatch:
         # rank choice (DynamicRankAttention.set_static_ranks), so one compilation and one graph per segment serve all.
         static, cuda = config.basis == "calibrated" and not self.selection, self.backbone.device.type == "cuda"
         self._compiled = static and config.compile and (not cuda or claim_compilation(self.batch_size))
-        self._step_program = compiled_step(self._device_step) if self._compiled else self._device_step
+        self._segment_program = compiled_step(self._segment_work) if self._compiled else self._segment_work
         if self._compiled:  # a long silent pause otherwise: say what it is
-            print(f"drrl_gym: compile=True: the first episode compiles the env step (batch of {self.batch_size}; about "
-                  "2 minutes on an H200, once per process; docs/env.md)", file=sys.stderr, flush=True)
+            print(f"drrl_gym: compile=True: the first episode compiles the env step (batch of {self.batch_size}; once "
+                  "per process, minutes on a CPU; docs/env.md)", file=sys.stderr, flush=True)
         graphs = static and config.cuda_graphs and cuda
-        self._graphs = SegmentGraphs(self._step_program) if graphs else None
+        self._graphs = SegmentGraphs(self._device_step) if graphs else None
 
     # ---------------------------------------------------------------------------------------------- spaces
     def observation_space(self) -> spaces.Box:
@@ -313,7 +313,7 @@ class EpisodeBatch:
             self._graphs = None  # capture failed (warned): without graphs from now on
         if self._compiled:  # the compiled program is the graphs' one: full width, whatever the ranks
             self.attention.set_static_ranks(ranks, self.backbone.device)
-            return (*self._step_program(segment), full_width)
+            return (*self._device_step(segment), full_width)
         self.attention.set_ranks(ranks)
         # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
         executed = ranks.amax(dim=(0, 2), keepdim=True).expand_as(ranks)
@@ -323,10 +323,17 @@ class EpisodeBatch:
         """All of a step that runs on the model's device, at the ranks already set: the agent's forward of
         ``segment`` with its statistics, each row's fidelity against the reference, and the observation's
         reductions. Returns ((B,) fidelity, summary, statistics). What the CUDA graphs capture."""
-        length, episode = self.config.segment_len, self.episode
-        agent, stats = self._forward(episode.cache, self._segment_tokens(segment), None, statistics=True,
+        length = self.config.segment_len
+        reference = self.episode.reference.tokens((segment - 1) * length, segment * length)
+        return self._segment_program(self._segment_tokens(segment), reference)
+
+    def _segment_work(self, tokens: torch.Tensor, reference: Captured
+                      ) -> tuple[torch.Tensor, StatsSummary, SegmentStats]:
+        """:meth:`_device_step` given the segment's tokens and its slice of the reference: what ``compile=True``
+        compiles. Tensors in, not the segment's index, so that one compilation serves every segment (an index would
+        be specialised on: a recompilation per segment, and past torch's recompile limit, eager code)."""
+        agent, stats = self._forward(self.episode.cache, tokens, None, statistics=True,
                                      outputs=self.reward.needs_attention_outputs)
-        reference = episode.reference.tokens((segment - 1) * length, segment * length)
         fidelity = self.reward.fidelity(agent, reference, self._lm_head)
         return fidelity, self.decisions.summarize(stats), stats
 
@@ -405,8 +412,12 @@ def claim_compilation(batch_size: int) -> bool:
     size and for more envs of it (they reuse its compiled code); no, with a warning, for another batch size.
 
     Why: on an H200 a second batch size compiled in the same process (SmolLM2, the benchmark's curve over batch
-    sizes) broke its CUDA-graph capture and the process then hung (docs/env.md, "torch.compile"). Envs of another
-    size run the uncompiled step (with CUDA graphs), as every env did before ``compile`` existed.
+    sizes) broke its CUDA-graph capture and the process then hung (docs/env.md, "torch.compile"). The likely cause,
+    found after those runs: the step then compiled once per segment, so the first env used 6 of torch's 8
+    compilations of the function and the second reached that limit in its third segment, whose capture failed; it
+    now compiles twice per batch size (:meth:`EpisodeBatch._segment_work`), but that was not re-run on a GPU, so
+    the rule stays. Envs of
+    another size run the uncompiled step (with CUDA graphs), as every env did before ``compile`` existed.
     """
     if _COMPILED_BATCH_SIZES - {batch_size}:
         warnings.warn(f"compile=True: this process already compiled the step of an env of {min(_COMPILED_BATCH_SIZES)} "

@@ -227,20 +227,24 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_step_matches_the_eager_one() -> None:
-    """compile=True (torch.compile of the low-rank step) gives the uncompiled step's results, over two episodes:
-    the first segment's compilation, the recompilation with a symbolic key count, and reuse."""
-    compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **TINY)
-    eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **TINY)
+    """compile=True (torch.compile of the low-rank step) gives the uncompiled step's results, over two episodes of
+    more segments than torch's recompile limit, with at most two compilations: the first segment's, and one with a
+    symbolic key count that every later segment reuses (a compilation per segment would fail here)."""
+    kwargs = dict(TINY, seq_len=10 * TINY["segment_len"])  # 9 steps an episode
+    compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **kwargs)
+    eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **kwargs)
     assert compiled.batch._compiled and not eager.batch._compiled
     rng = np.random.default_rng(4)
     for env in (compiled, eager):
         env.reset(seed=2)
-    for _ in range(2 * 3):
-        assert np.array_equal(compiled.action_masks(), eager.action_masks())
-        actions = rng.integers(0, 4, size=(N, compiled.n_units))
-        (obs_c, reward_c, *_), (obs_e, reward_e, *_) = compiled.step(actions), eager.step(actions)
-        np.testing.assert_allclose(obs_c, obs_e, atol=TOLERANCE)
-        np.testing.assert_allclose(reward_c, reward_e, atol=TOLERANCE)
+    torch._dynamo.reset()  # no compilations of earlier tests count against the limit
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for _ in range(2 * 9):
+            assert np.array_equal(compiled.action_masks(), eager.action_masks())
+            actions = rng.integers(0, 4, size=(N, compiled.n_units))
+            (obs_c, reward_c, *_), (obs_e, reward_e, *_) = compiled.step(actions), eager.step(actions)
+            np.testing.assert_allclose(obs_c, obs_e, atol=TOLERANCE)
+            np.testing.assert_allclose(reward_c, reward_e, atol=TOLERANCE)
 
 
 @pytest.mark.gpu
