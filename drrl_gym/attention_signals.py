@@ -23,6 +23,7 @@ from drrl_gym.selection import (
     kept_counts,
     priorities,
     to_device,
+    visible_key_counts,
     visible_mask,
 )
 
@@ -69,8 +70,8 @@ def attention_signals(
     ranks, keeps = grid
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     # k_i (4) on the host, where the keeps are: no wait for the device
-    visible_counts = torch.arange(n_keys - n_queries + 1, n_keys + 1)  # n_i, (m,)
-    counts = kept_counts(torch.tensor([float(x) for x in keeps]), visible_counts, sink_tokens, recent_tokens)
+    counts = kept_counts(torch.tensor([float(x) for x in keeps]), visible_key_counts(n_queries, n_keys), sink_tokens,
+                         recent_tokens)
     counts = to_device(counts, device)  # (n_keep, m)
     index = counts.T[None, None, None].expand(batch, kv_heads, group, n_queries, len(keeps))
     masses, margins = [], []

@@ -48,11 +48,21 @@ KEEP_RTOL = 1e-6  # ceil(keep * n) forgives this much relative rounding: 0.1 * 3
 # ------------------------------------------------------------------------------------------------------ helpers
 def visible_mask(new_tokens: int, keys: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(T, L) causal mask with a KV-cache offset: query i sits at absolute position L - T + i and sees keys 0..L-T+i."""
+    _check_offset(new_tokens, keys)
+    rows = torch.arange(new_tokens, device=device)[:, None] + (keys - new_tokens)
+    return torch.arange(keys, device=device)[None, :] <= rows
+
+
+def visible_key_counts(new_tokens: int, keys: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T,) n_i, the number of keys query i sees: the row sums of :func:`visible_mask`, L - T + 1 + i."""
+    _check_offset(new_tokens, keys)
+    return torch.arange(keys - new_tokens + 1, keys + 1, device=device)
+
+
+def _check_offset(new_tokens: int, keys: int) -> None:
     if not 1 <= new_tokens <= keys:
         raise ValueError(f"need 1 <= new_tokens <= keys, got new_tokens={new_tokens}, keys={keys}. Fix: the T queries "
                          "must be the last T of the L keys (pass the whole KV cache including the new keys).")
-    rows = torch.arange(new_tokens, device=device)[:, None] + (keys - new_tokens)
-    return torch.arange(keys, device=device)[None, :] <= rows
 
 
 def forced_mask(new_tokens: int, keys: int, sink_tokens: int, recent_tokens: int,
@@ -148,7 +158,7 @@ def selection_attention(
     work = torch.promote_types(query.dtype, torch.float32)
     visible = visible_mask(n_queries, n_keys, query.device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
-    visible_counts = torch.arange(n_keys - n_queries + 1, n_keys + 1, device=keep.device)  # n_i, (T,)
+    visible_counts = visible_key_counts(n_queries, n_keys, keep.device)  # n_i, (T,)
     host_counts = kept_counts(keep, visible_counts, sink_tokens, recent_tokens)  # (B, H_kv, T), on keep's device
     rank, counts = to_device(rank, query.device), to_device(host_counts, query.device)
 
@@ -269,7 +279,7 @@ def dropped_mass_bound_table(
     for r in ranks:  # checked on the CPU: a check on the device would wait for it
         _settings(int(r), 1.0, 1, 1, d)
     device, group = rotated_query.device, heads // kv_heads
-    n = visible_mask(n_queries, n_keys).sum(-1)  # on the CPU: which keeps drop keys is known without the device
+    n = visible_key_counts(n_queries, n_keys)  # on the CPU: which keeps drop keys is known without the device
     counts = kept_counts(torch.tensor([float(k) for k in keeps]), n, sink_tokens, recent_tokens)  # (n_keep, T)
     dropping = [c for c, drop in enumerate((counts < n).any(-1).tolist()) if drop]  # the others' bound is 0
     means = torch.zeros(batch, kv_heads, len(ranks), len(keeps), dtype=torch.float64, device=device)
