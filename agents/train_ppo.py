@@ -88,8 +88,8 @@ def make_vec_env(kind: str, env_kwargs: dict[str, Any], n_envs: int, seed: int, 
 
 
 def uncompiled(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The env arguments with ``compile`` off: for the probe and evaluation envs, which step little, so that the
-    training envs are the ones a process compiles (on CUDA it compiles one batch size; docs/env.md)."""
+    """The env arguments with ``compile`` off: for the probe and evaluation envs, which step too little to repay a
+    compilation of their own batch size (docs/env.md, "torch.compile")."""
     return {**env_kwargs, "compile": False}
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -106,13 +105,13 @@ class EpisodeBatch:
         # Selection's reference path sorts keys per query and counts on the host (data-dependent work): it runs
         # eagerly, its bound table compiled (drrl_gym.selection). Low-rank mode's step is the same program for every
         # rank choice (DynamicRankAttention.set_static_ranks), so one compilation and one graph per segment serve all.
-        static, cuda = config.basis == "calibrated" and not self.selection, self.backbone.device.type == "cuda"
-        self._compiled = static and config.compile and (not cuda or claim_compilation(self.batch_size))
+        static = config.basis == "calibrated" and not self.selection
+        self._compiled = static and config.compile
         self._segment_program = compiled_step(self._segment_work) if self._compiled else self._segment_work
         if self._compiled:  # a long silent pause otherwise: say what it is
             print(f"drrl_gym: compile=True: the first episode compiles the env step (batch of {self.batch_size}; once "
-                  "per process, minutes on a CPU; docs/env.md)", file=sys.stderr, flush=True)
-        graphs = static and config.cuda_graphs and cuda
+                  "per batch size and process, minutes; docs/env.md)", file=sys.stderr, flush=True)
+        graphs = static and config.cuda_graphs and self.backbone.device.type == "cuda"
         self._graphs = SegmentGraphs(self._device_step) if graphs else None
 
     # ---------------------------------------------------------------------------------------------- spaces
@@ -324,8 +323,26 @@ class EpisodeBatch:
         ``segment`` with its statistics, each row's fidelity against the reference, and the observation's
         reductions. Returns ((B,) fidelity, summary, statistics). What the CUDA graphs capture."""
         length = self.config.segment_len
+        tokens = self._segment_tokens(segment)
         reference = self.episode.reference.tokens((segment - 1) * length, segment * length)
-        return self._segment_program(self._segment_tokens(segment), reference)
+        if self._compiled:
+            self.attention.cast_basis(self.backbone.dtype, self.backbone.device)  # (a reset may not have run one)
+            self._mark_shapes(tokens, reference)
+        return self._segment_program(tokens, reference)
+
+    def _mark_shapes(self, tokens: torch.Tensor, reference: Captured) -> None:
+        """Which input axes the compiler may treat as symbolic. The KV cache's key axis: it grows a segment per step,
+        so one compilation serves every segment. Not the batch axis: a second batch size in the process then gets
+        code of its own, where torch's automatic dynamic shapes would recompile with a symbolic batch axis, whose
+        code ran 25-38% slower on an H200 (docs/results.md)."""
+        for keys, values in kv_tensors(self.episode.cache):
+            for tensor in (keys, values):
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+                torch._dynamo.mark_static(tensor, 0)
+        whole = self.episode.reference  # (the compiler also sees the tensors the inputs are views of)
+        for tensor in (self._tokens, tokens, whole.hidden, reference.hidden, *(whole.attention or []),
+                       *(reference.attention or [])):
+            torch._dynamo.mark_static(tensor, 0)
 
     def _segment_work(self, tokens: torch.Tensor, reference: Captured
                       ) -> tuple[torch.Tensor, StatsSummary, SegmentStats]:
@@ -404,36 +421,13 @@ class EpisodeBatch:
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
-_COMPILED_BATCH_SIZES: set[int] = set()  # batch sizes whose step this process compiled (claim_compilation)
-
-
-def claim_compilation(batch_size: int) -> bool:
-    """Whether an env of ``batch_size`` rows may compile its step on CUDA in this process: yes for the first batch
-    size and for more envs of it (they reuse its compiled code); no, with a warning, for another batch size.
-
-    Why: on an H200 a second batch size compiled in the same process (SmolLM2, the benchmark's curve over batch
-    sizes) broke its CUDA-graph capture and the process then hung (docs/env.md, "torch.compile"). The likely cause,
-    found after those runs: the step then compiled once per segment, so the first env used 6 of torch's 8
-    compilations of the function and the second reached that limit in its third segment, whose capture failed; it
-    now compiles twice per batch size (:meth:`EpisodeBatch._segment_work`), but that was not re-run on a GPU, so
-    the rule stays. Envs of
-    another size run the uncompiled step (with CUDA graphs), as every env did before ``compile`` existed.
-    """
-    if _COMPILED_BATCH_SIZES - {batch_size}:
-        warnings.warn(f"compile=True: this process already compiled the step of an env of {min(_COMPILED_BATCH_SIZES)} "
-                      f"rows, so this env of {batch_size} runs it uncompiled (same results, slower). Fix: one batch "
-                      "size per process, e.g. a process per env size.", RuntimeWarning, stacklevel=3)
-        return False
-    _COMPILED_BATCH_SIZES.add(batch_size)
-    return True
-
-
-def compiled_step(step: Callable[[int], _T]) -> Callable[[int], _T]:
+def compiled_step(step: Callable[..., _T]) -> Callable[..., _T]:
     """``step`` through torch.compile: the forward's norms, rotations, projections, masks, Grams and the fidelity's
     reductions fuse into a few kernels, the work eager PyTorch runs as hundreds of small ones per layer.
 
-    Shapes are left to torch's automatic dynamic shapes: the first segment compiles for its key count, the second
-    recompiles with the key count symbolic, and every later segment (and episode) reuses that; on CUDA the graphs
+    :meth:`EpisodeBatch._device_step` marks the KV cache's key axis dynamic before each call, so the first segment
+    compiles with a symbolic key count and every later segment (and episode) reuses that one compilation; the other
+    shapes stay static, so each batch size compiles once (in any order, in one process). On CUDA the graphs
     (``drrl_gym.cuda_graphs``) capture the compiled kernels, so a replay runs no Python at all.
     """
     return torch.compile(step)

@@ -244,6 +244,7 @@ class DynamicRankAttention:
         ranks, g = self._checked(ranks), self.geometry
         if self._static_ranks is None or self._static_ranks.shape != ranks.shape or self._static_ranks.device != device:
             self._static_ranks = torch.empty(ranks.shape, dtype=torch.long, device=device)
+            torch._dynamo.mark_static(self._static_ranks)  # compiled callers specialise on the batch size
         self._static_ranks.copy_(ranks)
         self.ranks = ranks
         self._layer_max, self._layer_uniform = [g.head_dim] * g.num_layers, [False] * g.num_layers
@@ -432,13 +433,17 @@ class DynamicRankAttention:
             self._running_key_gram[layer] = self._running_key_gram[layer] + new_gram
         return self._projected_keys[layer]
 
-    def _basis_like(self, query: torch.Tensor) -> torch.Tensor:
-        """The basis on query's device and in its dtype, converted once rather than per layer and forward."""
+    def cast_basis(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The basis in ``dtype`` on ``device``, converted once rather than per layer and forward. A compiled caller
+        calls it before its compiled forward, so the conversion is never traced (its state would be guarded on)."""
         source, cast = self._cast_basis or (None, None)
-        if source is not self.basis or cast.device != query.device or cast.dtype != query.dtype:
-            cast = self.basis.to(device=query.device, dtype=query.dtype)
+        if source is not self.basis or cast.device != device or cast.dtype != dtype:
+            cast = self.basis.to(device=device, dtype=dtype)
             self._cast_basis = (self.basis, cast)
         return cast
+
+    def _basis_like(self, query: torch.Tensor) -> torch.Tensor:
+        return self.cast_basis(query.dtype, query.device)
 
     def _ranks_on(self, device: torch.device) -> torch.Tensor:
         if self._rank_device is None or self._rank_device.device != device:

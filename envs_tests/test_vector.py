@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import TINY_ENV
 from gymnasium.vector import AutoresetMode
+from torch._dynamo.utils import counters
 
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.observation import FEATURE_GROUPS
@@ -228,8 +229,8 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_step_matches_the_eager_one() -> None:
     """compile=True (torch.compile of the low-rank step) gives the uncompiled step's results, over two episodes of
-    more segments than torch's recompile limit, with at most two compilations: the first segment's, and one with a
-    symbolic key count that every later segment reuses (a compilation per segment would fail here)."""
+    more segments than torch's recompile limit, with one compilation: the key count is symbolic from the start, so
+    every segment reuses it (a compilation per segment, or a second one once the key count changes, fails here)."""
     kwargs = dict(TINY, seq_len=10 * TINY["segment_len"])  # 9 steps an episode
     compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **kwargs)
     eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **kwargs)
@@ -238,13 +239,21 @@ def test_compiled_step_matches_the_eager_one() -> None:
     for env in (compiled, eager):
         env.reset(seed=2)
     torch._dynamo.reset()  # no compilations of earlier tests count against the limit
-    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
         for _ in range(2 * 9):
             assert np.array_equal(compiled.action_masks(), eager.action_masks())
             actions = rng.integers(0, 4, size=(N, compiled.n_units))
             (obs_c, reward_c, *_), (obs_e, reward_e, *_) = compiled.step(actions), eager.step(actions)
             np.testing.assert_allclose(obs_c, obs_e, atol=TOLERANCE)
             np.testing.assert_allclose(reward_c, reward_e, atol=TOLERANCE)
+    # Each further batch size compiles code of its own: with the batch axis left to torch, the second size would
+    # recompile it as symbolic and the third would reuse that code (one compilation for the two, not two).
+    compilations = counters["stats"]["unique_graphs"]
+    for n in (N + 1, N + 2):
+        env = DRRLAttentionVecEnv(num_envs=n, compile=True, **kwargs)
+        env.reset(seed=3)
+        env.step(np.zeros((n, env.n_units), dtype=np.int64))
+    assert counters["stats"]["unique_graphs"] - compilations == 2
 
 
 @pytest.mark.gpu
@@ -252,23 +261,22 @@ def test_compiled_step_matches_the_eager_one() -> None:
                                                           ("kl", FEATURE_GROUPS, False)])
 def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...], compiled: bool) -> None:
     kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features)
-    graphed = DRRLAttentionVecEnv(num_envs=N, compile=compiled, **kwargs)
-    eager = DRRLAttentionVecEnv(num_envs=N, cuda_graphs=False, compile=False, **kwargs)
-    assert graphed.batch._graphs is not None and eager.batch._graphs is None
-    assert graphed.batch._compiled == compiled
-    if compiled:  # another batch size in this process runs uncompiled, with a warning (episode.claim_compilation)
-        with pytest.warns(RuntimeWarning, match="one batch size per process"):
-            assert not DRRLAttentionVecEnv(num_envs=N + 1, compile=True, **kwargs).batch._compiled
-    rng = np.random.default_rng(1)
-    for env in (graphed, eager):
-        env.reset(seed=9)
-    for _ in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
-        assert np.array_equal(graphed.action_masks(), eager.action_masks())
-        actions = rng.integers(0, 4, size=(N, graphed.n_units))
-        (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)
-        np.testing.assert_allclose(obs_g, obs_e, atol=1e-4)
-        np.testing.assert_allclose(reward_g, reward_e, atol=1e-4)
-    assert graphed.batch._graphs is not None and sorted(graphed.batch._graphs.graphs) == [1, 2, 3]
+    # With compile, a second batch size in the same process compiles its own step and captures its own graphs.
+    for n in (N, N + 1) if compiled else (N,):
+        graphed = DRRLAttentionVecEnv(num_envs=n, compile=compiled, **kwargs)
+        eager = DRRLAttentionVecEnv(num_envs=n, cuda_graphs=False, compile=False, **kwargs)
+        assert graphed.batch._graphs is not None and eager.batch._graphs is None
+        assert graphed.batch._compiled == compiled
+        rng = np.random.default_rng(1)
+        for env in (graphed, eager):
+            env.reset(seed=9)
+        for _ in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
+            assert np.array_equal(graphed.action_masks(), eager.action_masks())
+            actions = rng.integers(0, 4, size=(n, graphed.n_units))
+            (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)
+            np.testing.assert_allclose(obs_g, obs_e, atol=1e-4)
+            np.testing.assert_allclose(reward_g, reward_e, atol=1e-4)
+        assert graphed.batch._graphs is not None and sorted(graphed.batch._graphs.graphs) == [1, 2, 3]
     candidates = np.repeat(np.arange(4)[:, None], graphed.n_units, axis=1)
     probed = graphed.probe_layer_fidelity(candidates)
     np.testing.assert_allclose(probed, eager.probe_layer_fidelity(candidates), atol=1e-4)
