@@ -22,8 +22,10 @@ Per attention mode (``--attention``; SmolLM2-135M, 64 sequences of 1024 tokens i
    peak GPU memory for each number of envs.
 
 Ratios are env time / fastest forward time of the same tokens. ``--profile`` writes torch.profiler tables of one
-episode per mode (steps by GPU time and CPU time, one warm reset). Writes ``env_throughput.json`` (command,
-machine, versions, date, every number; top level: the first mode's headline numbers) and ``env_throughput.md``.
+episode per mode (steps by GPU time and CPU time, one warm reset) and of the compiled plain forward's kernels, to
+set side by side. Writes ``env_throughput.json`` (command, machine, versions, date, every number; top level: the
+first mode's headline numbers) and ``env_throughput.md``; while it runs, ``env_throughput.partial.json`` holds the
+modes measured so far.
 """
 
 from __future__ import annotations
@@ -119,9 +121,11 @@ def graphed_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: i
     return float(np.mean(seconds))
 
 
-def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int) -> dict[str, Any]:
+def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int,
+                     profile_path: Path | None = None) -> dict[str, Any]:
     """Seconds per segment (mean over 1 .. n-1) of ``torch.compile(model.base_model)`` over a StaticCache (static
     shapes: one compilation serves every segment), replayed as a CUDA graph when capture works, else called.
+    ``profile_path``: also write the GPU kernels of one replay of every segment's graph (beside the env's profile).
 
     A StaticCache layer writes at its device-side ``cumulative_length``, which every forward advances: each run
     rewinds it to the segment's start, so runs (and replays) repeat the same writes and stay within the cache."""
@@ -129,7 +133,7 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
     try:
         compiled = torch.compile(model.base_model, dynamic=False)
         cache = StaticCache(config=model.config, max_cache_len=tokens.shape[1])
-        seconds, graphed = [], torch.cuda.is_available()
+        seconds, graphed, graphs = [], torch.cuda.is_available(), []
         with torch.inference_mode():
             for t in range(tokens.shape[1] // segment_len):
                 segment = tokens[:, t * segment_len : (t + 1) * segment_len]
@@ -146,12 +150,15 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
                 run()
                 if graphed:
                     try:
-                        seconds.append(replay_seconds(capture_cuda_graph(run)[0]))
+                        graphs.append(capture_cuda_graph(run)[0])
+                        seconds.append(replay_seconds(graphs[-1]))
                         continue
                     except RuntimeError:
                         graphed = False
                 run()
                 seconds.append(float(np.median([timed(run)[1] for _ in range(5)])))
+        if profile_path is not None and graphed:
+            profile_replays(graphs, profile_path)
         return dict(seconds=float(np.mean(seconds)), cuda_graph=graphed, error=None,
                     wall_s=time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler is a result to report, not a crash
@@ -159,10 +166,25 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
                     wall_s=time.perf_counter() - start)
 
 
-def fastest_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int, compile_: bool) -> dict[str, Any]:
+def profile_replays(graphs: list[torch.cuda.CUDAGraph], path: Path) -> None:
+    """torch.profiler table of one replay of each graph in order, by GPU kernel time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as replays:
+        for graph in graphs:
+            graph.replay()
+        synchronize()
+    atomic_write_text(path, f"# one replay of each of the {len(graphs)} segments' graphs, by self_cuda_time_total\n"
+                      + replays.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+
+
+def fastest_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int, compile_: bool,
+                    profile_path: Path | None = None) -> dict[str, Any]:
     """The plain model's fastest forward without LM head per segment: min(CUDA graph, torch.compile), and which."""
     graph = graphed_forward(model, tokens, segment_len)
-    compiled = compiled_forward(model, tokens, segment_len) if compile_ else dict(seconds=None, error="not run")
+    compiled = (compiled_forward(model, tokens, segment_len, profile_path) if compile_
+                else dict(seconds=None, error="not run"))
     candidates = {"cuda_graph": graph, "torch_compile": compiled["seconds"]}
     if all(v is None for v in candidates.values()):  # no CUDA, no compiler: the eager forward is the fastest
         candidates["eager"] = float(np.median(plain_forward(model, tokens, segment_len, False)[1:]))
@@ -247,19 +269,31 @@ def dummy_vec_env(kwargs: dict[str, Any], num_envs: int, seed: int) -> dict[str,
 
 def graphs_against_eager(graphed: DRRLAttentionVecEnv, eager: DRRLAttentionVecEnv, seed: int) -> dict[str, Any]:
     """One episode of both on the same sequences and actions: largest differences (the env as measured, with CUDA
-    graphs and compilation where on, against the eager uncompiled forward)."""
-    rng, worst = np.random.default_rng(seed), dict(observation=0.0, reward=0.0, fidelity=0.0, masks_equal=True)
+    graphs and compilation where on, against the eager uncompiled forward), by observation feature too, and how many
+    safety-mask entries differ (the actions are drawn from the choices both allow)."""
+    rng, names = np.random.default_rng(seed), graphed.batch.feature_names
+    worst = dict(observation=0.0, reward=0.0, fidelity=0.0, masks_equal=True, mask_flips=0, mask_entries=0)
+    by_feature = np.zeros(len(names))
     graphed.reset(seed=seed)
     eager.reset(seed=seed)
     for _ in range(graphed.config.n_segments - 1):
-        masks = graphed.action_masks()
-        worst["masks_equal"] &= bool(np.array_equal(masks, eager.action_masks()))
-        actions = random_actions(rng, masks, graphed.n_units)
+        masks, eager_masks = graphed.action_masks(), eager.action_masks()
+        flips = int((masks != eager_masks).sum())
+        worst["masks_equal"] &= flips == 0
+        worst["mask_flips"] += flips
+        worst["mask_entries"] += masks.size
+        # Actions allowed under both masks: a bound within rounding of epsilon may flip one choice's mask entry, and
+        # the projection would then apply different ranks, so the rows would no longer run the same step.
+        actions = random_actions(rng, masks & eager_masks, graphed.n_units)
         results = [env.step(actions) for env in (graphed, eager)]
         ends = [(np.stack(i["final_obs"]), r, i["final_info"]["fidelity"]) if d[0] else (o, r, i["fidelity"])
                 for o, r, d, _, i in results]
         for key, a, b in zip(("observation", "reward", "fidelity"), *ends, strict=True):
             worst[key] = max(worst[key], float(np.abs(a - b).max()))
+        difference = np.abs(ends[0][0] - ends[1][0]).reshape(graphed.num_envs, graphed.n_units, len(names))
+        by_feature = np.maximum(by_feature, difference.max(axis=(0, 1)))
+    # which features differ most: a rounding difference spreads over many, a flaw shows in one
+    worst["observation_by_feature"] = {names[i]: float(by_feature[i]) for i in np.argsort(by_feature)[::-1][:5]}
     return worst
 
 
@@ -405,16 +439,25 @@ def curve(args: argparse.Namespace, kwargs: dict[str, Any], cache: Any, forwards
             torch.cuda.reset_peak_memory_stats()
         venv = DRRLAttentionVecEnv(num_envs=n, **kwargs)
         venv.batch.references = cache  # sequences seen by the main measurement or earlier points stay cached
-        if venv.batch._graphs is not None or venv.batch._compiled:  # an untimed episode compiles and captures
-            gymnasium_api(venv, 1, args.seed + n)
-        gym_step = gymnasium_api(venv, episodes, args.seed + 2 * n)
-        _, steps = core_episode(venv, np.random.default_rng(args.seed + 3 * n))
-        if n not in forwards:
-            tokens = venv.corpus.train[torch.from_numpy(venv.batch.episode.sequence_index)].to(venv.backbone.device)
-            forwards[n] = graphed_forward(venv.backbone.model, tokens, args.segment_len)
+        try:
+            start = time.perf_counter()
+            if venv.batch._graphs is not None or venv.batch._compiled:  # an untimed episode compiles and captures
+                gymnasium_api(venv, 1, args.seed + n)
+            first_episode_s = time.perf_counter() - start
+            gym_step = gymnasium_api(venv, episodes, args.seed + 2 * n)
+            _, steps = core_episode(venv, np.random.default_rng(args.seed + 3 * n))
+            if n not in forwards:
+                tokens = venv.corpus.train[torch.from_numpy(venv.batch.episode.sequence_index)].to(venv.backbone.device)
+                forwards[n] = graphed_forward(venv.backbone.model, tokens, args.segment_len)
+        except torch.cuda.OutOfMemoryError as error:  # a point that does not fit is a result; the others still run
+            points.append(dict(num_envs=n, error=f"out of GPU memory: {str(error)[:200]}",
+                               reference_cache_gib=cache.allocated_bytes / GIB))
+            print(f"[{kwargs['attention']}] {n} envs: out of GPU memory", flush=True)
+            free(venv)
+            continue
         step, forward = float(np.median(steps)), forwards[n]
         points.append(dict(num_envs=n, compiled=venv.batch._compiled, env_steps_per_s_gymnasium_api=n / gym_step,
-                           env_step_ms=step * 1e3,
+                           env_step_ms=step * 1e3, first_episode_s=first_episode_s,
                            plain_forward_cuda_graph_ms=None if forward is None else forward * 1e3,
                            ratio_step_to_graphed_forward=None if forward is None else step / forward,
                            peak_gpu_memory_gb=peak_memory_gb(), reference_cache_gib=cache.allocated_bytes / GIB))
@@ -467,7 +510,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"### {attention}: env steps/s against the number of envs", "",
                   "| envs | step compiled | env steps/s (gymnasium API) | step ms | graphed plain forward ms | x forward "
                   "| peak GPU GB |", "|---:|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {p['num_envs']} | {'yes' if p.get('compiled') else 'no'} | "
+        lines += [f"| {p['num_envs']} | {p['error']} | | | | | |" if "error" in p else
+                  f"| {p['num_envs']} | {'yes' if p.get('compiled') else 'no'} | "
                   f"{p['env_steps_per_s_gymnasium_api']:,.0f} | {p['env_step_ms']:.2f} | "
                   f"{_num(p['plain_forward_cuda_graph_ms'])} | {_num(p['ratio_step_to_graphed_forward'])} | "
                   f"{_num(p['peak_gpu_memory_gb'])} |" for p in points]
@@ -480,6 +524,16 @@ def step_kind(mode: dict[str, Any]) -> str:
     kinds = [name for name, used in (("CUDA graphs", mode["cuda_graphs"]), ("torch.compile", mode.get("compiled")))
              if used]
     return " + ".join(kinds) or "eager"
+
+
+PARTIAL = "env_throughput.partial.json"
+
+
+def save_partial(out: Path, modes: dict[str, Any], curves: dict[str, Any] | None = None) -> None:
+    """The numbers measured so far (no ratios yet: the fastest forward is measured last), removed by a finished run."""
+    partial = dict(command=" ".join(["python", *sys.argv]), machine=describe_machine(), date=date.today().isoformat(),
+                   modes=modes, curve=curves or {})
+    atomic_write_text(out / PARTIAL, json.dumps(partial, indent=1))
 
 
 def _num(value: float | None) -> str:
@@ -508,8 +562,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the plain forward (default: on, off with --smoke)")
     parser.add_argument("--env-compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="compile the env's low-rank step (EnvConfig.compile); on CUDA only the first batch size of "
-                        "a process compiles: for a compiled curve, run one process per --num-envs")
+                        help="compile the env's low-rank step (EnvConfig.compile): once per batch size, the curve's "
+                        "points included")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the env without CUDA graphs and compilation, and compare the two")
     parser.add_argument("--sb3", action=argparse.BooleanOptionalAction, default=True)
@@ -545,13 +599,16 @@ def main() -> None:
             mode_kwargs["bound_queries"] = args.bound_queries
         modes[attention], mode_tokens, cache = measure_mode(args, mode_kwargs, index == 0)
         tokens = mode_tokens if tokens is None else tokens
+        save_partial(args.out, modes)  # a run stopped later (time limit, crash) keeps the finished modes
         curves[attention] = curve(args, mode_kwargs, cache, forwards)
+        save_partial(args.out, modes, curves)
         del cache
         free()
         print(f"{time.perf_counter() - start:.0f} s so far", flush=True)
     # Last, so that a compiler failure cannot cost the env's numbers: the fastest forward of the first mode's tokens.
     backbone = shared_backbone(args.model, args.device, DTYPES.get(args.dtype) if args.dtype else None)
-    forward = fastest_forward(backbone.model, tokens.to(backbone.device), args.segment_len, args.compile)
+    forward = fastest_forward(backbone.model, tokens.to(backbone.device), args.segment_len, args.compile,
+                              args.out / "plain_forward_compiled.profile.txt" if args.profile else None)
     print(f"fastest plain forward: {forward['fastest']} {forward['fastest_ms']:.2f} ms (graph "
           f"{forward['cuda_graph_ms']}, compile {forward['torch_compile_ms']}; compile "
           f"{forward['torch_compile'].get('error') or 'ok'}, {forward['torch_compile'].get('wall_s', 0):.0f} s)",
@@ -571,6 +628,7 @@ def main() -> None:
         timing="medians over interleaved rounds (raw: every timed step and reset, seconds)",
     )
     atomic_write_text(args.out / "env_throughput.json", json.dumps(result, indent=1))
+    (args.out / PARTIAL).unlink(missing_ok=True)
     text = markdown(result)
     atomic_write_text(args.out / "env_throughput.md", text)
     print(text)
