@@ -334,7 +334,7 @@ class EpisodeBatch:
         """Which input axes the compiler may treat as symbolic. The KV cache's key axis: it grows a segment per step,
         so one compilation serves every segment. Not the batch axis: a second batch size in the process then gets
         code of its own, where torch's automatic dynamic shapes would recompile with a symbolic batch axis, whose
-        code ran 25-38% slower on an H200 (docs/results.md)."""
+        code ran 16-38% slower on an H200 (docs/results.md)."""
         for keys, values in kv_tensors(self.episode.cache):
             for tensor in (keys, values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
