@@ -301,17 +301,17 @@ class EpisodeBatch:
     ) -> tuple[torch.Tensor, StatsSummary, SegmentStats, torch.Tensor]:
         """:meth:`_device_step` at ``ranks``: a CUDA graph replay when it can, else eagerly. Returns (fidelity,
         summary, statistics, the (B, layers, kv_heads) ranks the forward executed)."""
+        # Graphs and the compiled program run every layer at full width with the extra columns zeroed (one program
+        # serves every rank choice): that is what they execute, whatever the ranks count.
         full_width = torch.full_like(ranks, self.geometry.head_dim)
-        if self._graphs is not None:
+        if self._graphs is not None or self._compiled:
             self.attention.set_static_ranks(ranks, self.backbone.device)
+        if self._graphs is not None:
             result = self._graphs.run(segment, self.episode.cache)
             if result is not None:
-                # The graph runs every layer at full width with the extra columns zeroed (one graph serves every
-                # rank choice): that is what it executes, whatever the ranks count.
                 return (*result, full_width)
             self._graphs = None  # capture failed (warned): without graphs from now on
-        if self._compiled:  # the compiled program is the graphs' one: full width, whatever the ranks
-            self.attention.set_static_ranks(ranks, self.backbone.device)
+        if self._compiled:
             return (*self._device_step(segment), full_width)
         self.attention.set_ranks(ranks)
         # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
