@@ -8,7 +8,8 @@ Per attention mode (``--attention``; SmolLM2-135M, 64 sequences of 1024 tokens i
 1. the fastest plain forward of the same tokens: the unmodified model without LM head (the env does not run it)
    per segment with its KV cache, as a replayed CUDA graph (DynamicCache) and as ``torch.compile`` over a
    StaticCache (also replayed as a graph when it can be); the faster of the two is the baseline, named in the JSON.
-   The eager ``model(...)`` and ``model.base_model`` are measured beside it.
+   The eager ``model(...)`` and ``model.base_model`` are measured beside it, and so is the compiled forward with
+   the grouped-query attention the env uses (``drrl_gym.grouped_attention``; ``ratio_step_to_grouped_attention_forward``).
 2. the batched env (``DRRLAttentionVecEnv``, one forward per step for all N episodes; on CUDA its step replayed as
    CUDA graphs, and in low-rank mode with ``--env-compile`` compiled): the step; the time of the first episode's
    steps (compilation and graph capture); the reset cold
@@ -51,6 +52,7 @@ from drrl_gym.config import DTYPES
 from drrl_gym.cuda_graphs import capture_cuda_graph
 from drrl_gym.env import DRRLAttentionEnv
 from drrl_gym.files import atomic_write_text
+from drrl_gym.grouped_attention import GROUPED_SDPA
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import kv_tensors, point_cache
 from drrl_gym.perplexity import describe_machine
@@ -58,6 +60,7 @@ from drrl_gym.reference_cache import GIB
 from drrl_gym.resources import shared_backbone
 from drrl_gym.vector import DRRLAttentionVecEnv
 
+NAME_WIDTH = 110  # profiler tables: enough of a fused kernel's name to tell which ops it fused
 SMOKE = dict(model="tiny-random-llama", seq_len=128, segment_len=32, num_envs=4, n_envs_curve=(2, 4), episodes=1,
              dummy_envs=2, reference_cache_gib=1.0, compile=False, prefill=8)
 SMOKE_ENV = dict(rank_choices=(4, 8, 12, 16), calibration_sequences=2, eval_sequences=2)  # the tiny model's
@@ -122,15 +125,18 @@ def graphed_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: i
 
 
 def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int,
-                     profile_path: Path | None = None) -> dict[str, Any]:
+                     profile_path: Path | None = None, attention: str | None = None) -> dict[str, Any]:
     """Seconds per segment (mean over 1 .. n-1) of ``torch.compile(model.base_model)`` over a StaticCache (static
     shapes: one compilation serves every segment), replayed as a CUDA graph when capture works, else called.
     ``profile_path``: also write the GPU kernels of one replay of every segment's graph (beside the env's profile).
+    ``attention``: run the model with this attention implementation (e.g. ``GROUPED_SDPA``), restored after.
 
     A StaticCache layer writes at its device-side ``cumulative_length``, which every forward advances: each run
     rewinds it to the segment's start, so runs (and replays) repeat the same writes and stay within the cache."""
-    start = time.perf_counter()
+    start, previous = time.perf_counter(), model.config._attn_implementation
     try:
+        if attention is not None:
+            model.set_attn_implementation(attention)
         compiled = torch.compile(model.base_model, dynamic=False)
         cache = StaticCache(config=model.config, max_cache_len=tokens.shape[1])
         seconds, graphed, graphs = [], torch.cuda.is_available(), []
@@ -164,6 +170,8 @@ def compiled_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: 
     except Exception as error:  # noqa: BLE001 - any failure of the compiler is a result to report, not a crash
         return dict(seconds=None, cuda_graph=False, error=f"{type(error).__name__}: {error}"[:400],
                     wall_s=time.perf_counter() - start)
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def profile_replays(graphs: list[torch.cuda.CUDAGraph], path: Path) -> None:
@@ -176,22 +184,28 @@ def profile_replays(graphs: list[torch.cuda.CUDAGraph], path: Path) -> None:
             graph.replay()
         synchronize()
     atomic_write_text(path, f"# one replay of each of the {len(graphs)} segments' graphs, by self_cuda_time_total\n"
-                      + replays.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+                      + replays.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=NAME_WIDTH))
 
 
 def fastest_forward(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int, compile_: bool,
                     profile_path: Path | None = None) -> dict[str, Any]:
-    """The plain model's fastest forward without LM head per segment: min(CUDA graph, torch.compile), and which."""
+    """The plain model's fastest forward without LM head per segment: min(CUDA graph, torch.compile), and which,
+    with transformers' attention. Beside it, torch.compile with the grouped-query attention the env's forward uses
+    (``drrl_gym.grouped_attention``), which the plain model can use too: the env's ratio to it says how much of the
+    env's speed comes from that attention rather than from the env's own work."""
     graph = graphed_forward(model, tokens, segment_len)
     compiled = (compiled_forward(model, tokens, segment_len, profile_path) if compile_
                 else dict(seconds=None, error="not run"))
+    grouped = (compiled_forward(model, tokens, segment_len, attention=GROUPED_SDPA) if compile_
+               else dict(seconds=None, error="not run"))
     candidates = {"cuda_graph": graph, "torch_compile": compiled["seconds"]}
     if all(v is None for v in candidates.values()):  # no CUDA, no compiler: the eager forward is the fastest
         candidates["eager"] = float(np.median(plain_forward(model, tokens, segment_len, False)[1:]))
     name = min((k for k, v in candidates.items() if v is not None), key=candidates.get)
     return dict(fastest=name, fastest_ms=candidates[name] * 1e3, cuda_graph_ms=None if graph is None else graph * 1e3,
                 torch_compile_ms=None if compiled["seconds"] is None else compiled["seconds"] * 1e3,
-                torch_compile=compiled)
+                torch_compile=compiled, torch_compile_grouped_attention=grouped,
+                torch_compile_grouped_attention_ms=None if grouped["seconds"] is None else grouped["seconds"] * 1e3)
 
 
 # -------------------------------------------------------------------------------------------------- the env
@@ -317,11 +331,12 @@ def profile(venv: DRRLAttentionVecEnv, path: Path, seed: int) -> None:
         synchronize()
     n, config = venv.config.n_segments - 1, venv.config
     text = [f"# {n} steps of EpisodeBatch ({config.attention}, num_envs={venv.num_envs}, no reset), by {device_time}",
-            steps.key_averages().table(sort_by=device_time, row_limit=30),
+            steps.key_averages().table(sort_by=device_time, row_limit=30, max_name_column_width=NAME_WIDTH),
             f"# the same {n} steps by CPU time (total, children included)",
-            steps.key_averages().table(sort_by="cpu_time_total", row_limit=25),
+            steps.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=NAME_WIDTH),
             "# one reset of sequences in the reference cache",
-            reset.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15)]
+            reset.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15,
+                                        max_name_column_width=NAME_WIDTH)]
     atomic_write_text(path, "\n".join(text))
 
 
@@ -420,9 +435,11 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
     return result, tokens.cpu(), cache
 
 
-def add_ratios(mode: dict[str, Any], fastest_ms: float) -> None:
-    """The mode's times over the fastest plain forward of the same tokens."""
+def add_ratios(mode: dict[str, Any], fastest_ms: float, grouped_ms: float | None) -> None:
+    """The mode's times over the fastest plain forward of the same tokens (and the step's over the plain forward
+    with the grouped attention)."""
     mode.update(ratio_step_to_fastest_forward=mode["env_step_ms"] / fastest_ms,
+                ratio_step_to_grouped_attention_forward=None if grouped_ms is None else mode["env_step_ms"] / grouped_ms,
                 ratio_with_reset=mode["env_step_amortised_ms"] / fastest_ms,
                 ratio_with_cold_reset=mode["env_step_amortised_cold_ms"] / fastest_ms,
                 ratio_gymnasium_api_to_fastest_forward=mode["env_step_gymnasium_api_ms"] / fastest_ms)
@@ -485,6 +502,9 @@ def markdown(result: dict[str, Any]) -> str:
             ("plain HF forward `model(...)` (eager)", mode["plain_forward_ms"], False),
             ("plain HF forward without LM head (eager)", mode["plain_forward_no_lm_head_ms"], False),
             (f"fastest plain forward without LM head ({forward['fastest']})", fastest, False),
+            *([("plain forward without LM head, torch.compile, grouped-query attention",
+                forward["torch_compile_grouped_attention_ms"], False)]
+              if forward.get("torch_compile_grouped_attention_ms") else []),
             (f"batched env, step ({step_kind(mode)})", mode["env_step_ms"], True),
             *([("batched env, step (eager)", mode["env_step_eager_ms"], True)]
               if mode["env_step_eager_ms"] is not None else []),
@@ -611,11 +631,12 @@ def main() -> None:
     forward = fastest_forward(backbone.model, tokens.to(backbone.device), args.segment_len, args.compile,
                               args.out / "plain_forward_compiled.profile.txt" if args.profile else None)
     print(f"fastest plain forward: {forward['fastest']} {forward['fastest_ms']:.2f} ms (graph "
-          f"{forward['cuda_graph_ms']}, compile {forward['torch_compile_ms']}; compile "
+          f"{forward['cuda_graph_ms']}, compile {forward['torch_compile_ms']}, compile with grouped attention "
+          f"{forward['torch_compile_grouped_attention_ms']}; compile "
           f"{forward['torch_compile'].get('error') or 'ok'}, {forward['torch_compile'].get('wall_s', 0):.0f} s)",
           flush=True)
     for mode in modes.values():
-        add_ratios(mode, forward["fastest_ms"])
+        add_ratios(mode, forward["fastest_ms"], forward["torch_compile_grouped_attention_ms"])
     first = modes[args.attention[0]]
     result = dict(
         command=" ".join(["python", *sys.argv]), machine=describe_machine(), torch=torch.__version__,
@@ -625,6 +646,7 @@ def main() -> None:
         env_steps_per_s_gymnasium_api=first["env_steps_per_s_gymnasium_api"],
         ratio_step_to_fastest_forward=first["ratio_step_to_fastest_forward"],
         ratio_with_reset=first["ratio_with_reset"],
+        ratio_step_to_grouped_attention_forward=first["ratio_step_to_grouped_attention_forward"],
         fastest_forward=forward, modes=modes, curve=curves,
         timing="medians over interleaved rounds (raw: every timed step and reset, seconds)",
     )

@@ -2,10 +2,10 @@
 
 Why: eager forwards of a small model are bound by Python and kernel launches, not by the GPU, and so are the
 reductions that follow them; replaying one captured graph per step removes that overhead (docs/results.md has the
-measured step times). What a graph reads must stay at one address from replay to replay: the step function must
-read only tensors that :meth:`SegmentGraphs.pin` fixed, the KV cache (graph t reads what graph t-1 wrote, graph 1
-the pinned warm-up), and tensors it owns itself. :class:`SegmentGraphs` knows nothing of episodes: it takes the
-step as a callable.
+measured step times). What a graph reads and writes must stay at one address from replay to replay: the step
+function must read only tensors that :meth:`SegmentGraphs.pin` fixed and buffers that never move (the episodes'
+``drrl_gym.kv_cache.PreallocatedCache``, written in place), and tensors it owns itself. :class:`SegmentGraphs` knows
+nothing of episodes: it takes the step as a callable.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import torch
-from transformers import DynamicCache
-
-from drrl_gym.kv_cache import KVTensors, kv_tensors, point_cache
 
 _T = TypeVar("_T")
 
@@ -44,18 +41,18 @@ def capture_cuda_graph(run: Callable[[], _T], pool: Any = None,
 
 
 class SegmentGraphs(Generic[_T]):
-    """Graphs of ``step(segment)``, which appends one segment to a KV cache and returns tensors.
+    """Graphs of ``step(segment)``, which returns tensors (and may write fixed buffers, such as a KV cache).
 
-    Segments replay in order (as episodes run): graph t reads the cache tensors graph t-1 wrote, so :meth:`run`
-    points the cache at each graph's output tensors after its replay. Outputs stay valid until the same segment
-    runs again. A capture that fails (e.g. an op that synchronises with the host) warns once and makes :meth:`run`
-    return None from then on: the caller runs eagerly, with the same results.
+    Capture runs the step twice (once eagerly, once recorded), so a step must write the same values at the same
+    places whenever it runs from the same state. Outputs stay valid until the same segment runs again. A capture
+    that fails (e.g. an op that synchronises with the host) warns once and makes :meth:`run` return None from then
+    on: the caller runs eagerly, with the same results.
     """
 
     def __init__(self, step: Callable[[int], _T]) -> None:
         self.step = step
         self.pool = torch.cuda.graph_pool_handle()  # graphs replay one after another, so they can share memory
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _T, KVTensors]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, _T]] = {}
         self.failed = False
         self._pinned: dict[str, list[torch.Tensor]] = {}
 
@@ -69,38 +66,18 @@ class SegmentGraphs(Generic[_T]):
                     fixed.copy_(new)
         return kept
 
-    def pin_cache(self, cache: DynamicCache) -> None:
-        """Pin the cache's current tensors (the warm-up prefix graph 1 reads) and point the cache at them."""
-        flat = [tensor for pair in kv_tensors(cache) for tensor in pair]
-        kept = self.pin("cache", flat)
-        point_cache(cache, list(zip(kept[0::2], kept[1::2], strict=True)))
-
-    def run(self, segment: int, cache: DynamicCache) -> _T | None:
+    def run(self, segment: int) -> _T | None:
         """Replay segment's graph (capturing it first if new); None if graphs cannot be used."""
         if self.failed:
             return None
         if segment not in self.graphs:
             try:
-                self.graphs[segment] = self._capture(segment, cache)
+                self.graphs[segment] = capture_cuda_graph(lambda: self.step(segment), self.pool)
             except RuntimeError as error:
                 warnings.warn(f"CUDA graph capture failed, running eagerly (slower, same results): {error}",
                               RuntimeWarning, stacklevel=3)
                 self.failed = True
                 return None
-        graph, outputs, written = self.graphs[segment]
+        graph, outputs = self.graphs[segment]
         graph.replay()
-        point_cache(cache, written)
         return outputs
-
-    def _capture(self, segment: int, cache: DynamicCache) -> tuple[torch.cuda.CUDAGraph, _T, KVTensors]:
-        inputs = kv_tensors(cache)
-
-        def step() -> _T:
-            point_cache(cache, inputs)  # every run (the eager one capture needs, then the captured one) starts here
-            return self.step(segment)
-
-        try:
-            graph, outputs = capture_cuda_graph(step, self.pool)
-            return graph, outputs, kv_tensors(cache)
-        finally:
-            point_cache(cache, inputs)

@@ -7,7 +7,8 @@ steps, so the rows stay in step and end together. The environment's semantics ar
 and docs/env.md.
 
 Per reset: the warm-up segment at full rank, then one full-rank forward of all remaining segments of every row from
-a copy of the warm-up cache (the reference trajectory, which does not depend on the agent). Per step: one forward
+a copy of the warm-up cache (the reference trajectory, which does not depend on the agent). The agent's KV cache is
+one ``drrl_gym.kv_cache.PreallocatedCache`` for the batch's lifetime, written in place. Per step: one forward
 of the B segments at the chosen ranks with the statistics it records, each row's fidelity against the reference,
 the observation's reductions (:meth:`EpisodeBatch._device_step`; on CUDA a replayed graph, ``drrl_gym.cuda_graphs``,
 of a compiled function with ``compile=True``),
@@ -17,7 +18,6 @@ then the mask, projection, FLOPs and reward on the CPU. The state of the running
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch.profiler import record_function
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from drrl_gym.backbone import Backbone
 from drrl_gym.config import EnvConfig, fail, is_int
@@ -35,7 +35,7 @@ from drrl_gym.corpus import CorpusSplits
 from drrl_gym.cuda_graphs import SegmentGraphs
 from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
-from drrl_gym.kv_cache import cache_prefix, kv_tensors
+from drrl_gym.kv_cache import PreallocatedCache, cache_prefix, kv_tensors
 from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
 from drrl_gym.reference_cache import GIB, EpisodeStart, ReferenceCache
@@ -60,7 +60,7 @@ class EpisodeState:
     """Everything about the B running episodes; made by ``reset``, advanced by ``step``."""
 
     sequence_index: np.ndarray  # (B,) train sequence of each row
-    cache: DynamicCache  # the agent's KV cache
+    cache: PreallocatedCache  # the agent's KV cache (the batch's one, restarted by each reset)
     reference: Captured  # the full-rank trajectory of segments 1 .. n_segments-1
     observed: Observed  # the last observation and its bounds
     stats: SegmentStats  # the statistics it was built from (on a CUDA graph's memory: valid for this step)
@@ -102,6 +102,8 @@ class EpisodeBatch:
         self.references = ReferenceCache(int(config.reference_cache_gib * GIB))
         # One token buffer for the batch's lifetime (reset copies into it): CUDA graphs read it at a fixed address.
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
+        # and one KV cache, so CUDA graphs (and compiled code) read and write it in place at fixed addresses
+        self._cache = PreallocatedCache(self.geometry.num_layers, config.seq_len)
         # Selection's reference path sorts keys per query and counts on the host (data-dependent work): it runs
         # eagerly, its bound table compiled (drrl_gym.selection). Low-rank mode's step is the same program for every
         # rank choice (DynamicRankAttention.set_static_ranks), so one compilation and one graph per segment serve all.
@@ -153,8 +155,7 @@ class EpisodeBatch:
         full = self.geometry.head_dim
         with torch.inference_mode():
             cache, stats, reference = self._episode_start(indices)
-            if self._graphs is not None:  # the graphs read the warm-up cache and the reference at fixed places
-                self._graphs.pin_cache(cache)
+            if self._graphs is not None:  # the graphs read the reference at fixed places
                 reference = _pinned_captured(self._graphs, reference)
         prev_index = np.full((self.batch_size, self.n_units), self.decisions.n_choices - 1)
         history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
@@ -270,7 +271,7 @@ class EpisodeBatch:
             reference = episode.reference if episode.reference.attention is not None else episode.probe_reference
             if reference is None:  # the fidelity metric kept only hidden states: run the reference again, once
                 reference = episode.probe_reference = self._reference_forward(episode.cache, self._tokens, outputs=True)
-            cache = copy.deepcopy(episode.cache)
+            cache = cache_prefix(episode.cache, episode.cache.get_seq_length(), self.backbone.model.config)
             cache.batch_repeat_interleave(count)
             tiled = np.tile(candidates, (self.batch_size, 1))
             ranks = self.decisions.layer_ranks(tiled)
@@ -289,6 +290,7 @@ class EpisodeBatch:
         # Free the KV caches, the reference, the reference cache and the graphs' memory; the shared model stays
         # loaded (drrl_gym.resources.free_shared_resources drops it).
         self.episode = self._graphs = None
+        self._cache = PreallocatedCache(self.geometry.num_layers, self.config.seq_len)
         self.references = ReferenceCache(self.references.budget_bytes)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -306,17 +308,18 @@ class EpisodeBatch:
         full_width = torch.full_like(ranks, self.geometry.head_dim)
         if self._graphs is not None or self._compiled:
             self.attention.set_static_ranks(ranks, self.backbone.device)
-        if self._graphs is not None:
-            result = self._graphs.run(segment, self.episode.cache)
-            if result is not None:
-                return (*result, full_width)
-            self._graphs = None  # capture failed (warned): without graphs from now on
-        if self._compiled:
-            return (*self._device_step(segment), full_width)
-        self.attention.set_ranks(ranks)
-        # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
-        executed = ranks.amax(dim=(0, 2), keepdim=True).expand_as(ranks)
-        return (*self._device_step(segment), executed)
+        with self.episode.cache.reserved(self.config.segment_len):  # the positions the step writes, in place
+            if self._graphs is not None:
+                result = self._graphs.run(segment)
+                if result is not None:
+                    return (*result, full_width)
+                self._graphs = None  # capture failed (warned): without graphs from now on
+            if self._compiled:
+                return (*self._device_step(segment), full_width)
+            self.attention.set_ranks(ranks)
+            # Eagerly, a layer runs at the largest rank of its KV heads and rows (the others zero-masked).
+            executed = ranks.amax(dim=(0, 2), keepdim=True).expand_as(ranks)
+            return (*self._device_step(segment), executed)
 
     def _device_step(self, segment: int) -> tuple[torch.Tensor, StatsSummary, SegmentStats]:
         """All of a step that runs on the model's device, at the ranks already set: the agent's forward of
@@ -354,7 +357,7 @@ class EpisodeBatch:
         fidelity = self.reward.fidelity(agent, reference, self._lm_head)
         return fidelity, self.decisions.summarize(stats), stats
 
-    def _forward(self, cache: DynamicCache, tokens: torch.Tensor, ranks: torch.Tensor | int | None, statistics: bool,
+    def _forward(self, cache: Cache, tokens: torch.Tensor, ranks: torch.Tensor | int | None, statistics: bool,
                  outputs: bool) -> tuple[Captured, SegmentStats | None]:
         """Run ``tokens`` (B, T) at ``ranks`` (an int, (B, layers, kv_heads), or None: as already set), appending
         to ``cache``; returns what the fidelity metrics compare and, if asked, the statistics.
@@ -372,7 +375,7 @@ class EpisodeBatch:
         captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
         return captured, recorded.stats() if statistics else None
 
-    def _reference_forward(self, cache: DynamicCache, tokens: torch.Tensor, outputs: bool) -> Captured:
+    def _reference_forward(self, cache: Cache, tokens: torch.Tensor, outputs: bool) -> Captured:
         """The full-rank reference of segments 1 .. n_segments-1 of ``tokens`` (the cache's rows, whole sequences),
         in one forward. It starts from the warm-up prefix both trajectories share, bit for bit: the first segment of
         the agent's cache, which the agent ran at full rank and never rewrites."""
@@ -383,9 +386,9 @@ class EpisodeBatch:
                                     outputs=outputs)
         return captured
 
-    def _episode_start(self, indices: np.ndarray) -> tuple[DynamicCache, SegmentStats, Captured]:
-        """The warm-up cache and statistics and the reference of every row: from the reference cache where it holds
-        the row's sequence, else computed (only for those rows) and stored."""
+    def _episode_start(self, indices: np.ndarray) -> tuple[PreallocatedCache, SegmentStats, Captured]:
+        """The warm-up cache (the batch's cache, restarted) and statistics and the reference of every row: from the
+        reference cache where it holds the row's sequence, else computed (only for those rows) and stored."""
         held, slots = self.references.lookup(indices)
         missing = np.flatnonzero(~held)
         computed = None
@@ -397,10 +400,8 @@ class EpisodeBatch:
             rows = self.references.merged(held, slots, computed)
         start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.references.layout,
                                        self.reward.needs_attention_outputs)
-        cache = DynamicCache(config=self.backbone.model.config)
-        for layer, (keys, values) in enumerate(start.kv):
-            cache.update(keys, values, layer)
-        return cache, start.stats, start.reference
+        self._cache.start(start.kv)
+        return self._cache, start.stats, start.reference
 
     def _computed_start(self, rows: torch.Tensor) -> EpisodeStart:
         """Warm-up segment and reference of the batch rows ``rows``."""

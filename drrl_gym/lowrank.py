@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from drrl_gym.attention_signals import attention_signals
 from drrl_gym.backbone import AttentionGeometry
 from drrl_gym.bases import BASIS_MODES, exact_basis
+from drrl_gym.grouped_attention import grouped_sdpa_forward
 from drrl_gym.rotated_cache import rotate_precisely
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
@@ -331,7 +331,7 @@ class DynamicRankAttention:
             return self._select(layer, query, key, value, scaling, statistics, cached_keys), None
         if r_max == d and uniform and not statistics:
             # Full rank: P is a rotation, so (qP)(kP)^T = qk^T; skip two matmuls.
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            out, _ = grouped_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             return self._keep(layer, out), None
 
         grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d)  # heads j*G..j*G+G-1 share kv head j
@@ -353,7 +353,7 @@ class DynamicRankAttention:
             keep = torch.arange(r_max, device=query.device) < self._ranks_on(query.device)[:, layer, :, None]
             q_proj = q_proj * keep[:, :, None, :].to(q_proj.dtype)
         q_low = q_proj.reshape(batch, heads, n_queries, r_max)
-        out, _ = sdpa_attention_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, _ = grouped_sdpa_forward(module, q_low, k_proj, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return self._keep(layer, out), None
 
     def _select(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,

@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_ENV
 from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from transformers import DynamicCache
+from transformers import Cache
 
 import drrl_gym
 from drrl_gym.config import EnvConfig
@@ -388,9 +388,9 @@ def _tensors(obj, seen: set[int], depth: int = 0):
     elif isinstance(obj, torch.nn.Module):
         yield from obj.parameters()
         yield from obj.buffers()
-    elif isinstance(obj, DynamicCache):
+    elif isinstance(obj, Cache):
         for layer in obj.layers:
-            yield from (t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+            yield from _tensors(vars(layer), seen, depth + 1)
     elif isinstance(obj, dict):
         for value in obj.values():
             yield from _tensors(value, seen, depth + 1)

@@ -239,7 +239,7 @@ def test_basis_and_statistics_terms_match_dynamic_rank_attention(monkeypatch, mo
         widths.append((query.shape[-1], key.shape[-1]))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
-    monkeypatch.setattr(lowrank, "sdpa_attention_forward", kernel)
+    monkeypatch.setattr(lowrank, "grouped_sdpa_forward", kernel)
     generator = torch.Generator().manual_seed(4)
     basis = torch.linalg.qr(torch.randn(1, 2, 8, 8, generator=generator))[0]
     q, k, v = (torch.randn(1, heads, n, 8, generator=generator) for heads, n in ((4, T), (2, L), (2, L)))
