@@ -24,6 +24,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from drrl_gym.selection import visible_mask
+
 GROUPED_SDPA = "drrlgrouped_sdpa_forward"
 
 
@@ -44,8 +46,7 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     group = heads // kv_heads
     mask = attention_mask
     if mask is None and is_causal and n_queries > 1:
-        positions = torch.arange(n_queries, device=query.device) + (n_keys - n_queries)
-        mask = torch.arange(n_keys, device=query.device) <= positions[:, None]  # (T, L)
+        mask = visible_mask(n_queries, n_keys, query.device)  # (T, L)
     if mask is not None and group > 1:
         mask = mask if mask.dim() == 4 else mask.reshape(1, 1, *mask.shape[-2:])
         if mask.shape[0] > 1 and mask.stride(0) == 0:  # a view of one mask over the batch: tile that one

@@ -24,6 +24,7 @@ from drrl_gym.selection import (
     check_selection,
     checked_keep,
     kept_counts,
+    visible_key_counts,
     visible_mask,
 )
 
@@ -109,5 +110,5 @@ def _cost_settings(rank, keep, new_tokens, keys, head_dim, sink_tokens, recent_t
         raise ValueError(f"rank must be integers in [1, head_dim={head_dim}], got {rank}. Fix: clip the ranks.")
     keep = checked_keep(keep)
     rank, keep = torch.broadcast_tensors(rank.long(), keep)
-    visible = visible_mask(new_tokens, keys).sum(-1)
+    visible = visible_key_counts(new_tokens, keys)
     return rank, keep, visible, kept_counts(keep, visible, sink_tokens, recent_tokens)

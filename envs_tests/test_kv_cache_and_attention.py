@@ -14,6 +14,7 @@ from drrl_gym.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from drrl_gym.grouped_attention import GROUPED_SDPA, grouped_query_attention, grouped_sdpa_forward
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import PreallocatedCache, kv_tensors
+from drrl_gym.selection import visible_mask
 
 B, H, H_KV, D = 3, 6, 2, 8
 
@@ -26,8 +27,7 @@ def _inputs(n_queries: int, n_keys: int, value_dim: int = D, seed: int = 0):
 
 def _causal(n_queries: int, n_keys: int) -> torch.Tensor:
     """transformers' layout: one (1, 1, T, L) causal mask aligned to the last key, viewed over the batch."""
-    rows = torch.arange(n_queries)[:, None] + n_keys - n_queries
-    return (torch.arange(n_keys) <= rows)[None, None].expand(B, 1, n_queries, n_keys)
+    return visible_mask(n_queries, n_keys)[None, None].expand(B, 1, n_queries, n_keys)
 
 
 MODULE = SimpleNamespace(num_key_value_groups=H // H_KV, is_causal=True)
