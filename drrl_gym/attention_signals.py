@@ -20,10 +20,8 @@ from drrl_gym.selection import (
     check_shapes,
     checked_scaling,
     forced_mask,
-    kept_counts,
+    grid_counts,
     priorities,
-    to_device,
-    visible_key_counts,
     visible_mask,
 )
 
@@ -69,10 +67,7 @@ def attention_signals(
     check_selection(selection)
     ranks, keeps = grid
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
-    # k_i (4) on the host, where the keeps are: no wait for the device
-    counts = kept_counts(torch.tensor([float(x) for x in keeps]), visible_key_counts(n_queries, n_keys), sink_tokens,
-                         recent_tokens)
-    counts = to_device(counts, device)  # (n_keep, m)
+    counts = grid_counts(keeps, n_queries, n_keys, sink_tokens, recent_tokens, device)  # k_i (4), (n_keep, m)
     index = counts.T[None, None, None].expand(batch, kv_heads, group, n_queries, len(keeps))
     masses, margins = [], []
     for r in ranks:

@@ -104,10 +104,10 @@ class EpisodeBatch:
         self._tokens = torch.zeros((self.batch_size, config.seq_len), dtype=torch.long, device=self.backbone.device)
         # and one KV cache, so CUDA graphs (and compiled code) read and write it in place at fixed addresses
         self._cache = PreallocatedCache(self.geometry.num_layers, config.seq_len)
-        # Selection's reference path sorts keys per query and counts on the host (data-dependent work): it runs
-        # eagerly, its bound table compiled (drrl_gym.selection). Low-rank mode's step is the same program for every
-        # rank choice (DynamicRankAttention.set_static_ranks), so one compilation and one graph per segment serve all.
-        static = config.basis == "calibrated" and not self.selection
+        # The step is the same program for every choice of ranks (and keeps) (DynamicRankAttention.set_static_ranks),
+        # so one compilation and one graph per segment serve all; selection chooses its keys without sorting or
+        # host synchronisation (drrl_gym.row_threshold). An exact basis changes with the data: eager only.
+        static = config.basis == "calibrated"
         self._compiled = static and config.compile
         self._segment_program = compiled_step(self._segment_work) if self._compiled else self._segment_work
         if self._compiled:  # a long silent pause otherwise: say what it is

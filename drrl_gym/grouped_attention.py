@@ -14,7 +14,7 @@ the output is the model's attention (up to the kernel's summation order). The ma
 not per row, where the batch shares it (transformers' causal masks are expanded views over the batch).
 
 Used by ``drrl_gym.lowrank.DynamicRankAttention`` for every SDPA call, and registered as the attention
-implementation ``"drrlgrouped_sdpa_forward"`` so a plain model can run it too (``model.set_attn_implementation``): the
+implementation ``"drrl_grouped_sdpa"`` so a plain model can run it too (``model.set_attn_implementation``): the
 benchmarks compare the env against the plain model with either attention.
 """
 
@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from drrl_gym.selection import visible_mask
 
-GROUPED_SDPA = "drrlgrouped_sdpa_forward"
+GROUPED_SDPA = "drrl_grouped_sdpa"
 
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -58,8 +58,8 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def grouped_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature around :func:`grouped_query_attention` (inference only)."""
     if dropout:
         raise ValueError(f"{GROUPED_SDPA} runs inference only (dropout={dropout}). Fix: call model.eval().")

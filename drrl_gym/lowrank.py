@@ -196,6 +196,8 @@ class DynamicRankAttention:
         self._recording: Recording | None = None
         self._cast_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, its copy in the model's dtype)
         self._static_ranks: torch.Tensor | None = None  # see set_static_ranks
+        self._static_keep: torch.Tensor | None = None  # (and its keeps, in "select" mode)
+        self._static = False  # whether selection reads the static (device) settings
         self.cache_projected_keys = cache_projected_keys
         self.approximation, self.sink_tokens, self.recent_tokens = approximation, sink_tokens, recent_tokens
         self.selection = selection
@@ -217,6 +219,7 @@ class DynamicRankAttention:
         # one reduction for all layers, not three small ops per layer: this runs on the CPU before every step
         self._layer_uniform = (ranks == layer_max[None, :, None]).all(dim=0).all(dim=-1).tolist()
         self._rank_device: torch.Tensor | None = None
+        self._static = False
 
     def set_keep(self, keep: torch.Tensor | float) -> None:
         """Fractions of the visible keys each query keeps in ``"select"`` mode: a float for every head, or a
@@ -231,6 +234,7 @@ class DynamicRankAttention:
                              "pass fractions of the visible keys, e.g. 0.125.")
         self.keep = keep
         self._layer_keeps_all = (keep == 1).all(dim=0).all(dim=-1).tolist()
+        self._static = False
 
     def set_static_ranks(self, ranks: torch.Tensor, device: torch.device) -> None:
         """Set (B, num_layers, num_kv_heads) ranks so that no part of the forward depends on their values.
@@ -239,16 +243,18 @@ class DynamicRankAttention:
         read them from there; no host-to-device copy inside the forward), and every layer takes the zero-masking
         path at full width whatever the ranks, so one captured graph serves every rank choice. The scores equal
         those of :meth:`set_ranks` (the masked columns add exact zeros); FLOPs are accounted per row on the ranks
-        either way (``drrl_gym.flops``).
+        either way (``drrl_gym.flops``). In ``"select"`` mode the keeps set by :meth:`set_keep` are copied to the
+        device the same way, and selection reads both there (:meth:`set_keep` or :meth:`set_ranks` afterwards go
+        back to the host settings).
         """
         ranks, g = self._checked(ranks), self.geometry
-        if self._static_ranks is None or self._static_ranks.shape != ranks.shape or self._static_ranks.device != device:
-            self._static_ranks = torch.empty(ranks.shape, dtype=torch.long, device=device)
-            torch._dynamo.mark_static(self._static_ranks)  # compiled callers specialise on the batch size
-        self._static_ranks.copy_(ranks)
+        self._static_ranks = _persistent(self._static_ranks, ranks, device)
         self.ranks = ranks
         self._layer_max, self._layer_uniform = [g.head_dim] * g.num_layers, [False] * g.num_layers
         self._rank_device = self._static_ranks
+        if self.approximation == "select":
+            self._static_keep = _persistent(self._static_keep, self.keep, device)
+            self._static = True
 
     def _checked(self, ranks: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -388,9 +394,10 @@ class DynamicRankAttention:
                                    sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
             return self._keep(layer, out[:, None])
         # The settings go in as the host holds them: selection_attention checks and counts on the host, so the
-        # forward does not wait for the device once per layer.
-        ranks = self.ranks[:, layer].expand(batch, kv_heads)
-        keep = self.keep[:, layer].expand(batch, kv_heads)
+        # forward does not wait for the device once per layer. Static settings (set_static_ranks) are on the device
+        # already, so a CUDA graph or compiled step reads them there whatever they are.
+        ranks, keep = (self._static_ranks, self._static_keep) if self._static else (self.ranks, self.keep)
+        ranks, keep = ranks[:, layer].expand(batch, kv_heads), keep[:, layer].expand(batch, kv_heads)
         out, _ = selection_attention(query, key, value, self.basis[layer], ranks, keep, scaling=scaling,
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)
@@ -454,6 +461,18 @@ class DynamicRankAttention:
         if self._recording is not None and self._recording.outputs:
             self._recording.attention_outputs[layer] = out  # (B, T, H, d): before o_proj, for fidelity metrics
         return out
+
+
+def _persistent(kept: torch.Tensor | None, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` copied into ``kept`` (made on ``device`` if missing or of another shape): a tensor at one address,
+    which CUDA graph replays read. Compiled callers specialise on its batch size (``mark_static``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if kept is None or kept.shape != values.shape or kept.device != device:
+        kept = torch.empty(values.shape, dtype=values.dtype, device=device)
+        torch._dynamo.mark_static(kept)
+    return kept.copy_(values)
 
 
 _HALF_GRAMS = {"supported": True}  # whether this torch multiplies half-precision matrices into float32 (CUDA)

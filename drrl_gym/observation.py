@@ -242,7 +242,7 @@ class DecisionSpace:
             if stats.selection_bound is None:
                 raise ValueError("selection mode needs statistics recorded with a selection_grid. Fix: record with "
                                  "attention.recording(True, **decisions.recording_options(True)).")
-            grid = stats.selection_bound.flatten(-2)[..., self._grid_index.to(stats.selection_bound.device)]
+            grid = stats.selection_bound.flatten(-2)[..., self._grid_index_on(stats.selection_bound.device)]
             selection = grid.mean(2) if self.per_layer else grid.flatten(1, 2)  # a layer: mean over its rows
         signals = self._signals(stats) if self.signal_queries else None
         return StatsSummary(torch.cat([c.float() for c in columns], dim=-1), bound, selection, signals)
@@ -255,11 +255,18 @@ class DecisionSpace:
                              "with attention.recording(True, **decisions.recording_options(True)).")
         parts = [stats.entropy[..., None]]  # (B, layers, kv_heads, 1)
         if self.selection:
-            index = self._grid_index.to(stats.signal_mass.device)
+            index = self._grid_index_on(stats.signal_mass.device)
             parts += [stats.signal_mass.flatten(-2)[..., index],
                       _log_scaled(stats.signal_margin.flatten(-2)[..., index], LOG_BOUND_SCALE)]
         signals = torch.cat([p.float() for p in parts], -1).clamp(0, 1)
         return signals.mean(2) if self.per_layer else signals.flatten(1, 2)
+
+    def _grid_index_on(self, device: torch.device) -> torch.Tensor:
+        """The grid index on ``device``, copied once: a copy per step would wait for the device (and cannot be
+        captured in a CUDA graph)."""
+        if self._grid_index.device != device:
+            self._grid_index = self._grid_index.to(device)
+        return self._grid_index
 
     @property
     def selection_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:

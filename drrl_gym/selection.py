@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from drrl_gym.row_threshold import kept_mask, row_thresholds
+
 SELECTION_MODES = ("group", "head")
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM: the first 4 tokens hold the "attention sink" mass
 DEFAULT_RECENT_TOKENS = 8  # the query itself and the 7 keys before it: local, RoPE-high-frequency attention
@@ -89,6 +91,15 @@ def kept_counts(keep: torch.Tensor | float, visible: torch.Tensor | int, sink_to
     product = keep[..., None] * n.double()
     wanted = torch.ceil(product * (1 - KEEP_RTOL)).long()
     return torch.maximum(wanted, torch.clamp(n, max=sink_tokens + recent_tokens)).clamp(min=1)
+
+
+def grid_counts(keeps: Sequence[float], new_tokens: int, keys: int, sink_tokens: int, recent_tokens: int,
+                device: torch.device | str) -> torch.Tensor:
+    """(C, T) long: k_i by (4) for each of the candidate ``keeps`` (host floats) and each of the T queries, formed on
+    ``device`` from fills alone: a host tensor copied in would wait for the device, and break a CUDA graph's capture."""
+    visible = visible_key_counts(new_tokens, keys, device)
+    return torch.stack([kept_counts(torch.full((), float(keep), dtype=torch.float64, device=device), visible,
+                                    sink_tokens, recent_tokens) for keep in keeps])
 
 
 def rotate(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -158,9 +169,8 @@ def selection_attention(
     work = torch.promote_types(query.dtype, torch.float32)
     visible = visible_mask(n_queries, n_keys, query.device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
-    visible_counts = visible_key_counts(n_queries, n_keys, keep.device)  # n_i, (T,)
-    host_counts = kept_counts(keep, visible_counts, sink_tokens, recent_tokens)  # (B, H_kv, T), on keep's device
-    rank, counts = to_device(rank, query.device), to_device(host_counts, query.device)
+    counts = kept_counts(keep, visible_key_counts(n_queries, n_keys, keep.device), sink_tokens, recent_tokens)
+    rank, counts = to_device(rank, query.device), to_device(counts, query.device)  # counts: k_i, (B, H_kv, T)
 
     # choose, (2)-(4): rank-r scores with q's columns beyond r zeroed (per-head ranks, as in drrl_gym.lowrank)
     cast = basis.to(device=query.device, dtype=work)
@@ -168,9 +178,8 @@ def selection_attention(
     k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys.to(work)
     approx = approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
     priority = priorities(approx, visible, forced, selection)
-    group_counts = counts[:, :, None]  # (B, H_kv, 1, T): one count per KV group and query
-    threshold = _thresholds(priority, host_counts[:, :, None][None], visible_counts)[0]
-    kept = _top_keys(priority, group_counts, threshold)  # (B, H_kv, G or 1, T, L)
+    threshold, last = row_thresholds(priority, counts[:, :, None, :, None])  # one count per KV group and query
+    kept = kept_mask(priority, threshold[..., 0], last[..., 0])  # (B, H_kv, G or 1, T, L)
 
     # compute, (5): exact scores of the model's own q and k on the chosen keys only
     # In at least float32, as fused attention kernels accumulate: bf16 scores (a step of 0.125 at 16) would move the
@@ -262,13 +271,13 @@ def dropped_mass_bound_table(
     threshold (the env uses it).
 
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
-    ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one ``topk`` of the largest
-    k_i of all keeps orders the candidates: the kept set of k_i keys is the first k_i of that order (forced keys,
-    priority +inf, always among them since k_i >= their number), so log W is a logsumexp over a prefix of the top
-    keys alone, and log U one over the rest of the top combined with the logsumexp of every visible key outside it.
-    No sort of all L keys, and only the (B, H_kv, G, T, L) tensors of the scores and priorities are formed. A keep
-    whose k_i is every visible key drops nothing: its bound is exactly 0. For a safety mask on the NEXT segment this
-    is a prediction, not a certificate.
+    ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one
+    ``drrl_gym.row_threshold.row_thresholds`` call gives, for every keep, each row's k_i-th largest priority and
+    where its ties stop, so each keep's log W and log U are logsumexps over the row under an elementwise mask: no
+    sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose
+    k_i is every visible key gets 0 from (7) itself (U is empty). No shape or branch depends on the data and nothing
+    waits for the device, so CUDA graphs and torch.compile take the table whole. For a safety mask on the NEXT
+    segment this is a prediction, not a certificate.
     """
     batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     scaling = checked_scaling(scaling, d)
@@ -278,51 +287,47 @@ def dropped_mass_bound_table(
                          "keeps=(0.125, 1.0).")
     for r in ranks:  # checked on the CPU: a check on the device would wait for it
         _settings(int(r), 1.0, 1, 1, d)
+    keeps = [float(k) for k in keeps]
+    checked_keep(torch.tensor(keeps))
     device, group = rotated_query.device, heads // kv_heads
-    n = visible_key_counts(n_queries, n_keys)  # on the CPU: which keeps drop keys is known without the device
-    counts = kept_counts(torch.tensor([float(k) for k in keeps]), n, sink_tokens, recent_tokens)  # (n_keep, T)
-    dropping = [c for c, drop in enumerate((counts < n).any(-1).tolist()) if drop]  # the others' bound is 0
-    means = torch.zeros(batch, kv_heads, len(ranks), len(keeps), dtype=torch.float64, device=device)
-    maxes = torch.zeros_like(means)
+    zeros = torch.zeros(batch, kv_heads, dtype=torch.float64, device=device)
+    dropping = [c for c, keep in enumerate(keeps) if keep < 1]  # the others' bound is 0
     if not dropping:
-        return means, maxes
-    largest = int(counts[dropping].max())
-    kept_places = to_device(torch.arange(largest) < counts[dropping][..., None], device)  # (C, T, largest), nested in c
-    dropping_index = to_device(torch.tensor(dropping), device)  # a list index would copy from pageable memory: a wait
+        zeros = zeros[:, :, None, None].expand(batch, kv_heads, len(ranks), len(keeps))
+        return zeros.clone(), zeros.clone()
+    counts = grid_counts([keeps[c] for c in dropping], n_queries, n_keys, sink_tokens, recent_tokens, device)
     visible = visible_mask(n_queries, n_keys, device)
     forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
     k = rotated_keys.to(dtype)
     rank_bounds = _compiled_rank_bounds() if device.type == "cuda" else _rank_bounds
-    for a, r in enumerate(ranks):
+    means, maxes = [], []
+    for r in ranks:
         rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
-        mean, top = rank_bounds(q, k, rank, scaling, visible, forced, kept_places, largest, selection)
-        means[:, :, a].index_copy_(-1, dropping_index, mean)
-        maxes[:, :, a].index_copy_(-1, dropping_index, top)
-    return means, maxes
+        mean, top = rank_bounds(q, k, rank, scaling, visible, forced, counts, selection)  # (B, H_kv, C) each
+        means.append(torch.stack([mean[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
+        maxes.append(torch.stack([top[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
+    return torch.stack(means, 2), torch.stack(maxes, 2)
 
 
 def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: torch.Tensor, scaling: float, visible: torch.Tensor,
-                 forced: torch.Tensor, kept_places: torch.Tensor, largest: int,
-                 selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 forced: torch.Tensor, counts: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max over a group's rows of the bound (7) at one rank for every dropping keep: q (B, H_kv, G, T, d),
-    k (B, H_kv, L, d), kept_places (C, T, largest) -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`)."""
-    rows = q.shape[:4]
-    n_keys = k.shape[2]
+    k (B, H_kv, L, d), counts (C, T) k_i -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`)."""
     approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
     q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
     k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
-    order = priorities(approx, visible, forced, selection).topk(largest, dim=-1, sorted=True)
-    top = order.indices.expand(*rows, largest)  # (B, H_kv, G, T, largest): keys in priority order
-    invisible = (order.values == float("-inf")).expand(*rows, largest)  # where n_i < largest
-    top_approx, top_delta = approx.gather(-1, top), q_tail * k_tail.expand(*rows, n_keys).gather(-1, top)
-    low = (top_approx - top_delta).masked_fill_(invisible, float("-inf"))
-    high = (top_approx + top_delta).masked_fill_(invisible, float("-inf"))
-    # log of the sum of exp(s^ + delta) over the visible keys outside the top, in place of the scores
-    rest = approx.addcmul_(q_tail, k_tail).masked_fill_(~visible, float("-inf")).scatter_(-1, top, float("-inf"))
-    log_w = _masked_logsumexps(low, kept_places)  # (B, H_kv, G, T, C): the first k_i places, every keep at once
-    log_u = torch.logaddexp(rest.logsumexp(-1)[..., None], _masked_logsumexps(high, ~kept_places))
-    bound = torch.sigmoid(log_u - log_w).double()
+    priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
+    threshold, last = row_thresholds(priority, counts.T[None, None, None])  # (B, H_kv, G or 1, T, C)
+    low = torch.addcmul(approx, q_tail, k_tail, value=-1).masked_fill_(~visible, float("-inf"))  # s^ - delta
+    high = torch.addcmul(approx, q_tail, k_tail).masked_fill_(~visible, float("-inf"))  # s^ + delta
+    bounds = []
+    for c in range(counts.shape[0]):
+        kept = kept_mask(priority, threshold[..., c], last[..., c])  # S_i, never an invisible key
+        log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
+        log_u = high.masked_fill(kept, float("-inf")).logsumexp(-1)  # -inf (a bound of 0) when nothing is dropped
+        bounds.append(torch.sigmoid(log_u - log_w))
+    bound = torch.stack(bounds, -1).double()  # (B, H_kv, G, T, C)
     return bound.mean((2, 3)), bound.amax((2, 3))
 
 
@@ -393,37 +398,6 @@ def priorities(approx: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor
     return priority.masked_fill_(forced, float("inf"))
 
 
-def _thresholds(priority: torch.Tensor, counts: torch.Tensor, visible_counts: torch.Tensor) -> list[torch.Tensor]:
-    """Per row of ``priority`` (..., T, L), the counts[c]-th largest priority for each c, or -inf where counts[c]
-    is every visible key: counts (C, ..., T) long and visible_counts (T,) broadcast against priority's rows. One
-    ``topk`` at the largest count that drops a key serves every c: no sort of all L keys. Returns C tensors shaped
-    like priority's rows."""
-    rows = priority.shape[:-1]
-    full = counts >= visible_counts
-    largest = int(counts.masked_fill(full, 0).max())  # on the host when the counts are: no wait for the device
-    if largest == 0:
-        return [priority.new_full(rows, float("-inf")) for _ in counts]
-    top = priority.topk(largest, dim=-1, sorted=True).values  # (..., T, largest), descending
-    thresholds = []
-    for count, every in zip(counts, full, strict=True):
-        index = to_device((count - 1).clamp(max=largest - 1), top.device).expand(rows)[..., None]
-        every = to_device(every, top.device).expand(rows)
-        thresholds.append(top.gather(-1, index)[..., 0].masked_fill(every, float("-inf")))
-    return thresholds
-
-
-def _top_keys(priority: torch.Tensor, counts: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """S_i: the first k_i keys in priority order, ties broken by position (as a stable descending sort would):
-    every key above the k_i-th largest priority (``threshold``, :func:`_thresholds`), then the first of the keys
-    equal to it until k_i are kept. ``counts`` broadcasts against priority's rows (..., T). Invisible keys (priority
-    -inf) are never kept: where k_i is every visible key the threshold is -inf and nothing ties into the set."""
-    threshold = threshold[..., None]
-    above = priority > threshold
-    tied = priority == threshold
-    room = counts.expand(priority.shape[:-1]) - above.sum(-1)  # how many of the tied keys still fit
-    return above | (tied & (tied.cumsum(-1) <= room[..., None]))
-
-
 def check_shapes(query, key, value, basis, rotated_keys):
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"query, key and value must be 4-D (B, H, T, d), (B, H_kv, L, d), (B, H_kv, L, dv); got "
@@ -449,8 +423,9 @@ def check_shapes(query, key, value, basis, rotated_keys):
 
 
 def checked_keep(keep) -> torch.Tensor:
+    """keep as float64, checked to lie in (0, 1] where it is on the host (see :func:`_settings`)."""
     keep = torch.as_tensor(keep).double()
-    if keep.numel() and not bool(((keep > 0) & (keep <= 1)).all()):
+    if keep.numel() and _checkable(keep) and not bool(((keep > 0) & (keep <= 1)).all()):
         raise ValueError(f"keep must lie in (0, 1] (the fraction of visible keys kept), got min {float(keep.min())} "
                          f"max {float(keep.max())}. Fix: clip it into (0, 1]; 1 keeps every key.")
     return keep
@@ -458,11 +433,14 @@ def checked_keep(keep) -> torch.Tensor:
 
 def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """rank (long) and keep (float64) broadcast to (B, H_kv), after the range checks, where they are: settings
-    given on the host are checked there, so the check does not wait for the device (move them with :func:`to_device`)."""
+    given on the host are checked there, so the check does not wait for the device (move them with :func:`to_device`).
+    Settings already on the device are not range-checked, for the same reason: a check would wait for the device,
+    and CUDA graphs cannot capture it; nor under torch.compile. Their owner checks them on the host before it copies
+    them there (``DynamicRankAttention.set_static_ranks``)."""
     rank, keep = torch.as_tensor(rank), checked_keep(keep)
     if rank.is_floating_point() or rank.dtype == torch.bool:
         raise ValueError(f"rank must be integers, got dtype {rank.dtype}. Fix: pass rank.long() (values in [1, {d}]).")
-    if rank.numel() and not bool(((rank >= 1) & (rank <= d)).all()):
+    if rank.numel() and _checkable(rank) and not bool(((rank >= 1) & (rank <= d)).all()):
         raise ValueError(f"rank must lie in [1, head_dim={d}], got min {int(rank.min())} max {int(rank.max())}. Fix: "
                          f"clip the ranks into [1, {d}].")
     try:
@@ -470,6 +448,12 @@ def _settings(rank, keep, batch: int, kv_heads: int, d: int) -> tuple[torch.Tens
     except RuntimeError:
         raise ValueError(f"rank {tuple(rank.shape)} and keep {tuple(keep.shape)} must broadcast to (B, H_kv) = "
                          f"{(batch, kv_heads)}. Fix: pass a scalar or a (B, H_kv), (H_kv,) or (B, 1) tensor.") from None
+
+
+def _checkable(setting: torch.Tensor) -> bool:
+    """Whether a setting's values can be checked without waiting for a device: on the host, and not while
+    torch.compile traces (a compiled step reads static settings its owner checked before, as on the device)."""
+    return setting.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

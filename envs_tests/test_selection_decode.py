@@ -4,14 +4,10 @@ kernels against the reference (on the CPU through Triton's interpreter, on CUDA 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_in_interpreter
 
 from drrl_gym.selection import rotate, selection_attention
 from drrl_gym.selection_decode import (
@@ -22,7 +18,6 @@ from drrl_gym.selection_decode import (
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def decode_case(batch: int, kv_heads: int, group: int, d: int, length: int, *, seed: int = 0,
@@ -96,21 +91,10 @@ def test_kernel_wrapper_rejects_bad_input_with_a_fix():
 
 
 # ------------------------------------------------------------------------------- kernel, Triton interpreter
-INTERPRETER_SCRIPT = textwrap.dedent("""
-    import os
-    assert os.environ["TRITON_INTERPRET"] == "1"
+INTERPRETER_SCRIPT = """
     import torch
-    import triton.runtime.interpreter as interpreter
     from envs_tests.test_selection_decode import decode_case
     from drrl_gym.selection_decode import dim_blocked_layout, selection_decode, selection_decode_reference
-
-    # Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which numpy >= 2.4
-    # refuses; convert through the single element instead (as later Triton releases do).
-    patch_tensor = interpreter._patch_lang_tensor
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = patched
 
     torch.set_num_threads(1)
     for seed, (batch, kv_heads, group, d, length, window) in enumerate([
@@ -130,17 +114,14 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     tied = selection_decode(**{**case, "keep": 0.5}, backend="triton")
     torch.testing.assert_close(tied, selection_decode_reference(**{**case, "keep": 1.0}), atol=1e-5, rtol=1e-5)
     print("interpreter ok")
-""")
+"""
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_reference_in_triton_interpreter():
     """The kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported,
     hence a subprocess): both layouts, mixed settings, unequal lengths, several windows, ties."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_in_interpreter(INTERPRETER_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interpreter ok" in result.stdout
 

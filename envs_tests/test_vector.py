@@ -206,11 +206,15 @@ def test_maskable_ppo_learns_on_the_batched_env() -> None:
 
 
 # ------------------------------------------------------------------------------------------ CUDA graphs
-def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
-    """The rank-independent path CUDA graphs capture (full width, zero masks) computes what slicing computes."""
-    venv = DRRLAttentionVecEnv(num_envs=2, **TINY)
+@pytest.mark.parametrize("attention", ["lowrank_scores", "select"])
+def test_static_ranks_give_the_same_forward_as_set_ranks(attention: str) -> None:
+    """The rank-independent path CUDA graphs capture (full width, zero masks; in selection mode the settings read on
+    the device) computes what slicing (and the host settings) compute."""
+    venv = DRRLAttentionVecEnv(num_envs=2, attention=attention, **TINY)
     venv.reset(seed=3)
-    batch, ranks = venv.batch, venv.decisions.layer_ranks(np.array([[0, 3], [1, 2]]))
+    chosen = np.array([[0, 3], [1, 2]]) if attention == "lowrank_scores" else np.array([[0, 7], [5, 12]])
+    batch, ranks = venv.batch, venv.decisions.layer_ranks(chosen)
+    batch.attention.set_keep(venv.decisions.layer_keeps(chosen))
     tokens, results = batch._segment_tokens(1), []
     for static in (False, True):
         cache = copy.deepcopy(batch.episode.cache)
@@ -223,6 +227,9 @@ def test_static_ranks_give_the_same_forward_as_set_ranks() -> None:
     for a, b in zip(static.attention, eager.attention, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(static_stats.query_gram, eager_stats.query_gram, atol=1e-4, rtol=1e-5)
+    if attention == "select":
+        assert batch.attention._static  # the settings were read on the device
+        torch.testing.assert_close(static_stats.selection_bound, eager_stats.selection_bound, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -256,11 +263,38 @@ def test_compiled_step_matches_the_eager_one() -> None:
     assert counters["stats"]["unique_graphs"] - compilations == 2
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_selection_step_matches_the_eager_one() -> None:
+    """Selection mode compiles too, in one piece: its keys are chosen without a sort or a host synchronisation
+    (drrl_gym.row_threshold), and its settings are read on the device. One compilation serves every segment of two
+    episodes (fullgraph would fail on a graph break, the recompile limit on a second compilation)."""
+    kwargs = dict(TINY, attention="select", seq_len=4 * TINY["segment_len"])  # 3 steps an episode
+    compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **kwargs)
+    eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **kwargs)
+    rng = np.random.default_rng(5)
+    for env in (compiled, eager):
+        env.reset(seed=2)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for _ in range(2 * 3):
+            assert np.array_equal(compiled.action_masks(), eager.action_masks())
+            actions = rng.integers(0, compiled.batch.decisions.n_choices, size=(N, compiled.n_units))
+            (obs_c, reward_c, *_), (obs_e, reward_e, *_) = compiled.step(actions), eager.step(actions)
+            np.testing.assert_allclose(obs_c, obs_e, atol=TOLERANCE)
+            np.testing.assert_allclose(reward_c, reward_e, atol=TOLERANCE)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fidelity, features, compiled", [("attention_cosine", FEATURE_GROUPS[:3], True),
-                                                          ("kl", FEATURE_GROUPS, False)])
-def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...], compiled: bool) -> None:
-    kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features)
+@pytest.mark.parametrize("fidelity, features, compiled, attention", [
+    ("attention_cosine", FEATURE_GROUPS[:3], True, "lowrank_scores"), ("kl", FEATURE_GROUPS, False, "lowrank_scores"),
+    ("attention_cosine", FEATURE_GROUPS, False, "select")])
+def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...], compiled: bool,
+                                             attention: str) -> None:
+    kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features,
+                  attention=attention)
     # With compile, a second batch size in the same process compiles its own step and captures its own graphs.
     for n in (N, N + 1) if compiled else (N,):
         graphed = DRRLAttentionVecEnv(num_envs=n, compile=compiled, **kwargs)
@@ -272,7 +306,7 @@ def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str,
             env.reset(seed=9)
         for _ in range(2 * 3 + 1):  # every segment's graph captured, then replayed in the next episode
             assert np.array_equal(graphed.action_masks(), eager.action_masks())
-            actions = rng.integers(0, 4, size=(n, graphed.n_units))
+            actions = rng.integers(0, graphed.batch.decisions.n_choices, size=(n, graphed.n_units))
             (obs_g, reward_g, *_), (obs_e, reward_e, *_) = graphed.step(actions), eager.step(actions)
             np.testing.assert_allclose(obs_g, obs_e, atol=1e-4)
             np.testing.assert_allclose(reward_g, reward_e, atol=1e-4)

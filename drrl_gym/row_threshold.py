@@ -1,0 +1,142 @@
+"""Which keys selection keeps: per row of priorities, the k-th largest value and where its ties stop.
+
+Selection keeps the first k_i keys of each row in priority order, ties broken by position, as a stable descending
+sort would order them (``drrl_gym.selection``, (4)). That set is fixed by two numbers per row and count k:
+
+    t    = the k-th largest priority of the row                                   (the threshold)
+    last = the position of the k-th key of the stable descending order            (where the ties at t stop)
+    kept = {j : pi_j > t} + {j : pi_j == t, j <= last}                             exactly k keys
+
+so a kept mask, or a sum over the kept keys, is one elementwise pass given (t, last) (:func:`kept_mask`); nothing
+is sorted or gathered. On CUDA a Triton kernel finds (t, last) for every count of a row in one read of the row: a
+4-ary search over the float bit pattern (as int32, in the float order) whose passes are each one reduction of the
+row held in registers, stopping as soon as the count at the lower bound is exactly k (about log_4 of the spread of
+the values, ~8 passes), then one prefix count of the ties. Elsewhere (the CPU) a stable sort gives the same two
+numbers. Both have no data-dependent shapes and no host synchronisation, so either runs inside torch.compile and
+CUDA graphs; the operator is a ``torch.library`` custom op (``drrl_gym::row_thresholds``) so the compiler keeps it
+whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch brings no Triton: the sort path serves
+    triton = None
+
+MAX_ROW = 16384  # the kernel holds a row in registers; longer rows take the sort path
+ROW_BLOCK = 8192  # values per program: several short rows share one, so each pass's reduction serves them all
+
+
+def row_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``values`` (..., L) and each of its counts (..., C) (integers in [1, L]): the count-th
+    largest value and the position of the count-th key in stable descending order, int64; both (..., C).
+
+    ``values`` is float32 or float64 (priorities: +inf and -inf allowed, no NaN), the thresholds come in its dtype;
+    ``counts`` broadcasts against its rows. Counts out of range are not checked (a check would wait for the device):
+    they are clamped into [1, L].
+    """
+    if values.dtype not in (torch.float32, torch.float64) or values.dim() < 1:
+        raise ValueError(f"values must be a float32 or float64 tensor (..., L), got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    if counts.is_floating_point() or counts.dim() != values.dim():
+        raise ValueError(f"counts must be integers (..., C) with the rows of values {tuple(values.shape[:-1])}, got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
+    rows = torch.broadcast_shapes(values.shape[:-1], counts.shape[:-1])
+    length, n_counts = values.shape[-1], counts.shape[-1]
+    flat_values = values.expand(*rows, length).reshape(-1, length)
+    flat_counts = counts.expand(*rows, n_counts).reshape(-1, n_counts).clamp(1, length).to(torch.int32)
+    threshold, last = torch.ops.drrl_gym.row_thresholds(flat_values.contiguous(), flat_counts.contiguous())
+    return threshold.reshape(*rows, n_counts), last.reshape(*rows, n_counts)
+
+
+def kept_mask(values: torch.Tensor, threshold: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The kept set of one count as a bool mask like ``values`` (..., L): threshold and last (...) of
+    :func:`row_thresholds` for that count."""
+    position = torch.arange(values.shape[-1], device=values.device)
+    return (values > threshold[..., None]) | ((values == threshold[..., None]) & (position <= last[..., None]))
+
+
+@torch.library.custom_op("drrl_gym::row_thresholds", mutates_args=())
+def _row_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L) float values, (R, C) int32 counts in [1, L] -> (R, C) thresholds, (R, C) int64 positions."""
+    if values.is_cuda and values.dtype == torch.float32 and triton is not None and values.shape[-1] <= MAX_ROW and values.numel():
+        return _kernel_thresholds(values, counts)
+    return sorted_thresholds(values, counts)
+
+
+@_row_thresholds.register_fake
+def _(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return values.new_empty(counts.shape), counts.new_empty(counts.shape, dtype=torch.int64)
+
+
+def sorted_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, through a stable descending sort: (R, L), (R, C) -> (R, C), (R, C) (the CPU path)."""
+    order = values.sort(dim=-1, descending=True, stable=True)
+    index = counts.long() - 1
+    return order.values.gather(-1, index), order.indices.gather(-1, index)
+
+
+def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, length = values.shape
+    n_counts = counts.shape[1]
+    block = triton.next_power_of_2(length)
+    rows_per_program = max(1, min(16, ROW_BLOCK // block))
+    threshold = torch.empty(n_rows, n_counts, dtype=torch.float32, device=values.device)
+    last = torch.empty(n_rows, n_counts, dtype=torch.int64, device=values.device)
+    _row_threshold_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        values, counts, threshold, last, n_rows, length, C=n_counts, ROWS=rows_per_program, BLOCK=block,
+        num_warps=8 if rows_per_program * block >= 4096 else 4)
+    return threshold, last
+
+
+if triton is not None:
+    @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    @triton.jit
+    def _row_threshold_kernel(values_ptr, counts_ptr, threshold_ptr, last_ptr, n_rows, length,
+                              C: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        row_ok = rows < n_rows
+        inside = row_ok[:, None] & (cols[None, :] < length)
+        x = tl.load(values_ptr + rows[:, None].to(tl.int64) * length + cols[None, :], mask=inside, other=0.0)
+        # float bits -> int32 keys in the float order (negative floats: flip the magnitude bits); padding below all
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(inside, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+        low_start = tl.min(tl.where(inside, key, 2147483647), 1).to(tl.int64)
+        high_start = tl.max(key, 1).to(tl.int64) + 1
+        for c in tl.static_range(C):
+            need = tl.load(counts_ptr + rows * C + c, mask=row_ok, other=1)
+            # invariant: count(key >= low) = at_low >= need > count(key >= high); done when at_low == need (the
+            # keys >= low are then exactly the need largest) or high == low + 1 (low is the need-th largest)
+            low, high = low_start, high_start
+            at_low = tl.where(row_ok, length, 1)
+            while tl.max(((high - low > 1) & (at_low != need)).to(tl.int32), 0) > 0:
+                width = high - low
+                probe1 = low + width // 4
+                probe2 = low + width // 2
+                probe3 = low + 3 * width // 4
+                count1, count2, count3 = tl.reduce(((key >= probe1.to(tl.int32)[:, None]).to(tl.int32),
+                                                    (key >= probe2.to(tl.int32)[:, None]).to(tl.int32),
+                                                    (key >= probe3.to(tl.int32)[:, None]).to(tl.int32)), 1, _add3)
+                low, at_low = tl.where(count1 >= need, probe1, low), tl.where(count1 >= need, count1, at_low)
+                low, at_low = tl.where(count2 >= need, probe2, low), tl.where(count2 >= need, count2, at_low)
+                low, at_low = tl.where(count3 >= need, probe3, low), tl.where(count3 >= need, count3, at_low)
+                high = tl.where(count3 < need, probe3, high)
+                high = tl.where(count2 < need, probe2, high)
+                high = tl.where(count1 < need, probe1, high)
+            # low may sit below the need-th largest key when at_low == need stopped the search: move it up to it
+            low = tl.min(tl.where(key >= low.to(tl.int32)[:, None], key, 2147483647), 1)
+            tied = key == low[:, None]
+            room = need - tl.sum((key > low[:, None]).to(tl.int32), 1)  # tied keys still kept, >= 1
+            place = tl.cumsum(tied.to(tl.int32), 1)
+            last = tl.max(tl.where(tied & (place == room[:, None]), cols[None, :], -1), 1)
+            threshold = (low ^ ((low >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            tl.store(threshold_ptr + rows * C + c, threshold, mask=row_ok)
+            tl.store(last_ptr + rows * C + c, last.to(tl.int64), mask=row_ok)
