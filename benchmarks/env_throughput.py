@@ -583,7 +583,7 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the plain forward (default: on, off with --smoke)")
     parser.add_argument("--env-compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="compile the env's low-rank step (EnvConfig.compile): once per batch size, the curve's "
+                        help="compile the env's step (EnvConfig.compile): once per batch size, the curve's "
                         "points included")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the env without CUDA graphs and compilation, and compare the two")

@@ -101,7 +101,8 @@ class EnvConfig:
     calibration_sequences: int = 8
     eval_sequences: int = 16
     cuda_graphs: bool = True
-    # torch.compile of the step's device work in low-rank mode: a faster step for a one-time compilation (docs/env.md)
+    # torch.compile of the step's device work, either attention mode: a faster step for a one-time compilation
+    # (docs/env.md)
     compile: bool = False
     reference_cache_gib: float = 8.0  # memory for warm-ups and references kept across episodes (0: none; docs/env.md)
     # Which observation columns the policy sees, by group (drrl_gym.observation.FEATURE_GROUPS): for ablations.

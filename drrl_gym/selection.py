@@ -319,14 +319,20 @@ def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: torch.Tensor, scaling: 
     k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
     priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
     threshold, last = row_thresholds(priority, counts.T[None, None, None])  # (B, H_kv, G or 1, T, C)
-    low = torch.addcmul(approx, q_tail, k_tail, value=-1).masked_fill_(~visible, float("-inf"))  # s^ - delta
     high = torch.addcmul(approx, q_tail, k_tail).masked_fill_(~visible, float("-inf"))  # s^ + delta
+    # One shift per row serves every sum of every keep: the row's largest s^ + delta bounds all their terms, so the
+    # exponentials lie in [0, 1] and the sums need no max pass of their own (a pass over the scores each). Terms
+    # more than ~87 nats below that maximum underflow in float32: that can only raise the bound (an empty W gives
+    # 1), or drop from U terms below e^-87 of its largest.
+    shift = high.amax(-1, keepdim=True)  # finite: every row sees its own key
+    exp_high = (high - shift).exp()  # 0 at invisible keys
+    exp_low = (torch.addcmul(approx, q_tail, k_tail, value=-1) - shift).exp()  # s^ - delta
     bounds = []
     for c in range(counts.shape[0]):
         kept = kept_mask(priority, threshold[..., c], last[..., c])  # S_i, never an invisible key
-        log_w = low.masked_fill(~kept, float("-inf")).logsumexp(-1)
-        log_u = high.masked_fill(kept, float("-inf")).logsumexp(-1)  # -inf (a bound of 0) when nothing is dropped
-        bounds.append(torch.sigmoid(log_u - log_w))
+        w = (exp_low * kept).sum(-1)
+        u = (exp_high * ~kept).sum(-1)  # 0 (a bound of 0) when nothing is dropped
+        bounds.append(u / (u + w).clamp_min(torch.finfo(u.dtype).tiny))  # U / (U + W), (7)
     bound = torch.stack(bounds, -1).double()  # (B, H_kv, G, T, C)
     return bound.mean((2, 3)), bound.amax((2, 3))
 
