@@ -303,20 +303,20 @@ def dropped_mass_bound_table(
     rank_bounds = _compiled_rank_bounds() if device.type == "cuda" else _rank_bounds
     means, maxes = [], []
     for r in ranks:
-        rank = torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device)
-        mean, top = rank_bounds(q, k, rank, scaling, visible, forced, counts, selection)  # (B, H_kv, C) each
+        mean, top = rank_bounds(q, k, int(r), scaling, visible, forced, counts, selection)  # (B, H_kv, C) each
         means.append(torch.stack([mean[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
         maxes.append(torch.stack([top[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
     return torch.stack(means, 2), torch.stack(maxes, 2)
 
 
-def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: torch.Tensor, scaling: float, visible: torch.Tensor,
+def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: int, scaling: float, visible: torch.Tensor,
                  forced: torch.Tensor, counts: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max over a group's rows of the bound (7) at one rank for every dropping keep: q (B, H_kv, G, T, d),
-    k (B, H_kv, L, d), counts (C, T) k_i -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`)."""
-    approx = approximate_scores(q, k, rank, scaling)  # (B, H_kv, G, T, L)
-    q_tail = scaling * _tail_norm(q, rank[:, :, None].expand(q.shape[:3]))[..., None]  # (B, H_kv, G, T, 1)
-    k_tail = _tail_norm(k, rank)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): delta = q_tail * k_tail, (6)
+    k (B, H_kv, L, d), counts (C, T) k_i -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`). The rank
+    is one int for every head here, so (2) slices the first r columns: r / d of the full product's work."""
+    approx = scaling * q[..., :rank] @ k[:, :, None, :, :rank].transpose(-1, -2)  # (B, H_kv, G, T, L)
+    q_tail = scaling * torch.linalg.vector_norm(q[..., rank:], dim=-1)[..., None]  # (B, H_kv, G, T, 1)
+    k_tail = torch.linalg.vector_norm(k[..., rank:], dim=-1)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): (6)
     priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
     threshold, last = row_thresholds(priority, counts.T[None, None, None])  # (B, H_kv, G or 1, T, C)
     high = torch.addcmul(approx, q_tail, k_tail).masked_fill_(~visible, float("-inf"))  # s^ + delta
