@@ -11,10 +11,10 @@ so a kept mask, or a sum over the kept keys, is one elementwise pass given (t, l
 is sorted or gathered. On CUDA a Triton kernel finds (t, last) for every count of a row in one read of the row: a
 4-ary search over the float bit pattern (as int32, in the float order) whose passes are each one reduction of the
 row held in registers, stopping as soon as the count at the lower bound is exactly k (about log_4 of the spread of
-the values, ~8 passes), then one prefix count of the ties. Elsewhere (the CPU) a stable sort gives the same two
-numbers. Both have no data-dependent shapes and no host synchronisation, so either runs inside torch.compile and
-CUDA graphs; the operator is a ``torch.library`` custom op (``drrl_gym::row_thresholds``) so the compiler keeps it
-whole.
+the values, ~8 passes), then one prefix count of the ties. On the CPU, ``topk`` of the largest count and a count
+of the ties in position order; elsewhere, a stable sort. None of them has a data-dependent output shape, and the
+CUDA ones never synchronise with the host, so the operator runs inside torch.compile and CUDA graphs; it is a
+``torch.library`` custom op (``drrl_gym::row_thresholds``) so the compiler keeps it whole.
 """
 
 from __future__ import annotations
@@ -63,9 +63,13 @@ def kept_mask(values: torch.Tensor, threshold: torch.Tensor, last: torch.Tensor)
 @torch.library.custom_op("drrl_gym::row_thresholds", mutates_args=())
 def _row_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, L) float values, (R, C) int32 counts in [1, L] -> (R, C) thresholds, (R, C) int64 positions."""
-    if values.is_cuda and values.dtype == torch.float32 and triton is not None and values.shape[-1] <= MAX_ROW and values.numel():
+    if not values.numel():
+        return sorted_thresholds(values, counts)
+    if not values.is_cuda:
+        return _topk_thresholds(values, counts)
+    if values.dtype == torch.float32 and triton is not None and values.shape[-1] <= MAX_ROW:
         return _kernel_thresholds(values, counts)
-    return sorted_thresholds(values, counts)
+    return sorted_thresholds(values, counts)  # no host value: CUDA graphs can capture it
 
 
 @_row_thresholds.register_fake
@@ -78,6 +82,17 @@ def sorted_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch
     order = values.sort(dim=-1, descending=True, stable=True)
     index = counts.long() - 1
     return order.values.gather(-1, index), order.indices.gather(-1, index)
+
+
+def _topk_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: the top max(counts) values of each row (no sort of the whole row), then the ties at each
+    threshold counted in position order. Reads the largest count on the host, which costs nothing there (and the
+    operator is opaque to torch.compile, so it breaks no graph)."""
+    top = values.topk(int(counts.max()), dim=-1, sorted=True).values
+    threshold = top.gather(-1, counts.long() - 1)  # (R, C)
+    tied = values[:, None, :] == threshold[..., None]  # (R, C, L)
+    room = counts.long() - (values[:, None, :] > threshold[..., None]).sum(-1)  # tied keys kept, >= 1
+    return threshold, (tied & (tied.cumsum(-1) == room[..., None])).long().argmax(-1)
 
 
 def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
