@@ -92,7 +92,13 @@ def _topk_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.
     threshold = top.gather(-1, counts.long() - 1)  # (R, C)
     tied = values[:, None, :] == threshold[..., None]  # (R, C, L)
     room = counts.long() - (values[:, None, :] > threshold[..., None]).sum(-1)  # tied keys kept, >= 1
-    return threshold, (tied & (tied.cumsum(-1) == room[..., None])).long().argmax(-1)
+    # Where every tied key is kept (always, without ties), the last is the last tied; the others count in order.
+    last = (tied * torch.arange(values.shape[-1])).amax(-1)
+    split = room < tied.sum(-1)
+    if split.any():
+        ties = tied[split]
+        last[split] = (ties & (ties.cumsum(-1) == room[split][:, None])).long().argmax(-1)
+    return threshold, last
 
 
 def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -314,7 +314,8 @@ def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: int, scaling: float, vi
     """Mean and max over a group's rows of the bound (7) at one rank for every dropping keep: q (B, H_kv, G, T, d),
     k (B, H_kv, L, d), counts (C, T) k_i -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`). The rank
     is one int for every head here, so (2) slices the first r columns: r / d of the full product's work."""
-    approx = scaling * q[..., :rank] @ k[:, :, None, :, :rank].transpose(-1, -2)  # (B, H_kv, G, T, L)
+    rows = q.shape[:4]  # (B, H_kv, G, T): the G heads' queries stacked, so K~ is not copied once per head
+    approx = (scaling * q[..., :rank].flatten(2, 3) @ k[..., :rank].transpose(-1, -2)).unflatten(2, rows[2:])
     q_tail = scaling * torch.linalg.vector_norm(q[..., rank:], dim=-1)[..., None]  # (B, H_kv, G, T, 1)
     k_tail = torch.linalg.vector_norm(k[..., rank:], dim=-1)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): (6)
     priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
