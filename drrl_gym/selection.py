@@ -273,8 +273,8 @@ def dropped_mass_bound_table(
     The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
     ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one
     ``drrl_gym.row_threshold.row_thresholds`` call gives, for every keep, each row's k_i-th largest priority and
-    where its ties stop, so each keep's log W and log U are logsumexps over the row under an elementwise mask: no
-    sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose
+    where its ties stop, so each keep's W and U of (7) are sums over the row under an elementwise mask (one shift
+    per row for all of them): no sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose
     k_i is every visible key gets 0 from (7) itself (U is empty). No shape or branch depends on the data and nothing
     waits for the device, so CUDA graphs and torch.compile take the table whole. For a safety mask on the NEXT
     segment this is a prediction, not a certificate.
@@ -301,11 +301,15 @@ def dropped_mass_bound_table(
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
     k = rotated_keys.to(dtype)
     rank_bounds = _compiled_rank_bounds() if device.type == "cuda" else _rank_bounds
+
+    def every_keep(bounds: torch.Tensor) -> torch.Tensor:  # (B, H_kv, C) -> (B, H_kv, n_keeps), 0 where none drop
+        return torch.stack([bounds[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1)
+
     means, maxes = [], []
     for r in ranks:
         mean, top = rank_bounds(q, k, int(r), scaling, visible, forced, counts, selection)  # (B, H_kv, C) each
-        means.append(torch.stack([mean[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
-        maxes.append(torch.stack([top[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1))
+        means.append(every_keep(mean))
+        maxes.append(every_keep(top))
     return torch.stack(means, 2), torch.stack(maxes, 2)
 
 
