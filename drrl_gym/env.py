@@ -84,10 +84,10 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
       mask threshold, linear over env steps (counted over the env's lifetime); math.inf turns the mask off.
     * basis="calibrated" (fixed, cached on disk) or "exact" (per-segment eigenbasis, for comparison).
     * device="auto", dtype=None (bf16 on CUDA, fp32 on CPU); cuda_graphs=True (replay each segment's step as a
-      CUDA graph on a GPU; same results up to rounding); compile=False: torch.compile the step (about 2x
-      faster on an H200 in low-rank mode, after a one-time compilation in the first episode; docs/env.md); reference_cache_gib=8.0:
-      memory for the warm-ups and full-rank references kept per train sequence across episodes, so a reset of a
-      seen sequence runs no forward (0 disables; docs/env.md, "Reference cache").
+      CUDA graph on a GPU; same results up to rounding); compile=False: torch.compile the step (about 2x faster on
+      an H200 in low-rank mode, after a one-time compilation in the first episode; docs/env.md);
+      reference_cache_gib=8.0: memory for the warm-ups and full-rank references kept per train sequence across
+      episodes, so a reset of a seen sequence runs no forward (0 disables; docs/env.md, "Reference cache").
     * render_mode: "ansi" (text) or "rgb_array" (rank heatmap). backbone: an already loaded
       :class:`~drrl_gym.backbone.Backbone` to share (envs built by name share one per model, device and dtype).
     """

@@ -24,7 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the CPU build of torch brings no Triton: the sort path serves
+except ImportError:  # the CPU build of torch brings no Triton: the CPU path needs none
     triton = None
 
 MAX_ROW = 16384  # the kernel holds a row in registers; longer rows take the sort path
@@ -78,7 +78,8 @@ def _(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def sorted_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition, through a stable descending sort: (R, L), (R, C) -> (R, C), (R, C) (the CPU path)."""
+    """The definition, through a stable descending sort: (R, L), (R, C) -> (R, C), (R, C) (CUDA rows the kernel
+    does not take, and the tests' reference)."""
     order = values.sort(dim=-1, descending=True, stable=True)
     index = counts.long() - 1
     return order.values.gather(-1, index), order.indices.gather(-1, index)
@@ -116,8 +117,16 @@ def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torc
 
 if triton is not None:
     @triton.jit
-    def _add3(a0, a1, a2, b0, b1, b2):
+    def add3(a0, a1, a2, b0, b1, b2):
+        """Three sums in one reduction (one barrier instead of three): the combine function of ``tl.reduce``."""
         return a0 + b0, a1 + b1, a2 + b2
+
+    @triton.jit
+    def ordered_int(x):
+        """float32 -> int32 in the float order (negative floats flip their magnitude bits); its own inverse on the
+        int32 bits, so ``ordered_int(key).to(tl.float32, bitcast=True)`` gives the float back."""
+        bits = x.to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
     def _row_threshold_kernel(values_ptr, counts_ptr, threshold_ptr, last_ptr, n_rows, length,
@@ -127,9 +136,7 @@ if triton is not None:
         row_ok = rows < n_rows
         inside = row_ok[:, None] & (cols[None, :] < length)
         x = tl.load(values_ptr + rows[:, None].to(tl.int64) * length + cols[None, :], mask=inside, other=0.0)
-        # float bits -> int32 keys in the float order (negative floats: flip the magnitude bits); padding below all
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(inside, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+        key = tl.where(inside, ordered_int(x), -2147483648)  # padding below every real key
         low_start = tl.min(tl.where(inside, key, 2147483647), 1).to(tl.int64)
         high_start = tl.max(key, 1).to(tl.int64) + 1
         for c in tl.static_range(C):
@@ -145,7 +152,7 @@ if triton is not None:
                 probe3 = low + 3 * width // 4
                 count1, count2, count3 = tl.reduce(((key >= probe1.to(tl.int32)[:, None]).to(tl.int32),
                                                     (key >= probe2.to(tl.int32)[:, None]).to(tl.int32),
-                                                    (key >= probe3.to(tl.int32)[:, None]).to(tl.int32)), 1, _add3)
+                                                    (key >= probe3.to(tl.int32)[:, None]).to(tl.int32)), 1, add3)
                 low, at_low = tl.where(count1 >= need, probe1, low), tl.where(count1 >= need, count1, at_low)
                 low, at_low = tl.where(count2 >= need, probe2, low), tl.where(count2 >= need, count2, at_low)
                 low, at_low = tl.where(count3 >= need, probe3, low), tl.where(count3 >= need, count3, at_low)
@@ -158,6 +165,6 @@ if triton is not None:
             room = need - tl.sum((key > low[:, None]).to(tl.int32), 1)  # tied keys still kept, >= 1
             place = tl.cumsum(tied.to(tl.int32), 1)
             last = tl.max(tl.where(tied & (place == room[:, None]), cols[None, :], -1), 1)
-            threshold = (low ^ ((low >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            threshold = ordered_int(low.to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
             tl.store(threshold_ptr + rows * C + c, threshold, mask=row_ok)
             tl.store(last_ptr + rows * C + c, last.to(tl.int64), mask=row_ok)

@@ -274,10 +274,10 @@ def dropped_mass_bound_table(
     ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one
     ``drrl_gym.row_threshold.row_thresholds`` call gives, for every keep, each row's k_i-th largest priority and
     where its ties stop, so each keep's W and U of (7) are sums over the row under an elementwise mask (one shift
-    per row for all of them): no sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose
-    k_i is every visible key gets 0 from (7) itself (U is empty). No shape or branch depends on the data and nothing
-    waits for the device, so CUDA graphs and torch.compile take the table whole. For a safety mask on the NEXT
-    segment this is a prediction, not a certificate.
+    per row for all of them): no sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not
+    computed; a smaller keep whose k_i is every visible key gets 0 from (7) itself (U is empty). No shape or branch
+    depends on the data and nothing waits for the device, so CUDA graphs and torch.compile take the table whole.
+    For a safety mask on the NEXT segment this is a prediction, not a certificate.
     """
     batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     scaling = checked_scaling(scaling, d)

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from drrl_gym.row_threshold import add3, ordered_int
 from drrl_gym.selection import KEEP_RTOL
 from drrl_gym.selection_decode import DIM_BLOCK
 
@@ -113,11 +114,6 @@ def _window_stats(f_a, c_a, lo_a, hi_a, f_b, c_b, lo_b, hi_b):
 
 
 @triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
 def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, keep_sb, keep_sg, index_ptr,
                       total_ptr, L_max, H_kv, n_splits, sink_tokens, recent_tokens,
                       RTOL_INVERSE: tl.constexpr, G: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -139,8 +135,7 @@ def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, 
     forced = visible & ((j < sink_tokens) | (j > n - 1 - recent_tokens))
     candidate = visible & ~forced
     # float bits -> int32 keys in the float order
-    bits = priority.to(tl.int32, bitcast=True)
-    key = tl.where(candidate, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+    key = tl.where(candidate, ordered_int(priority), -2147483648)
     n_forced, at_low, low, high = tl.reduce((forced.to(tl.int32), candidate.to(tl.int32),
                                              tl.where(candidate, key, 2147483647), key), 0, _window_stats)
     # (4) as drrl_gym.selection.kept_counts: k = max(ceil(keep n (1 - rtol)), min(n, sinks + recent)), 1 <= k <= n
@@ -161,7 +156,7 @@ def _threshold_kernel(scores_ptr, pmax_ptr, psum_ptr, len_ptr, len_s, keep_ptr, 
         probe2 = (low + width // 2).to(tl.int32)
         probe3 = (low + 3 * width // 4).to(tl.int32)  # low <= probe1 <= probe2 <= probe3 < high, probe2 > low
         count1, count2, count3 = tl.reduce(((key >= probe1).to(tl.int32), (key >= probe2).to(tl.int32),
-                                            (key >= probe3).to(tl.int32)), 0, _add3)
+                                            (key >= probe3).to(tl.int32)), 0, add3)
         low, at_low = tl.where(count1 >= need, probe1.to(tl.int64), low), tl.where(count1 >= need, count1, at_low)
         low, at_low = tl.where(count2 >= need, probe2.to(tl.int64), low), tl.where(count2 >= need, count2, at_low)
         low, at_low = tl.where(count3 >= need, probe3.to(tl.int64), low), tl.where(count3 >= need, count3, at_low)
