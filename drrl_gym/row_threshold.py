@@ -28,7 +28,6 @@ except ImportError:  # the CPU build of torch brings no Triton: the CPU path nee
     triton = None
 
 MAX_ROW = 16384  # the kernel holds a row in registers; longer rows take the sort path
-ROW_BLOCK = 8192  # values per program: several short rows share one, so each pass's reduction serves them all
 
 
 def row_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +101,29 @@ def _topk_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.
     return threshold, last
 
 
-def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor, rows_per_program: int | None = None,
+                       num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path; ``rows_per_program`` and ``num_warps`` override the launch (benchmarks/row_threshold.py
+    sweeps them)."""
     n_rows, length = values.shape
     n_counts = counts.shape[1]
     block = triton.next_power_of_2(length)
-    rows_per_program = max(1, min(16, ROW_BLOCK // block))
+    if rows_per_program is None:
+        rows_per_program, num_warps = _launch(block)
     threshold = torch.empty(n_rows, n_counts, dtype=torch.float32, device=values.device)
     last = torch.empty(n_rows, n_counts, dtype=torch.int64, device=values.device)
     _row_threshold_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         values, counts, threshold, last, n_rows, length, C=n_counts, ROWS=rows_per_program, BLOCK=block,
-        num_warps=8 if rows_per_program * block >= 4096 else 4)
+        num_warps=num_warps)
     return threshold, last
+
+
+def _launch(block: int) -> tuple[int, int]:
+    """Rows per program and warps for rows of ``block`` (a power of two) values: one row per program, 16 values per
+    thread up to 16 warps. A pass's reductions then stay within a warp or two, and rows finish independently. On an
+    H200 at the env's shapes (24,576 rows of 1024) this took 0.43 ms for three counts, against 1.37 ms for eight
+    rows over eight warps (docs/results.md, "The threshold search")."""
+    return 1, max(1, min(16, block // 512))
 
 
 if triton is not None:
@@ -128,6 +139,9 @@ if triton is not None:
         bits = x.to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
+    NEG_INF_KEY = tl.constexpr(-2139095041)  # ordered_int(-inf): 0x807FFFFF as int32, the least non-NaN key
+    POS_INF_KEY = tl.constexpr(2139095040)  # ordered_int(+inf): 0x7F800000, the greatest
+
     @triton.jit
     def _row_threshold_kernel(values_ptr, counts_ptr, threshold_ptr, last_ptr, n_rows, length,
                               C: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -136,15 +150,24 @@ if triton is not None:
         row_ok = rows < n_rows
         inside = row_ok[:, None] & (cols[None, :] < length)
         x = tl.load(values_ptr + rows[:, None].to(tl.int64) * length + cols[None, :], mask=inside, other=0.0)
-        key = tl.where(inside, ordered_int(x), -2147483648)  # padding below every real key
-        low_start = tl.min(tl.where(inside, key, 2147483647), 1).to(tl.int64)
-        high_start = tl.max(key, 1).to(tl.int64) + 1
+        key = tl.where(inside, ordered_int(x), -2147483648)  # padding below every real key, -inf's included
+        # The search runs over the finite keys only. +inf (forced keys) and -inf (invisible ones) sit at the ends of
+        # the order and are counted first: a range spanning them would cost the passes that cross the empty bit
+        # patterns between them and the scores.
+        finite = inside & (key > NEG_INF_KEY) & (key < POS_INF_KEY)
+        finite_low = tl.min(tl.where(finite, key, 2147483647), 1).to(tl.int64)
+        finite_high = tl.max(tl.where(finite, key, -2147483648), 1).to(tl.int64) + 1
+        n_pos_inf = tl.sum((key == POS_INF_KEY).to(tl.int32), 1)
+        n_above_neg_inf = tl.sum((key > NEG_INF_KEY).to(tl.int32), 1)
         for c in tl.static_range(C):
             need = tl.load(counts_ptr + rows * C + c, mask=row_ok, other=1)
             # invariant: count(key >= low) = at_low >= need > count(key >= high); done when at_low == need (the
             # keys >= low are then exactly the need largest) or high == low + 1 (low is the need-th largest)
-            low, high = low_start, high_start
-            at_low = tl.where(row_ok, length, 1)
+            on_pos_inf = need <= n_pos_inf
+            on_neg_inf = need > n_above_neg_inf
+            low = tl.where(on_pos_inf, POS_INF_KEY, tl.where(on_neg_inf, NEG_INF_KEY, finite_low))
+            high = tl.where(on_pos_inf | on_neg_inf, low + 1, finite_high)
+            at_low = tl.where(on_pos_inf | on_neg_inf | ~row_ok, need, n_above_neg_inf)
             while tl.max(((high - low > 1) & (at_low != need)).to(tl.int32), 0) > 0:
                 width = high - low
                 probe1 = low + width // 4

@@ -38,7 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from drrl_gym.kept_set_bounds import kept_set_bounds
 from drrl_gym.row_threshold import kept_mask, row_thresholds
 
 SELECTION_MODES = ("group", "head")
@@ -181,12 +183,13 @@ def selection_attention(
     threshold, last = row_thresholds(priority, counts[:, :, None, :, None])  # one count per KV group and query
     kept = kept_mask(priority, threshold[..., 0], last[..., 0])  # (B, H_kv, G or 1, T, L)
 
-    # compute, (5): exact scores of the model's own q and k on the chosen keys only
-    # In at least float32, as fused attention kernels accumulate: bf16 scores (a step of 0.125 at 16) would move the
-    # softmax by several percent in every layer.
-    scores = scaling * query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ key.to(work)[:, :, None].transpose(-1, -2)
-    weights = scores.masked_fill(~kept, float("-inf")).softmax(-1)
-    out = (weights @ value.to(work)[:, :, None]).to(value.dtype)  # (B, H_kv, G, T, dv)
+    # compute, (5): the model's own q, k and v, exact on the chosen keys: SDPA with S as its mask, so a fused kernel
+    # accumulates scores and softmax in float32 as the plain model's attention does (bf16 scores, a step of 0.125 at
+    # 16, would move the softmax by several percent in every layer). A group's G heads' queries are stacked as one
+    # sequence of G T rows over the group's keys, so K and V are read once per group.
+    stacked_mask = kept.expand(batch, kv_heads, group, n_queries, n_keys).reshape(batch, kv_heads, -1, n_keys)
+    out = F.scaled_dot_product_attention(query.reshape(batch, kv_heads, group * n_queries, d), key, value,
+                                         attn_mask=stacked_mask, scale=scaling)  # (B, H_kv, G T, dv)
     out = out.reshape(batch, heads, n_queries, value.shape[-1]).transpose(1, 2).contiguous()
     if not return_details:
         return out, None
@@ -320,25 +323,12 @@ def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: int, scaling: float, vi
     is one int for every head here, so (2) slices the first r columns: r / d of the full product's work."""
     rows = q.shape[:4]  # (B, H_kv, G, T): the G heads' queries stacked, so K~ is not copied once per head
     approx = (scaling * q[..., :rank].flatten(2, 3) @ k[..., :rank].transpose(-1, -2)).unflatten(2, rows[2:])
-    q_tail = scaling * torch.linalg.vector_norm(q[..., rank:], dim=-1)[..., None]  # (B, H_kv, G, T, 1)
-    k_tail = torch.linalg.vector_norm(k[..., rank:], dim=-1)[:, :, None, None, :]  # (B, H_kv, 1, 1, L): (6)
+    q_tail = scaling * torch.linalg.vector_norm(q[..., rank:], dim=-1)  # (B, H_kv, G, T)
+    k_tail = torch.linalg.vector_norm(k[..., rank:], dim=-1)  # (B, H_kv, L): delta = q_tail k_tail, (6)
     priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
     threshold, last = row_thresholds(priority, counts.T[None, None, None])  # (B, H_kv, G or 1, T, C)
-    high = torch.addcmul(approx, q_tail, k_tail).masked_fill_(~visible, float("-inf"))  # s^ + delta
-    # One shift per row serves every sum of every keep: the row's largest s^ + delta bounds all their terms, so the
-    # exponentials lie in [0, 1] and the sums need no max pass of their own (a pass over the scores each). Terms
-    # more than ~87 nats below that maximum underflow in float32: that can only raise the bound (an empty W gives
-    # 1), or drop from U terms below e^-87 of its largest.
-    shift = high.amax(-1, keepdim=True)  # finite: every row sees its own key
-    exp_high = (high - shift).exp()  # 0 at invisible keys
-    exp_low = (torch.addcmul(approx, q_tail, k_tail, value=-1) - shift).exp()  # s^ - delta
-    bounds = []
-    for c in range(counts.shape[0]):
-        kept = kept_mask(priority, threshold[..., c], last[..., c])  # S_i, never an invisible key
-        w = (exp_low * kept).sum(-1)
-        u = (exp_high * ~kept).sum(-1)  # 0 (a bound of 0) when nothing is dropped
-        bounds.append(u / (u + w).clamp_min(torch.finfo(u.dtype).tiny))  # U / (U + W), (7)
-    bound = torch.stack(bounds, -1).double()  # (B, H_kv, G, T, C)
+    bound = kept_set_bounds(*(x.flatten(0, 1) for x in (approx, q_tail, k_tail, priority, threshold, last)))
+    bound = bound.unflatten(0, rows[:2]).double()  # (B, H_kv, G, T, C)
     return bound.mean((2, 3)), bound.amax((2, 3))
 
 

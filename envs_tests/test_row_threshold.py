@@ -83,15 +83,17 @@ INTERPRETER_SCRIPT = """
     for seed, (rows, length, n_counts) in enumerate([(5, 37, 3), (3, 1, 1), (20, 9, 2)]):
         values = priority_rows(rows, length, seed)
         counts = random_counts(rows, length, n_counts, seed).int()
-        got, expected = _kernel_thresholds(values, counts), sorted_thresholds(values, counts)
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (seed, got, expected)
+        expected = sorted_thresholds(values, counts)
+        for launch in [(), (4, 4)]:  # the default (one row per program) and several rows per program
+            got = _kernel_thresholds(values, counts, *launch)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (seed, launch, got, expected)
     print("interpreter ok")
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_the_sort_in_triton_interpreter():
-    """Rows shorter than a power of two, several rows per program and two programs, ties, +-inf, counts 1 and L.
+    """Rows shorter than a power of two, one and several rows per program, ties, +-inf, counts 1 and L.
     Small: the interpreter runs a search pass in about 0.1 s."""
     result = run_in_interpreter(INTERPRETER_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
