@@ -32,7 +32,7 @@ from drrl_gym.files import atomic_write_text
 from drrl_gym.perplexity import describe_machine
 
 
-def run_episodes(m: int | None, sequences: list[int], env_args: dict) -> tuple[np.ndarray, np.ndarray]:
+def run_episodes(m: int, sequences: list[int], env_args: dict) -> tuple[np.ndarray, np.ndarray]:
     """(steps, units, choices) bounds and masks of every step of the episodes, at bound_queries=m."""
     env = DRRLAttentionEnv(attention="select", bound_queries=m, **env_args)
     bounds, masks = [], []
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rank_choices:
         env_args["rank_choices"] = tuple(args.rank_choices)
     started = time.perf_counter()
-    reference_bounds, reference_masks = run_episodes(None, args.sequences, env_args)
+    reference_bounds, reference_masks = run_episodes(args.segment_len, args.sequences, env_args)  # every query
     steps = len(reference_bounds) // len(args.sequences)  # consecutive segments of one episode, not across them
     later = np.arange(len(reference_bounds)) % steps > 0
     rows = {"consecutive segments, every query": compare(reference_bounds[later], reference_masks[later],

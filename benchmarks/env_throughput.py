@@ -575,7 +575,8 @@ def main() -> None:
     parser.add_argument("--n-envs-curve", type=int, nargs="*", default=None, help="default 16 32 64 128 256")
     parser.add_argument("--curve-episodes", type=number_in(int, 1), default=1)
     parser.add_argument("--bound-queries", type=number_in(int, 1), default=None,
-                        help="selection mode: the mask's bound over each segment's last m queries (default: all)")
+                        help="selection mode: the mask's bound over each segment's last m queries (default: the "
+                        "env's, 32; the segment length for every query)")
     parser.add_argument("--reference-cache-gib", type=number_in(float, 0), default=None,
                         help="the env's reference cache budget; default 64 (holds SmolLM2's whole train split)")
     parser.add_argument("--prefill", type=number_in(int, 1), default=None,

@@ -78,8 +78,8 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
       budget_penalty=2.0; docs/env.md).
     * attention="lowrank_scores" or "select"; keep_choices=(0.0625, 0.125, 0.25, 1.0): the kept fractions of
       selection mode (a choice is then a (rank, keep) pair; the mask, perturbation and cost are selection's);
-      bound_queries=None: in selection mode, take the mask's bound over the last m queries of a segment only
-      (faster; docs/env.md).
+      bound_queries=None: in selection mode, take the mask's bound over the last m queries of a segment (None: 32, or
+      the whole of a shorter segment; pass segment_len for every query; docs/env.md).
     * epsilon_start=epsilon_end=None (4.0 for low-rank scores, 0.25 for selection), epsilon_anneal_steps=0: the
       mask threshold, linear over env steps (counted over the env's lifetime); math.inf turns the mask off.
     * basis="calibrated" (fixed, cached on disk) or "exact" (per-segment eigenbasis, for comparison).

@@ -271,7 +271,7 @@ def test_selection_model_decides_like_the_environment(tmp_path, bound_queries, e
     path = export_dynamic_rank_model(tmp_path / "export", env.backbone, policy, basis, env.config)
     model = load_dynamic_rank_model(path, "cpu")
     assert model.drrl.spec.attention == "select" and model.drrl.attention.approximation == "select"
-    assert model.drrl.spec.bound_queries == bound_queries
+    assert model.drrl.spec.bound_queries == env.config.bound_queries == (bound_queries or 32)  # TINY: 32 a segment
     with torch.no_grad():
         model(env.corpus.train[1:2])
     runtime = model.drrl

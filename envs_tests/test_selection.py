@@ -517,11 +517,12 @@ def test_env_in_selection_mode_masks_by_the_dropped_mass_bound():
 
 
 def test_bound_over_the_last_queries_only():
-    """bound_queries=m takes the mask's bound over a segment's last m queries: all of them is the default, fewer
-    change the bounds; anything else is refused with the fix."""
+    """bound_queries=m takes the mask's bound over a segment's last m queries: 32 by default, or all of a shorter
+    segment; fewer change the bounds; anything else is refused with the fix."""
     import numpy as np
     from conftest import TINY_ENV
 
+    from drrl_gym.config import EnvConfig
     from drrl_gym.env import DRRLAttentionEnv
 
     select = {**TINY_ENV, "attention": "select", "keep_choices": (0.25, 0.5, 1.0)}
@@ -532,6 +533,8 @@ def test_bound_over_the_last_queries_only():
         env.step(np.zeros(env.n_units, dtype=np.int64))
         bounds[m] = env.full_rank_bounds
     assert np.array_equal(bounds[None], bounds[32]) and not np.allclose(bounds[None], bounds[4])
+    assert EnvConfig(attention="select").bound_queries == 32 and EnvConfig().bound_queries is None
+    assert EnvConfig(attention="select", segment_len=16, seq_len=64).bound_queries == 16
     for bad, kwargs in ((0, select), (33, select), (2.5, select), (8, TINY_ENV)):
         with pytest.raises(ValueError, match="bound_queries.*Fix"):
             DRRLAttentionEnv(**kwargs, bound_queries=bad)
@@ -565,3 +568,21 @@ def test_dropped_mass_bound_holds_on_smollm2_activations(smollm2):
     assert rows >= 1000 and violations == 0, (rows, violations)
     assert worst <= 1 + 1e-9
 
+
+
+def test_bound_queries_benchmark_compares_with_every_query(tmp_path):
+    """benchmarks/bound_queries.py: the bound over all of a segment's queries agrees exactly with the reference (every
+    query), fewer queries change the bounds."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bound_queries import main
+
+    main(["--model", "tiny-random-llama", "--seq-len", "128", "--segment-len", "32", "--rank-choices", "4", "8", "16",
+          "--bound-queries", "32", "4", "--sequences", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows["bound_queries=32"]["mask_agreement"] == 1.0 and rows["bound_queries=32"]["bound_relative_error_p90"] == 0
+    assert rows["bound_queries=4"]["bound_relative_error_p90"] > 0
+    assert (tmp_path / "results.md").read_text().count("| bound_queries=") == 2
