@@ -17,18 +17,17 @@ segment's bound) moves anyway. Writes ``results.json`` (command, machine, date, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bound_table import git_commit, write_results
 from tqdm import tqdm
 
 from drrl_gym.cli import number_in
 from drrl_gym.env import DRRLAttentionEnv
-from drrl_gym.files import atomic_write_text
 from drrl_gym.perplexity import describe_machine
 
 
@@ -85,18 +84,15 @@ def main(argv: list[str] | None = None) -> None:
                                              reference_masks)
         print(m, rows[f"bound_queries={m}"], flush=True)
     meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(torch.device(args.device)),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "seconds": time.perf_counter()
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(), "seconds": time.perf_counter()
             - started, "env": env_args, "sequences": args.sequences, "steps": len(reference_bounds), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps(meta, indent=1))
     table = "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
                       f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} |"
                       for name, r in rows.items())
-    atomic_write_text(args.out / "results.md", f"Measured by `{meta['command']}` on {meta['machine']}, {meta['date']} "
-                      f"(torch {meta['torch']}); {len(args.sequences)} episodes, {meta['steps']} steps, uniform random "
-                      "actions. Each row against every query's bounds and mask of the same step; the first row "
-                      "compares each step with the one before.\n\n| bound over | mask agreement | entries differing | "
-                      "relative bound change, median | p90 |\n|---|---:|---:|---:|---:|\n" + table + "\n")
+    write_results(args.out, meta, f"{len(args.sequences)} episodes, {meta['steps']} steps, uniform random actions. Each "
+                  "row against every query's bounds and mask of the same step; the first row compares each step with "
+                  "the one before.", "| bound over | mask agreement | entries differing | relative bound change, "
+                  f"median | p90 |\n|---|---:|---:|---:|---:|\n{table}")
 
 
 if __name__ == "__main__":

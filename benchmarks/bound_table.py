@@ -57,6 +57,15 @@ def git_commit() -> str | None:
         return None
 
 
+def write_results(out: Path, meta: dict, summary: str, table: str) -> None:
+    """``out``/results.json (``meta``: command, machine, date, torch, git commit, numbers) and ``out``/results.md (who
+    measured what and where, then ``summary`` and the Markdown ``table``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(meta, indent=1))
+    atomic_write_text(out / "results.md", f"Measured by `{meta['command']}` on {meta['machine']}, {meta['date']} "
+                      f"(torch {meta['torch']}, commit {meta['git_commit']}); {summary}\n\n{table}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=number_in(int, 1), default=4, help="env rows (default 4)")
@@ -95,14 +104,10 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(), "shape": {"batch": args.batch, "heads": HEADS, "kv_heads": KV_HEADS,
             "head_dim": HEAD_DIM, "queries": args.queries, "keys": args.keys}, "ranks": RANKS, "keeps": KEEPS,
             "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps(meta, indent=1))
     table = "\n".join(f"| {r['dtype']} | {r['queries']} | {r['ms']:.1f} |" for r in rows)
-    atomic_write_text(args.out / "results.md", f"Measured by `{meta['command']}` on {meta['machine']}, {meta['date']} "
-                      f"(torch {meta['torch']}, {meta['threads']} threads, commit {meta['git_commit']}); one layer, "
-                      f"B={args.batch}, {HEADS} query heads over {KV_HEADS} KV heads, d={HEAD_DIM}, "
-                      f"{args.keys} keys, ranks {RANKS}, keeps {KEEPS}.\n\n| work dtype | queries bounded | ms |\n"
-                      f"|---|---:|---:|\n{table}\n")
+    write_results(args.out, meta, f"one layer, B={args.batch}, {HEADS} query heads over "
+                  f"{KV_HEADS} KV heads, d={HEAD_DIM}, {args.keys} keys, ranks {RANKS}, keeps {KEEPS}.",
+                  f"| work dtype | queries bounded | ms |\n|---|---:|---:|\n{table}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bound_table import git_commit, timed
+from bound_table import git_commit, timed, write_results
 
 from drrl_gym.cli import number_in
-from drrl_gym.files import atomic_write_text
 from drrl_gym.perplexity import describe_machine
 from drrl_gym.row_threshold import _kernel_thresholds, row_thresholds, sorted_thresholds
 from drrl_gym.selection import (
@@ -93,13 +91,9 @@ def main(argv: list[str] | None = None) -> None:
             time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
             "shape": {"rows": values.shape[0], "keys": args.keys, "batch": args.batch, "kv_heads": KV_HEADS,
                       "queries": args.queries}, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps(meta, indent=1))
     table = "\n".join(f"| {r['call']} | {r['counts']} | {r['method']} | {r['ms']:.3f} |" for r in rows)
-    atomic_write_text(args.out / "results.md", f"Measured by `{meta['command']}` on {meta['machine']}, {meta['date']} "
-                      f"(torch {meta['torch']}, commit {meta['git_commit']}); {values.shape[0]} rows of {args.keys} "
-                      f"priorities (B={args.batch} x {KV_HEADS} KV heads x {args.queries} queries).\n\n"
-                      "| call | counts | method | ms |\n|---|---:|---|---:|\n" + table + "\n")
+    write_results(args.out, meta, f"{values.shape[0]} rows of {args.keys} priorities (B={args.batch} x {KV_HEADS} KV "
+                  f"heads x {args.queries} queries).", f"| call | counts | method | ms |\n|---|---:|---|---:|\n{table}")
 
 
 if __name__ == "__main__":
