@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> None:
                                              reference_masks)
         print(m, rows[f"bound_queries={m}"], flush=True)
     meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(torch.device(args.device)),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(), "seconds": time.perf_counter()
-            - started, "env": env_args, "sequences": args.sequences, "steps": len(reference_bounds), "rows": rows}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
+            "seconds": time.perf_counter() - started, "env": env_args, "sequences": args.sequences, "steps":
+            len(reference_bounds), "rows": rows}
     table = "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
                       f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} |"
                       for name, r in rows.items())
-    write_results(args.out, meta, f"{len(args.sequences)} episodes, {meta['steps']} steps, uniform random actions. Each "
-                  "row against every query's bounds and mask of the same step; the first row compares each step with "
-                  "the one before.", "| bound over | mask agreement | entries differing | relative bound change, "
+    write_results(args.out, meta, f"{len(args.sequences)} episodes, {meta['steps']} steps, uniform random actions. "
+                  "Each row against every query's bounds and mask of the same step; the first row compares each step "
+                  "with the one before.", "| bound over | mask agreement | entries differing | relative bound change, "
                   f"median | p90 |\n|---|---:|---:|---:|---:|\n{table}")
 
 

@@ -1,4 +1,4 @@
-"""Time of the operator that picks selection's kept keys (``drrl_gym.row_threshold.row_thresholds``) at the env's shapes.
+"""Time of the operator that picks selection's kept keys (``drrl_gym.row_threshold.row_thresholds``), env shapes.
 
     python benchmarks/row_threshold.py --device cuda --out OUT           # the Triton kernel, its launches, the sort
     python benchmarks/row_threshold.py --device cpu --batch 2 --out OUT  # the CPU's topk path

@@ -2,22 +2,25 @@
 
 The bound table (``drrl_gym.selection.dropped_mass_bound_table``) needs, per rank, query row and candidate keep c,
 
-    m_c <= U_c / (U_c + W_c),   U_c = sum_{j in V \\ S_c} exp(s^_j + delta_j),   W_c = sum_{j in S_c} exp(s^_j - delta_j)   (7)
+    m_c <= U_c / (U_c + W_c),                                                                                  (7)
+    U_c = sum_{j in V \\ S_c} exp(s^_j + delta_j),   W_c = sum_{j in S_c} exp(s^_j - delta_j)
 
 with delta_j = s ||q_{>r}|| ||k~_{j,>r}|| (6) and the kept sets S_c given by each row's priority threshold and tie
 position (``drrl_gym.row_threshold``). One shift per row, the row's largest s^ + delta, serves every sum: the
 exponentials lie in [0, 1], and terms more than ~87 nats below the shift underflow in float32, which can only raise
 the bound (an empty W gives 1) or drop from U terms below e^-87 of its largest.
 
-On CUDA, in float32, a Triton kernel takes one (sequence, KV head, query) per program: it reads the G heads' rank-r scores, the
-keys' tails and the priority row once and writes (G, C) bounds, where the same sums in torch read the (..., L)
-scores once per sum and write the exponentials between. Elsewhere the torch expression, which the tests compare
+On CUDA, in float32, a Triton kernel takes one (sequence, KV head, query) per program: it reads the G heads' rank-r
+scores, the keys' tails and the priority row once and writes (G, C) bounds, where the same sums in torch read the
+(..., L) scores once per sum and write the exponentials between. Elsewhere the torch expression, which the tests compare
 the kernel with. A ``torch.library`` custom op (``drrl_gym::kept_set_bounds``), so torch.compile keeps it whole.
 """
 
 from __future__ import annotations
 
 import torch
+
+from drrl_gym.row_threshold import kept_mask
 
 try:
     import triton
@@ -33,19 +36,22 @@ def kept_set_bounds(approx: torch.Tensor, query_tail: torch.Tensor, key_tail: to
     """U / (U + W) of (7) for C kept sets of every row: (R, G, T, C) in approx's dtype.
 
     Args:
-        approx: (R, G, T, L) float32 or float64 rank-r scores s^ (2) of G query heads' T queries over L keys, R = B H_kv; the
-            queries are the last T of the L positions (query t sees keys 0 .. L - T + t).
+        approx: (R, G, T, L) float32 or float64 rank-r scores s^ (2) of G query heads' T queries over L keys,
+            R = B H_kv; the queries are the last T of the L positions (query t sees keys 0 .. L - T + t).
         query_tail: (R, G, T) s ||q_{>r}||; key_tail: (R, L) ||k~_{>r}||, so delta = query_tail key_tail (6).
         priority: (R, P, T, L) the rows' priorities (3), P = 1 (one key set per group) or G (one per head).
-        threshold, last: (R, P, T, C) in approx's dtype and int64, ``drrl_gym.row_threshold.row_thresholds`` of ``priority``.
+        threshold, last: (R, P, T, C) in approx's dtype and int64: ``drrl_gym.row_threshold.row_thresholds`` of
+            ``priority`` for the C counts.
     """
     rows, group, n_queries, n_keys = approx.shape
     heads_chosen, n_counts = priority.shape[1], threshold.shape[-1]
-    if (approx.dtype not in (torch.float32, torch.float64) or query_tail.shape != (rows, group, n_queries) or key_tail.shape != (rows, n_keys)
-            or heads_chosen not in (1, group) or priority.shape != (rows, heads_chosen, n_queries, n_keys)
+    if (approx.dtype not in (torch.float32, torch.float64) or query_tail.shape != (rows, group, n_queries)
+            or key_tail.shape != (rows, n_keys) or heads_chosen not in (1, group)
+            or priority.shape != (rows, heads_chosen, n_queries, n_keys)
             or threshold.shape != (rows, heads_chosen, n_queries, n_counts) or last.shape != threshold.shape):
-        raise ValueError(f"kept_set_bounds needs approx (R, G, T, L) float32 or float64, query_tail (R, G, T), key_tail (R, L), "
-                         f"priority (R, 1 or G, T, L) and threshold, last (R, 1 or G, T, C); got approx "
+        raise ValueError(f"kept_set_bounds needs approx (R, G, T, L) float32 or float64, query_tail (R, G, T), "
+                         f"key_tail (R, L), priority (R, 1 or G, T, L) and threshold, last (R, 1 or G, T, C); got "
+                         f"approx "
                          f"{approx.dtype} {tuple(approx.shape)}, query_tail {tuple(query_tail.shape)}, key_tail "
                          f"{tuple(key_tail.shape)}, priority {tuple(priority.shape)}, threshold "
                          f"{tuple(threshold.shape)}, last {tuple(last.shape)}")
@@ -80,8 +86,7 @@ def torch_bounds(approx: torch.Tensor, query_tail: torch.Tensor, key_tail: torch
     exp_low = (approx - delta - shift).exp()  # s^ - delta
     bounds = []
     for c in range(threshold.shape[-1]):
-        t, j = threshold[..., c, None], last[..., c, None]
-        kept = (priority > t) | ((priority == t) & (position <= j))  # S_c, never an invisible key
+        kept = kept_mask(priority, threshold[..., c], last[..., c])  # S_c, never an invisible key
         w = (exp_low * kept).sum(-1)
         u = (exp_high * ~kept).sum(-1)  # 0 (a bound of 0) when nothing is dropped
         bounds.append(u / (u + w).clamp_min(torch.finfo(u.dtype).tiny))  # U / (U + W), (7)

@@ -277,9 +277,10 @@ def dropped_mass_bound_table(
     ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one
     ``drrl_gym.row_threshold.row_thresholds`` call gives, for every keep, each row's k_i-th largest priority and
     where its ties stop, so each keep's W and U of (7) are sums over the row under an elementwise mask (one shift
-    per row for all of them): no sort, no gather. A keep of 1 drops nothing: its bound is exactly 0 and is not
-    computed; a smaller keep whose k_i is every visible key gets 0 from (7) itself (U is empty). No shape or branch
-    depends on the data and nothing waits for the device, so CUDA graphs and torch.compile take the table whole.
+    per row for all of them; ``drrl_gym.kept_set_bounds``, a Triton pass per row on CUDA): no sort, no gather. A
+    keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose k_i is every visible
+    key gets 0 from (7) itself (U is empty). No shape or branch depends on the data and nothing waits for the
+    device, so CUDA graphs and torch.compile take the table whole.
     For a safety mask on the NEXT segment this is a prediction, not a certificate.
     """
     batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
@@ -334,8 +335,9 @@ def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: int, scaling: float, vi
 
 @functools.cache
 def _compiled_rank_bounds():
-    """:func:`_rank_bounds` through torch.compile (CUDA): its chains of masks, shifts, exponentials and sums over
-    the (B, H_kv, G, T, L) scores fuse into a few kernels instead of one pass over memory each. Dynamic shapes: one
+    """:func:`_rank_bounds` through torch.compile (CUDA): the priorities' masks, logsumexps and maxima over the
+    (B, H_kv, G, T, L) scores, and the tail norms, fuse into a few kernels instead of one pass over memory each (the
+    sums of (7) are one Triton pass of their own, ``drrl_gym.kept_set_bounds``). Dynamic shapes: one
     compilation serves every key count and top size of a run."""
     return torch.compile(_rank_bounds, dynamic=True)
 
