@@ -66,20 +66,32 @@ def write_results(out: Path, meta: dict, summary: str, table: str) -> None:
                       f"(torch {meta['torch']}, commit {meta['git_commit']}); {summary}\n\n{table}\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=number_in(int, 1), default=4, help="env rows (default 4)")
+def layer_parser(description: str, batch: int, repeats: int, device: str) -> argparse.ArgumentParser:
+    """The options of the one-layer benchmarks: --batch, --queries, --keys, --repeats, --device, --out (checked by
+    :func:`parse_layer_args`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=number_in(int, 1), default=batch, help=f"env rows (default {batch})")
     parser.add_argument("--queries", type=number_in(int, 1), default=128, help="a segment's new tokens")
     parser.add_argument("--keys", type=number_in(int, 1), default=1024, help="keys visible to the last query")
-    parser.add_argument("--bound-queries", type=number_in(int, 1), nargs="*", default=[32],
-                        help="also time the table over only the last m queries, for each m")
-    parser.add_argument("--repeats", type=number_in(int, 1), default=3)
-    parser.add_argument("--threads", type=number_in(int, 1), default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=number_in(int, 1), default=repeats)
+    parser.add_argument("--device", default=device)
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def parse_layer_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.queries > args.keys:
         parser.error("--queries must be at most --keys: the queries are the last of the keys' positions")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = layer_parser(__doc__, batch=4, repeats=3, device="cpu")
+    parser.add_argument("--bound-queries", type=number_in(int, 1), nargs="*", default=[32],
+                        help="also time the table over only the last m queries, for each m")
+    parser.add_argument("--threads", type=number_in(int, 1), default=None, help="CPU threads (default: torch's)")
+    args = parse_layer_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -14,16 +14,13 @@ versions, git commit, every time) and ``results.md``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
-from pathlib import Path
 
 import torch
-from bound_table import git_commit, timed, write_results
+from bound_table import git_commit, layer_parser, parse_layer_args, timed, write_results
 
-from drrl_gym.cli import number_in
 from drrl_gym.perplexity import describe_machine
 from drrl_gym.row_threshold import _kernel_thresholds, row_thresholds, sorted_thresholds
 from drrl_gym.selection import (
@@ -51,18 +48,10 @@ def priority_rows(batch: int, queries: int, keys: int, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=number_in(int, 1), default=64, help="env rows (default 64)")
-    parser.add_argument("--queries", type=number_in(int, 1), default=128, help="a segment's new tokens")
-    parser.add_argument("--keys", type=number_in(int, 1), default=1024, help="keys visible to the last query")
+    parser = layer_parser(__doc__, batch=64, repeats=20, device="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--launches", nargs="*", default=["1x1", "1x2", "1x4", "2x2", "4x4", "8x8"],
                         help="Triton launches to sweep, rows per program x warps (CUDA only)")
-    parser.add_argument("--repeats", type=number_in(int, 1), default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.queries > args.keys:
-        parser.error("--queries must be at most --keys: the queries are the last of the keys' positions")
+    args = parse_layer_args(parser, argv)
     try:
         launches = [tuple(int(n) for n in launch.split("x")) for launch in args.launches]
     except ValueError:

@@ -13,15 +13,12 @@ with the default ``bound_queries``: this times it with the exact attention that 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
-from bound_table import git_commit, timed, write_results
+from bound_table import git_commit, layer_parser, parse_layer_args, timed, write_results
 
-from drrl_gym.cli import number_in
 from drrl_gym.perplexity import describe_machine
 from drrl_gym.selection import rotate, selection_attention
 
@@ -30,16 +27,8 @@ RANKS, KEEPS = (16, 32, 48, 64), (0.0625, 0.125, 0.25)  # the env's choices that
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=number_in(int, 1), default=64, help="env rows (default 64)")
-    parser.add_argument("--queries", type=number_in(int, 1), default=128, help="a segment's new tokens")
-    parser.add_argument("--keys", type=number_in(int, 1), default=1024, help="keys visible to the last query")
-    parser.add_argument("--repeats", type=number_in(int, 1), default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.queries > args.keys:
-        parser.error("--queries must be at most --keys: the queries are the last of the keys' positions")
+    args = parse_layer_args(layer_parser(__doc__, batch=64, repeats=20, device="cuda" if torch.cuda.is_available()
+                                         else "cpu"), argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
