@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from drrl_gym.row_threshold import kept_mask
+from drrl_gym.row_threshold import MAX_ROW, kept_mask, row_warps
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU build of torch brings no Triton
     triton = None
-
-MAX_ROW = 16384  # the kernel holds a row in registers; longer rows take the torch path
-
 
 def kept_set_bounds(approx: torch.Tensor, query_tail: torch.Tensor, key_tail: torch.Tensor, priority: torch.Tensor,
                     threshold: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -101,7 +98,7 @@ def _kernel_bounds(approx, query_tail, key_tail, priority, threshold, last) -> t
     _kept_set_bounds_kernel[(rows * n_queries,)](
         approx, query_tail, key_tail, priority, threshold, last, bound, n_queries, n_keys,
         G=group, PER_HEAD=priority.shape[1] == group and group > 1, C=n_counts, BLOCK=block,
-        num_warps=max(1, min(16, block // 512)))
+        num_warps=row_warps(block))
     return bound
 
 

@@ -28,7 +28,7 @@ try:
 except ImportError:  # the CPU build of torch brings no Triton: the CPU path needs none
     triton = None
 
-MAX_ROW = 16384  # the kernel holds a row in registers; longer rows take the sort path
+MAX_ROW = 16384  # the kernels hold a row in registers; longer rows take the sort (or torch) path
 
 
 def row_thresholds(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +110,7 @@ def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor, rows_per_prog
     n_counts = counts.shape[1]
     block = triton.next_power_of_2(length)
     if rows_per_program is None:
-        rows_per_program, num_warps = _launch(block)
+        rows_per_program, num_warps = 1, row_warps(block)
     threshold = torch.empty(n_rows, n_counts, dtype=torch.float32, device=values.device)
     last = torch.empty(n_rows, n_counts, dtype=torch.int64, device=values.device)
     _row_threshold_kernel[(triton.cdiv(n_rows, rows_per_program),)](
@@ -119,12 +119,13 @@ def _kernel_thresholds(values: torch.Tensor, counts: torch.Tensor, rows_per_prog
     return threshold, last
 
 
-def _launch(block: int) -> tuple[int, int]:
-    """Rows per program and warps for rows of ``block`` (a power of two) values: one row per program, 16 values per
-    thread up to 16 warps. A pass's reductions then stay within a warp or two, and rows finish independently. On an
-    H200 at the env's shapes (24,576 rows of 1024) this took 0.43 ms for three counts, against 1.37 ms for eight
-    rows over eight warps (docs/results.md, "Selection step: a faster threshold search")."""
-    return 1, max(1, min(16, block // 512))
+def row_warps(block: int) -> int:
+    """Warps for a program holding one row of ``block`` (a power of two) values in registers: 16 values per thread,
+    up to 16 warps (also ``drrl_gym.kept_set_bounds``'s). The search takes one row per program at this width: a
+    pass's reductions then stay within a warp or two, and rows finish independently. On an H200 at the env's
+    shapes (24,576 rows of 1024) this took 0.43 ms for three counts, against 1.37 ms for eight rows over eight
+    warps (docs/results.md, "Selection step: a faster threshold search")."""
+    return max(1, min(16, block // 512))
 
 
 if triton is not None:

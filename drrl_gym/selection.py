@@ -338,7 +338,7 @@ def _compiled_rank_bounds():
     """:func:`_rank_bounds` through torch.compile (CUDA): the priorities' masks, logsumexps and maxima over the
     (B, H_kv, G, T, L) scores, and the tail norms, fuse into a few kernels instead of one pass over memory each (the
     sums of (7) are one Triton pass of their own, ``drrl_gym.kept_set_bounds``). Dynamic shapes: one
-    compilation serves every key count and top size of a run."""
+    compilation serves every key count of a run."""
     return torch.compile(_rank_bounds, dynamic=True)
 
 
@@ -355,20 +355,6 @@ def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     not a difference of prefix sums), so a small tail keeps its relative precision; one pass over x, no scan."""
     beyond = torch.arange(x.shape[-1], device=x.device) >= rank[..., None, None]  # (..., 1, d)
     return torch.linalg.vector_norm(x * beyond.to(x.dtype), dim=-1)
-
-
-def _masked_logsumexps(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """log sum_{i in masks[c]} exp(x_i) for every mask c at once: x (..., T, n), masks (C, T, n) bool -> (..., T, C).
-
-    One shift by the row's maximum and one batched product with the masks, instead of a masked logsumexp per mask.
-    Shifted terms lie in [0, 1]; those more than 87 nats below their row's maximum underflow to 0 in float32. In (7)
-    that can only raise the bound when it empties W (log W = -inf gives 1), and drops from U only terms below e^-87
-    times a kept key's exp(s^ + delta). Empty sets give -inf. Runs in x's dtype; TF32 matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``) would round the sums to about 1e-3."""
-    shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # a row of -inf alone stays -inf
-    terms = (x - shift).exp()
-    sums = torch.einsum("...tn,ctn->...tc", terms, masks.to(terms.dtype))
-    return sums.log() + shift
 
 
 def _radius(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
