@@ -47,11 +47,16 @@ def run_episodes(m: int, sequences: list[int], env_args: dict) -> tuple[np.ndarr
     return np.stack(bounds), np.stack(masks)
 
 
-def compare(bounds: np.ndarray, masks: np.ndarray, reference_bounds: np.ndarray, reference_masks: np.ndarray) -> dict:
+def compare(bounds: np.ndarray, masks: np.ndarray, reference_bounds: np.ndarray, reference_masks: np.ndarray,
+            episodes: int) -> dict:
+    """Agreement of the masks and change of the bounds, over all steps and per step of an episode (the same number
+    of steps each)."""
     relative = np.abs(bounds - reference_bounds) / np.maximum(np.abs(reference_bounds), 1e-12)
-    return {"mask_agreement": float(np.mean(masks == reference_masks)), "masks_differing": int((masks !=
-            reference_masks).sum()), "mask_entries": int(masks.size), "bound_relative_error_median":
-            float(np.median(relative)), "bound_relative_error_p90": float(np.quantile(relative, 0.9))}
+    agree = (masks == reference_masks).reshape(episodes, len(masks) // episodes, -1)
+    return {"mask_agreement": float(agree.mean()), "masks_differing": int((~agree).sum()), "mask_entries":
+            int(masks.size), "mask_agreement_by_step": agree.mean((0, 2)).tolist(), "bound_relative_error_median":
+            float(np.median(relative)), "bound_relative_error_p90": float(np.quantile(relative, 0.9)),
+            "mean_bound_ratio": float(bounds.mean() / reference_bounds.mean())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,24 +81,26 @@ def main(argv: list[str] | None = None) -> None:
     reference_bounds, reference_masks = run_episodes(args.segment_len, args.sequences, env_args)  # every query
     steps = len(reference_bounds) // len(args.sequences)  # consecutive segments of one episode, not across them
     later = np.arange(len(reference_bounds)) % steps > 0
+    episodes = len(args.sequences)
     rows = {"consecutive segments, every query": compare(reference_bounds[later], reference_masks[later],
                                                          reference_bounds[np.roll(later, -1)],
-                                                         reference_masks[np.roll(later, -1)])}
+                                                         reference_masks[np.roll(later, -1)], episodes)}
     for m in args.bound_queries:
         rows[f"bound_queries={m}"] = compare(*run_episodes(m, args.sequences, env_args), reference_bounds,
-                                             reference_masks)
+                                             reference_masks, episodes)
         print(m, rows[f"bound_queries={m}"], flush=True)
     meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(torch.device(args.device)),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
             "seconds": time.perf_counter() - started, "env": env_args, "sequences": args.sequences, "steps":
             len(reference_bounds), "rows": rows}
     table = "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
-                      f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} |"
-                      for name, r in rows.items())
+                      f"{' '.join(f'{a:.3f}' for a in r['mask_agreement_by_step'])} | "
+                      f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} | "
+                      f"{r['mean_bound_ratio']:.4f} |" for name, r in rows.items())
     write_results(args.out, meta, f"{len(args.sequences)} episodes, {meta['steps']} steps, uniform random actions. "
                   "Each row against every query's bounds and mask of the same step; the first row compares each step "
-                  "with the one before.", "| bound over | mask agreement | entries differing | relative bound change, "
-                  f"median | p90 |\n|---|---:|---:|---:|---:|\n{table}")
+                  "with the one before.", "| bound over | mask agreement | entries differing | agreement by step | relative "
+                  "bound change, median | p90 | mean bound ratio |\n|---|---:|---:|---|---:|---:|---:|\n" + table)
 
 
 if __name__ == "__main__":
