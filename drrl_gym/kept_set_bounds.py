@@ -73,9 +73,9 @@ def _(approx, query_tail, key_tail, priority, threshold, last):
 def torch_bounds(approx: torch.Tensor, query_tail: torch.Tensor, key_tail: torch.Tensor, priority: torch.Tensor,
                  threshold: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The torch expression of :func:`kept_set_bounds` (the CPU path, and the kernel's reference in the tests)."""
-    n_queries, n_keys = approx.shape[-2:]
-    position = torch.arange(n_keys, device=approx.device)
-    visible = position <= torch.arange(n_keys - n_queries, n_keys, device=approx.device)[:, None]  # (T, L)
+    from drrl_gym.selection import visible_mask  # here: drrl_gym.selection imports this module
+
+    visible = visible_mask(*approx.shape[-2:], approx.device)  # (T, L)
     delta = query_tail[..., None] * key_tail[:, None, None, :]  # (6)
     high = (approx + delta).masked_fill_(~visible, float("-inf"))  # s^ + delta
     shift = high.amax(-1, keepdim=True)  # finite: every row sees its own key
