@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from drrl_gym.kept_set_bounds import kept_set_bounds
-from drrl_gym.row_threshold import kept_mask, row_thresholds
+from drrl_gym.key_priorities import key_priorities
+from drrl_gym.row_threshold import kept_masks, row_thresholds
 
 SELECTION_MODES = ("group", "head")
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM: the first 4 tokens hold the "attention sink" mass
@@ -169,32 +170,30 @@ def selection_attention(
     check_selection(selection)
     rank, keep = _settings(rank, keep, batch, kv_heads, d)  # host settings stay on the host: no wait for the device
     work = torch.promote_types(query.dtype, torch.float32)
-    visible = visible_mask(n_queries, n_keys, query.device)
-    forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, query.device)
     counts = kept_counts(keep, visible_key_counts(n_queries, n_keys, keep.device), sink_tokens, recent_tokens)
     rank, counts = to_device(rank, query.device), to_device(counts, query.device)  # counts: k_i, (B, H_kv, T)
 
-    # choose, (2)-(4): rank-r scores with q's columns beyond r zeroed (per-head ranks, as in drrl_gym.lowrank)
+    # choose, (2)-(4): the priorities of the rank-r scores (drrl_gym.key_priorities: the scores are not written),
+    # then each row's k_i highest (drrl_gym.row_threshold, one mask per query head)
     cast = basis.to(device=query.device, dtype=work)
     q_rot = query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ cast[None, :, None]
-    k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys.to(work)
-    approx = approximate_scores(q_rot, k_rot, rank, scaling)  # (B, H_kv, G, T, L)
-    priority = priorities(approx, visible, forced, selection)
-    threshold, last = row_thresholds(priority, counts[:, :, None, :, None])  # one count per KV group and query
-    kept = kept_mask(priority, threshold[..., 0], last[..., 0])  # (B, H_kv, G or 1, T, L)
+    k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys
+    priority = key_priorities(q_rot, k_rot, rank, scaling, sink_tokens, recent_tokens, selection)  # (B, H_kv, P, T, L)
+    kept = kept_masks(priority, counts[:, :, None].expand(priority.shape[:-1]), group // priority.shape[2])
+    kept = kept.reshape(batch, kv_heads, group, n_queries, n_keys)  # S_i, one copy per query head
 
     # compute, (5): the model's own q, k and v, exact on the chosen keys: SDPA with S as its mask, so a fused kernel
     # accumulates scores and softmax in float32 as the plain model's attention does (bf16 scores, a step of 0.125 at
     # 16, would move the softmax by several percent in every layer). A group's G heads' queries are stacked as one
     # sequence of G T rows over the group's keys, so K and V are read once per group.
-    stacked_mask = kept.expand(batch, kv_heads, group, n_queries, n_keys).reshape(batch, kv_heads, -1, n_keys)
+    stacked_mask = kept.reshape(batch, kv_heads, group * n_queries, n_keys)
     out = F.scaled_dot_product_attention(query.reshape(batch, kv_heads, group * n_queries, d), key, value,
                                          attn_mask=stacked_mask, scale=scaling)  # (B, H_kv, G T, dv)
     out = out.reshape(batch, heads, n_queries, value.shape[-1]).transpose(1, 2).contiguous()
     if not return_details:
         return out, None
 
-    kept = kept.expand(batch, kv_heads, group, n_queries, n_keys)
+    visible = visible_mask(n_queries, n_keys, query.device)
     q64, k64 = query.double().reshape(batch, kv_heads, group, n_queries, d), key.double()
     exact = scaling * q64 @ k64[:, :, None].transpose(-1, -2)
     true_mass = torch.sigmoid(_log_sum(exact, visible & ~kept) - _log_sum(exact, kept))

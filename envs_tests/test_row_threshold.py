@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton_interpreter import run_in_interpreter
 
-from drrl_gym.row_threshold import kept_mask, row_thresholds, sorted_thresholds
+from drrl_gym.row_threshold import kept_mask, kept_masks, row_thresholds, sorted_thresholds
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -61,6 +61,21 @@ def test_row_thresholds_broadcasts_counts_and_keeps_the_dtype():
         row_thresholds(values, counts.float())
 
 
+def test_kept_masks_copy_each_rows_kept_set():
+    values = priority_rows(2 * 4 * 9, 13, seed=3).reshape(2, 4, 9, 13)
+    counts = random_counts(2 * 4 * 9, 13, 1, seed=3).reshape(2, 4, 9)
+    masks = kept_masks(values, counts, copies=3)
+    assert masks.shape == (2, 4, 3, 9, 13) and masks.dtype == torch.bool
+    threshold, last = sorted_thresholds(values.reshape(-1, 13), counts.reshape(-1, 1))
+    expected = kept_mask(values, threshold.reshape(2, 4, 9), last.reshape(2, 4, 9))
+    assert torch.equal(masks, expected[:, :, None].expand(masks.shape))
+    assert torch.equal(masks.sum(-1), counts[:, :, None].expand(2, 4, 3, 9))
+    with pytest.raises(ValueError, match="counts must be integers"):
+        kept_masks(values, counts[..., :1])
+    with pytest.raises(ValueError, match="copies must be"):
+        kept_masks(values, counts, copies=0)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_row_thresholds_under_torch_compile():
@@ -78,7 +93,7 @@ def test_row_thresholds_under_torch_compile():
 INTERPRETER_SCRIPT = """
     import torch
     from test_row_threshold import priority_rows, random_counts
-    from drrl_gym.row_threshold import _kernel_thresholds, sorted_thresholds
+    from drrl_gym.row_threshold import _kernel_kept_masks, _kernel_thresholds, kept_mask, sorted_thresholds
 
     for seed, (rows, length, n_counts) in enumerate([(5, 37, 3), (3, 1, 1), (20, 9, 2)]):
         values = priority_rows(rows, length, seed)
@@ -87,13 +102,20 @@ INTERPRETER_SCRIPT = """
         for launch in [(), (4, 4)]:  # the default (one row per program) and several rows per program
             got = _kernel_thresholds(values, counts, *launch)
             assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (seed, launch, got, expected)
+        outer = rows if rows % 5 else rows // 5  # several queries per outer row where the row count allows
+        grouped = values.reshape(outer, rows // outer, length)
+        masks = _kernel_kept_masks(grouped, counts[:, 0].reshape(outer, -1).contiguous(), 2)
+        assert masks.shape == (outer, 2, rows // outer, length)
+        expected_mask = kept_mask(values, expected[0][:, 0], expected[1][:, 0]).reshape(grouped.shape)
+        assert torch.equal(masks, expected_mask[:, None].expand(masks.shape)), seed
     print("interpreter ok")
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_the_sort_in_triton_interpreter():
-    """Rows shorter than a power of two, one and several rows per program, ties, +-inf, counts 1 and L.
+    """Rows shorter than a power of two, one and several rows per program, ties, +-inf, counts 1 and L; the masks
+    written from the same search, copied per head.
     Small: the interpreter runs a search pass in about 0.1 s."""
     result = run_in_interpreter(INTERPRETER_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -104,9 +126,12 @@ def test_kernel_matches_the_sort_in_triton_interpreter():
 @pytest.mark.parametrize("rows, length, n_counts", [(24576, 1024, 3), (3000, 8192, 3), (64, 20000, 2), (999, 77, 1)])
 def test_kernel_matches_the_sort_on_cuda(rows: int, length: int, n_counts: int):
     """The env's shapes (64 sequences x 3 KV heads x 128 queries over 1024 keys), long rows, rows past MAX_ROW (the
-    sort path) and odd sizes."""
+    sort path) and odd sizes; the masks of the first count, copied twice."""
     values = priority_rows(rows, length).cuda()
     counts = random_counts(rows, length, n_counts).cuda()
     got = row_thresholds(values, counts)
     expected = sorted_thresholds(values, counts)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    masks = kept_masks(values.reshape(-1, 1, length), counts[:, :1].reshape(-1, 1), copies=2)
+    expected_mask = kept_mask(values, expected[0][:, 0], expected[1][:, 0])
+    assert torch.equal(masks, expected_mask[:, None, None].expand(masks.shape))
