@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from triton_interpreter import run_in_interpreter
+from triton_interpreter import assert_runs_in_interpreter
 
 from drrl_gym.kept_set_bounds import kept_set_bounds, torch_bounds
 from drrl_gym.row_threshold import kept_mask, row_thresholds
@@ -70,9 +70,7 @@ INTERPRETER_SCRIPT = """
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_torch_in_triton_interpreter():
     """Group and head selection, rows shorter than a power of two, one key. Small: the interpreter is slow."""
-    result = run_in_interpreter(INTERPRETER_SCRIPT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "interpreter ok" in result.stdout
+    assert_runs_in_interpreter(INTERPRETER_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from triton_interpreter import run_in_interpreter
+from triton_interpreter import assert_runs_in_interpreter
 
 from drrl_gym.key_priorities import key_priorities, torch_priorities
 from drrl_gym.selection import approximate_scores, forced_mask, priorities, visible_mask
@@ -71,9 +71,7 @@ INTERPRETER_SCRIPT = """
 def test_kernel_matches_torch_in_triton_interpreter():
     """Group and head selection, ranks below d, key counts that are not multiples
     of the key block, more queries than a query block, bf16 keys, one key. Small: the interpreter is slow."""
-    result = run_in_interpreter(INTERPRETER_SCRIPT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "interpreter ok" in result.stdout
+    assert_runs_in_interpreter(INTERPRETER_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from triton_interpreter import run_in_interpreter
+from triton_interpreter import assert_runs_in_interpreter
 
 from drrl_gym.row_threshold import kept_mask, kept_masks, row_thresholds, sorted_thresholds
 
@@ -117,9 +117,7 @@ def test_kernel_matches_the_sort_in_triton_interpreter():
     """Rows shorter than a power of two, one and several rows per program, ties, +-inf, counts 1 and L; the masks
     written from the same search, copied per head.
     Small: the interpreter runs a search pass in about 0.1 s."""
-    result = run_in_interpreter(INTERPRETER_SCRIPT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "interpreter ok" in result.stdout
+    assert_runs_in_interpreter(INTERPRETER_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from triton_interpreter import run_in_interpreter
+from triton_interpreter import assert_runs_in_interpreter
 
 from drrl_gym.selection import rotate, selection_attention
 from drrl_gym.selection_decode import (
@@ -121,9 +121,7 @@ INTERPRETER_SCRIPT = """
 def test_kernel_matches_reference_in_triton_interpreter():
     """The kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported,
     hence a subprocess): both layouts, mixed settings, unequal lengths, several windows, ties."""
-    result = run_in_interpreter(INTERPRETER_SCRIPT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "interpreter ok" in result.stdout
+    assert_runs_in_interpreter(INTERPRETER_SCRIPT)
 
 
 # ------------------------------------------------------------------------------------------- kernel, CUDA

@@ -31,3 +31,11 @@ def run_in_interpreter(script: str, timeout: int = 300) -> subprocess.CompletedP
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
     return subprocess.run([sys.executable, "-c", PATCH + textwrap.dedent(script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_runs_in_interpreter(script: str) -> None:
+    """Run ``script`` as :func:`run_in_interpreter` does; it must exit 0 and print "interpreter ok" (its last
+    line, after its checks)."""
+    result = run_in_interpreter(script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interpreter ok" in result.stdout
