@@ -17,18 +17,16 @@ segment's bound) moves anyway. Writes ``results.json`` (command, machine, date, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from bound_table import git_commit, write_results
+from bound_table import run_record, write_results
 from tqdm import tqdm
 
 from drrl_gym.cli import number_in
 from drrl_gym.env import DRRLAttentionEnv
-from drrl_gym.perplexity import describe_machine
 
 
 def run_episodes(m: int, sequences: list[int], env_args: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -89,10 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         rows[f"bound_queries={m}"] = compare(*run_episodes(m, args.sequences, env_args), reference_bounds,
                                              reference_masks, episodes)
         print(m, rows[f"bound_queries={m}"], flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(torch.device(args.device)),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "seconds": time.perf_counter() - started, "env": env_args, "sequences": args.sequences, "steps":
-            len(reference_bounds), "rows": rows}
+    meta = {**run_record(torch.device(args.device)), "seconds": time.perf_counter() - started, "env": env_args,
+            "sequences": args.sequences, "steps": len(reference_bounds), "rows": rows}
     table = "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
                       f"{' '.join(f'{a:.3f}' for a in r['mask_agreement_by_step'])} | "
                       f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} | "

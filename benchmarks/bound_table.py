@@ -57,6 +57,24 @@ def git_commit() -> str | None:
         return None
 
 
+def run_record(device: torch.device) -> dict:
+    """The fields every results file starts with: the command, the machine, the date, torch and the git commit."""
+    return {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(device),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit()}
+
+
+def parse_launches(parser: argparse.ArgumentParser, items: list[str], fields: str) -> list[tuple[int, ...]]:
+    """``--launches`` items such as 16x64x4 as int tuples, one number per name in ``fields`` (e.g. "TxNxWARPS");
+    anything else is a usage error."""
+    try:
+        launches = [tuple(int(n) for n in item.split("x")) for item in items]
+        if any(len(launch) != len(fields.split("x")) or min(launch) < 1 for launch in launches):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--launches takes {fields} items of positive integers, got {items}")
+    return launches
+
+
 def write_results(out: Path, meta: dict, summary: str, table: str) -> None:
     """``out``/results.json (``meta``: command, machine, date, torch, git commit, numbers) and ``out``/results.md (who
     measured what and where, then ``summary`` and the Markdown ``table``)."""
@@ -111,11 +129,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"dtype": "float64" if dtype is None else str(dtype).removeprefix("torch."),
                          "queries": rotated_query.shape[2], "ms": 1e3 * seconds})
             print(rows[-1], flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(device), "date":
-            time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "threads": torch.get_num_threads(), "shape": {"batch": args.batch, "heads": HEADS, "kv_heads": KV_HEADS,
-            "head_dim": HEAD_DIM, "queries": args.queries, "keys": args.keys}, "ranks": RANKS, "keeps": KEEPS,
-            "rows": rows}
+    meta = {**run_record(device), "threads": torch.get_num_threads(), "shape": {
+                "batch": args.batch, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "queries":
+                args.queries, "keys": args.keys}, "ranks": RANKS, "keeps": KEEPS, "rows": rows}
     table = "\n".join(f"| {r['dtype']} | {r['queries']} | {r['ms']:.1f} |" for r in rows)
     write_results(args.out, meta, f"one layer, B={args.batch}, {HEADS} query heads over "
                   f"{KV_HEADS} KV heads, d={HEAD_DIM}, {args.keys} keys, ranks {RANKS}, keeps {KEEPS}.",

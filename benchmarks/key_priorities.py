@@ -15,14 +15,11 @@ every time) and ``results.md``.
 from __future__ import annotations
 
 import functools
-import sys
-import time
 
 import torch
-from bound_table import git_commit, layer_parser, parse_layer_args, timed, write_results
+from bound_table import layer_parser, parse_launches, parse_layer_args, run_record, timed, write_results
 
 from drrl_gym.key_priorities import _kernel_priorities, key_priorities, torch_priorities
-from drrl_gym.perplexity import describe_machine
 from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 
 KV_HEADS, GROUP, HEAD_DIM = 3, 3, 64  # SmolLM2-135M
@@ -35,12 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           "32x64x8", "64x64x8"],
                         help="Triton launches to sweep, query block x key block x warps (CUDA only)")
     args = parse_layer_args(parser, argv)
-    try:
-        launches = [tuple(int(n) for n in launch.split("x")) for launch in args.launches]
-        if any(len(launch) != 3 or min(launch) < 1 for launch in launches):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--launches takes TxNxWARPS items such as 16x64x4, got {args.launches}")
+    launches = parse_launches(parser, args.launches, "TxNxWARPS")
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     query = (2 * torch.randn(args.batch, KV_HEADS, GROUP, args.queries, HEAD_DIM, generator=g)).to(device)
@@ -66,10 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     for method, call in methods.items():
         rows.append({"method": method, "ms": 1e3 * timed(call, args.repeats, device)})
         print(rows[-1], flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(device), "date":
-            time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "shape": {"batch": args.batch, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": HEAD_DIM,
-                      "queries": args.queries, "keys": args.keys}, "rows": rows}
+    meta = {**run_record(device), "shape": {"batch": args.batch, "kv_heads": KV_HEADS, "group": GROUP,
+                                            "head_dim": HEAD_DIM, "queries": args.queries, "keys": args.keys},
+            "rows": rows}
     table = "\n".join(f"| {r['method']} | {r['ms']:.3f} |" for r in rows)
     write_results(args.out, meta, f"priorities of B={args.batch} x {KV_HEADS} KV groups x {args.queries} queries over "
                   f"{args.keys} keys, ranks {RANKS} drawn per (row, KV head).", f"| method | ms |\n|---|---:|\n{table}")

@@ -15,13 +15,10 @@ versions, git commit, every time) and ``results.md``.
 from __future__ import annotations
 
 import functools
-import sys
-import time
 
 import torch
-from bound_table import git_commit, layer_parser, parse_layer_args, timed, write_results
+from bound_table import layer_parser, parse_launches, parse_layer_args, run_record, timed, write_results
 
-from drrl_gym.perplexity import describe_machine
 from drrl_gym.row_threshold import _kernel_thresholds, row_thresholds, sorted_thresholds
 from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
@@ -52,10 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launches", nargs="*", default=["1x1", "1x2", "1x4", "2x2", "4x4", "8x8"],
                         help="Triton launches to sweep, rows per program x warps (CUDA only)")
     args = parse_layer_args(parser, argv)
-    try:
-        launches = [tuple(int(n) for n in launch.split("x")) for launch in args.launches]
-    except ValueError:
-        parser.error(f"--launches takes ROWSxWARPS items such as 1x2, got {args.launches}")
+    launches = parse_launches(parser, args.launches, "ROWSxWARPS")
     device = torch.device(args.device)
     values = priority_rows(args.batch, args.queries, args.keys, device)
     rows = []
@@ -76,10 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"call": name, "counts": counts.shape[1], "method": method,
                          "ms": 1e3 * timed(call, args.repeats, device)})
             print(rows[-1], flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(device), "date":
-            time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "shape": {"rows": values.shape[0], "keys": args.keys, "batch": args.batch, "kv_heads": KV_HEADS,
-                      "queries": args.queries}, "rows": rows}
+    meta = {**run_record(device), "shape": {"rows": values.shape[0], "keys": args.keys, "batch": args.batch,
+                                            "kv_heads": KV_HEADS, "queries": args.queries}, "rows": rows}
     table = "\n".join(f"| {r['call']} | {r['counts']} | {r['method']} | {r['ms']:.3f} |" for r in rows)
     write_results(args.out, meta, f"{values.shape[0]} rows of {args.keys} priorities (B={args.batch} x {KV_HEADS} KV "
                   f"heads x {args.queries} queries).", f"| call | counts | method | ms |\n|---|---:|---|---:|\n{table}")

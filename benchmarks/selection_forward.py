@@ -13,13 +13,9 @@ with the default ``bound_queries``: this times it with the exact attention that 
 
 from __future__ import annotations
 
-import sys
-import time
-
 import torch
-from bound_table import git_commit, layer_parser, parse_layer_args, timed, write_results
+from bound_table import layer_parser, parse_layer_args, run_record, timed, write_results
 
-from drrl_gym.perplexity import describe_machine
 from drrl_gym.selection import rotate, selection_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
@@ -47,9 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         forward()
     ms = 1e3 * timed(forward, args.repeats, device)
     print(f"{ms:.3f} ms per call", flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(device), "date":
-            time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "dtype": str(dtype).removeprefix("torch."), "shape": {
+    meta = {**run_record(device), "dtype": str(dtype).removeprefix("torch."), "shape": {
                 "batch": args.batch, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "queries":
                 args.queries, "keys": args.keys}, "ms": ms}
     write_results(args.out, meta, f"one layer, B={args.batch}, {HEADS} query heads over {KV_HEADS} KV heads, "

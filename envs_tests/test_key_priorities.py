@@ -69,8 +69,8 @@ INTERPRETER_SCRIPT = """
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_matches_torch_in_triton_interpreter():
-    """Group and head selection, ranks below d, key counts that are not multiples
-    of the key block, more queries than a query block, bf16 keys, one key. Small: the interpreter is slow."""
+    """Group and head selection, ranks below d, key counts that are not multiples of the key block, more queries
+    than a query block, bf16 keys, one key. Small: the interpreter is slow."""
     assert_runs_in_interpreter(INTERPRETER_SCRIPT)
 
 
