@@ -104,38 +104,12 @@ def parse_layer_args(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     return args
 
 
-def bounds_kernel_calls(query: torch.Tensor, keys: torch.Tensor, bound_queries: list[int],
-                        launches: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], functools.partial]]:
-    """One call of the table's bounds kernel per launch, on the inputs the table gives it: the env's ranks, the
-    priorities and thresholds of its dropping keeps over the last ``bound_queries[0]`` queries."""
-    if not launches:
-        return []
-    from drrl_gym.kept_set_bounds import _kernel_bounds
-    from drrl_gym.key_priorities import key_priorities
-    from drrl_gym.row_threshold import row_thresholds
-    from drrl_gym.selection import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, grid_counts
-
-    batch, m, n_keys = query.shape[0], bound_queries[0], keys.shape[2]
-    q = query[:, :, -m:].float().reshape(batch, KV_HEADS, HEADS // KV_HEADS, m, HEAD_DIM)
-    rank = torch.tensor(RANKS, device=query.device)[:, None, None].expand(len(RANKS), batch, KV_HEADS)
-    window = DEFAULT_SINK_TOKENS, DEFAULT_RECENT_TOKENS
-    priority = key_priorities(q, keys, rank, HEAD_DIM**-0.5, *window, "group")
-    counts = grid_counts([k for k in KEEPS if k < 1], m, n_keys, *window, query.device)
-    threshold, last = row_thresholds(priority, counts.T[None, None, None, None])
-    args = (q, keys, rank.contiguous(), HEAD_DIM**-0.5, priority, threshold, last)
-    return [(launch, functools.partial(_kernel_bounds, *args, *launch)) for launch in launches]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = layer_parser(__doc__, batch=4, repeats=3, device="cpu")
     parser.add_argument("--bound-queries", type=number_in(int, 1), nargs="*", default=[32],
                         help="also time the table over only the last m queries, for each m")
     parser.add_argument("--threads", type=number_in(int, 1), default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--launches", nargs="*", default=[], metavar="TxNxWARPS",
-                        help="CUDA: also time the table's bounds kernel alone (drrl_gym.kept_set_bounds) over the "
-                        "first --bound-queries m at each launch: queries x keys per program, warps")
     args = parse_layer_args(parser, argv)
-    launches = parse_launches(parser, args.launches, "TxNxWARPS")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -155,20 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"dtype": "float64" if dtype is None else str(dtype).removeprefix("torch."),
                          "queries": rotated_query.shape[2], "ms": 1e3 * seconds})
             print(rows[-1], flush=True)
-    kernel_rows = [dict(launch="x".join(map(str, launch)), ms=1e3 * timed(call, args.repeats, device))
-                   for launch, call in bounds_kernel_calls(query, keys, args.bound_queries[:1] or [args.queries],
-                                                           launches)]
-    for row in kernel_rows:
-        print(row, flush=True)
     meta = {**run_record(device), "threads": torch.get_num_threads(), "shape": {
                 "batch": args.batch, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "queries":
-                args.queries, "keys": args.keys}, "ranks": RANKS, "keeps": KEEPS, "rows": rows,
-            "bounds_kernel_launches": kernel_rows}
+                args.queries, "keys": args.keys}, "ranks": RANKS, "keeps": KEEPS, "rows": rows}
     table = "\n".join(f"| {r['dtype']} | {r['queries']} | {r['ms']:.1f} |" for r in rows)
-    if kernel_rows:
-        table += ("\n\nThe bounds kernel alone, float32, over the last "
-                  f"{(args.bound_queries[:1] or [args.queries])[0]} queries:\n\n| launch (queries x keys x warps) | "
-                  "ms |\n|---|---:|\n" + "\n".join(f"| {r['launch']} | {r['ms']:.3f} |" for r in kernel_rows))
     write_results(args.out, meta, f"one layer, B={args.batch}, {HEADS} query heads over "
                   f"{KV_HEADS} KV heads, d={HEAD_DIM}, {args.keys} keys, ranks {RANKS}, keeps {KEEPS}.",
                   f"| work dtype | queries bounded | ms |\n|---|---:|---:|\n{table}")

@@ -36,26 +36,23 @@ except ImportError:  # the CPU build of torch brings no Triton
 def key_priorities(rotated_query: torch.Tensor, rotated_keys: torch.Tensor, rank: torch.Tensor, scaling: float,
                    sink_tokens: int, recent_tokens: int, selection: str) -> torch.Tensor:
     """(3) for every key: (B, H_kv, 1 or G, T, L) float32 (G rows for selection="head"), or float64 for float64
-    queries; with S rank settings at once, (S, B, H_kv, 1 or G, T, L).
+    queries.
 
     Args:
         rotated_query: (B, H_kv, G, T, d) q P, float32 or float64: the last T of the L positions.
         rotated_keys: (B, H_kv, L, d) K~ = K P, any float dtype.
-        rank: (B, H_kv), or (S, B, H_kv) for S settings at once (the bound table's candidate ranks: one launch, the
-            queries and keys read from where they are, not copied per setting), integers in [1, d] on the queries'
-            device (not checked here: a check would wait for it).
+        rank: (B, H_kv) integers in [1, d] on the queries' device (not checked here: a check would wait for it).
         scaling: the model's score scaling s.
         sink_tokens, recent_tokens: the forced keys of (4), at +inf.
         selection: "group" (one row per group) or "head" (one per query head).
     """
-    if rotated_query.dim() != 5 or rotated_keys.dim() != 4 or rank.shape[-2:] != rotated_query.shape[:2] \
-            or rank.dim() not in (2, 3) \
+    if rotated_query.dim() != 5 or rotated_keys.dim() != 4 or rank.shape != rotated_query.shape[:2] \
             or rotated_keys.shape[:2] != rotated_query.shape[:2] or rotated_keys.shape[-1] != rotated_query.shape[-1] \
             or rotated_query.dtype not in (torch.float32, torch.float64) or rank.is_floating_point() \
             or not 1 <= rotated_query.shape[3] <= rotated_keys.shape[2]:
         raise ValueError(f"key_priorities needs rotated_query (B, H_kv, G, T, d) float32 or float64, rotated_keys "
-                         f"(B, H_kv, L, d) with T <= L, and integer rank (B, H_kv) or (S, B, H_kv); got "
-                         f"{rotated_query.dtype} {tuple(rotated_query.shape)}, {tuple(rotated_keys.shape)}, {rank.dtype} "
+                         f"(B, H_kv, L, d) with T <= L, and integer rank (B, H_kv); got {rotated_query.dtype} "
+                         f"{tuple(rotated_query.shape)}, {tuple(rotated_keys.shape)}, {rank.dtype} "
                          f"{tuple(rank.shape)}")
     return torch.ops.drrl_gym.key_priorities(rotated_query.contiguous(), rotated_keys, rank.contiguous(),
                                              float(scaling), int(sink_tokens), int(recent_tokens),
@@ -74,8 +71,7 @@ def _key_priorities(rotated_query: torch.Tensor, rotated_keys: torch.Tensor, ran
 @_key_priorities.register_fake
 def _(rotated_query, rotated_keys, rank, scaling, sink_tokens, recent_tokens, per_head):
     batch, kv_heads, group, n_queries, _ = rotated_query.shape
-    return rotated_query.new_empty(*rank.shape[:-2], batch, kv_heads, group if per_head else 1, n_queries,
-                                   rotated_keys.shape[2])
+    return rotated_query.new_empty(batch, kv_heads, group if per_head else 1, n_queries, rotated_keys.shape[2])
 
 
 def torch_priorities(rotated_query: torch.Tensor, rotated_keys: torch.Tensor, rank: torch.Tensor, scaling: float,
@@ -83,9 +79,6 @@ def torch_priorities(rotated_query: torch.Tensor, rotated_keys: torch.Tensor, ra
     """The torch expression of :func:`key_priorities` (the CPU path, and the kernel's reference in the tests)."""
     from drrl_gym.selection import approximate_scores, forced_mask, priorities, visible_mask  # imports this module
 
-    if rank.dim() == 3:  # one setting at a time
-        return torch.stack([torch_priorities(rotated_query, rotated_keys, setting, scaling, sink_tokens, recent_tokens,
-                                             per_head) for setting in rank])
     n_queries, n_keys = rotated_query.shape[3], rotated_keys.shape[2]
     device = rotated_query.device
     approx = approximate_scores(rotated_query, rotated_keys.to(rotated_query.dtype), rank, scaling)
@@ -100,12 +93,12 @@ def _kernel_priorities(rotated_query, rotated_keys, rank, scaling, sink_tokens, 
     took 0.39 ms, 16 x 64 x 4 0.62 ms, 64 x 64 x 8 0.42 ms, the torch expression 2.45 ms."""
     batch, kv_heads, group, n_queries, d = rotated_query.shape
     n_keys = rotated_keys.shape[2]
-    out = torch.empty(*rank.shape[:-2], batch, kv_heads, group if per_head else 1, n_queries, n_keys,
-                      dtype=torch.float32, device=rotated_query.device)
-    grid = (rank.numel(), triton.cdiv(n_queries, block_queries))  # (setting, sequence, KV head) x query blocks
+    out = torch.empty(batch, kv_heads, group if per_head else 1, n_queries, n_keys, dtype=torch.float32,
+                      device=rotated_query.device)
+    grid = (batch * kv_heads, triton.cdiv(n_queries, block_queries))
     _key_priorities_kernel[grid](
-        rotated_query, rotated_keys, rank, out, batch * kv_heads, kv_heads, n_queries, n_keys, d, scaling,
-        sink_tokens, recent_tokens, *rotated_keys.stride()[:3], G=group, GROUP_ROWS=triton.next_power_of_2(group), PER_HEAD=per_head,
+        rotated_query, rotated_keys, rank, out, kv_heads, n_queries, n_keys, d, scaling, sink_tokens, recent_tokens,
+        *rotated_keys.stride()[:3], G=group, GROUP_ROWS=triton.next_power_of_2(group), PER_HEAD=per_head,
         D=max(16, triton.next_power_of_2(d)), BLOCK_T=block_queries, BLOCK_N=block_keys, num_warps=num_warps)
     return out
 
@@ -125,17 +118,16 @@ if triton is not None:
                        mask=(keys[None, :] < n_keys) & column_ok[:, None], other=0.0)
 
     @triton.jit
-    def _key_priorities_kernel(q_ptr, k_ptr, rank_ptr, out_ptr, groups, kv_heads, n_queries, n_keys, d, scaling,
+    def _key_priorities_kernel(q_ptr, k_ptr, rank_ptr, out_ptr, kv_heads, n_queries, n_keys, d, scaling,
                                sink_tokens, recent_tokens, k_stride_b, k_stride_h, k_stride_l,
                                G: tl.constexpr, GROUP_ROWS: tl.constexpr, PER_HEAD: tl.constexpr,
                                D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        setting_group = tl.program_id(0).to(tl.int64)  # (s B + b) H_kv + kv: the rank setting's own output rows
-        group_index = setting_group % groups  # b H_kv + kv: the queries and keys, shared by the settings
+        group_index = tl.program_id(0).to(tl.int64)  # b H_kv + kv
         first = tl.program_id(1) * BLOCK_T
         b, kv = group_index // kv_heads, group_index % kv_heads
         k_ptr += b * k_stride_b + kv * k_stride_h
         columns = tl.arange(0, D)
-        column_ok = columns < tl.load(rank_ptr + setting_group).to(tl.int32)  # the first r columns, (2)
+        column_ok = columns < tl.load(rank_ptr + group_index).to(tl.int32)  # the first r columns, (2)
         # rows: the G heads' queries stacked, head-major (padded to a power of two for the reshape below)
         stacked = tl.arange(0, GROUP_ROWS * BLOCK_T)
         head, t = stacked // BLOCK_T, first + stacked % BLOCK_T
@@ -165,13 +157,11 @@ if triton is not None:
             s = scaling * _rank_r_scores(q, _key_tile(k_ptr, j, n_keys, k_stride_l, columns, column_ok))
             if PER_HEAD:
                 priority = s  # rows (head, t)
-                out_rows = (setting_group * G + head) * n_queries + t
-                rows_position, out_ok = position, row_ok
+                rows_position, out_rows, out_ok = position, q_rows, row_ok
             else:
                 stacked_priority = tl.where(head[:, None] < G, s - log_sum[:, None], float("-inf"))
                 priority = tl.max(tl.reshape(stacked_priority, (GROUP_ROWS, BLOCK_T, BLOCK_N)), 0)  # max over heads
-                out_rows = setting_group * n_queries + block_t
-                rows_position, out_ok = block_position, block_t < n_queries
+                rows_position, out_rows, out_ok = block_position, group_index * n_queries + block_t, block_t < n_queries
             visible = j[None, :] <= rows_position[:, None]
             forced = visible & ((j[None, :] < sink_tokens) | (j[None, :] > rows_position[:, None] - recent_tokens))
             priority = tl.where(forced, float("inf"), tl.where(visible, priority, float("-inf")))

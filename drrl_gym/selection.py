@@ -32,6 +32,7 @@ reference below: ``drrl_gym.selection_cost``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -266,20 +267,20 @@ def dropped_mass_bound_table(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max over a group's G*T rows of the bound (7) for every candidate (rank, keep): two (B, H_kv,
     len(ranks), len(keeps)) float64 tensors, from one segment's rotated q (B, H, T, d) and K~ (B, H_kv, L, d).
-    The work runs in ``dtype``: float64 (the default) takes the torch expressions and reproduces the per-row bound
-    of ``selection_attention`` to rounding; float32 (the env's) takes the Triton kernels on CUDA, whose priorities
-    are TF32 products as the forward's are (so its kept sets are the forward's, ties aside), and agrees with float64
-    to about 1e-7 relatively where the kept sets are the same (tested to 1e-4): ample for a mask that compares the
-    mean with a threshold.
+    The work runs in ``dtype``: float64 (the default) reproduces the per-row bound of ``selection_attention`` to
+    rounding; float32 halves the memory traffic of the (B, H_kv, G, T, L) tensors it forms and agrees with it to
+    about 1e-7 relatively on random scores (tested to 1e-4), ample for a mask that compares the mean with a
+    threshold (the env uses it).
 
-    The key sets are those ``selection_attention`` chooses, by the same operator: the priorities of every candidate
-    rank come from one ``drrl_gym.key_priorities`` call (one launch on CUDA), their thresholds and tie positions for
-    every keep from one ``drrl_gym.row_threshold.row_thresholds`` call, and each keep's W and U of (7) from one
-    ``drrl_gym.kept_set_bounds`` call, which forms the rank-r scores on chip on CUDA: the (B, H_kv, G, T, L) scores
-    are never written, and nothing is sorted or gathered. A keep of 1 drops nothing: its bound is exactly 0 and is
-    not computed; a smaller keep whose k_i is every visible key gets 0 from (7) itself (U is empty). No shape or
-    branch depends on the data and nothing waits for the device, so CUDA graphs and torch.compile take the table
-    whole. For a safety mask on the NEXT segment this is a prediction, not a certificate.
+    The key sets are those ``selection_attention`` chooses (ties aside: it chooses in the model's dtype, this in
+    ``dtype``, and a tie of priorities at the k-th key may go either way here). Per rank, one
+    ``drrl_gym.row_threshold.row_thresholds`` call gives, for every keep, each row's k_i-th largest priority and
+    where its ties stop, so each keep's W and U of (7) are sums over the row under an elementwise mask (one shift
+    per row for all of them; ``drrl_gym.kept_set_bounds``, a Triton pass per row on CUDA): no sort, no gather. A
+    keep of 1 drops nothing: its bound is exactly 0 and is not computed; a smaller keep whose k_i is every visible
+    key gets 0 from (7) itself (U is empty). No shape or branch depends on the data and nothing waits for the
+    device, so CUDA graphs and torch.compile take the table whole.
+    For a safety mask on the NEXT segment this is a prediction, not a certificate.
     """
     batch, heads, n_queries, d, kv_heads, n_keys = check_shapes(rotated_query, rotated_keys, rotated_keys, None, None)
     scaling = checked_scaling(scaling, d)
@@ -292,24 +293,52 @@ def dropped_mass_bound_table(
     keeps = [float(k) for k in keeps]
     checked_keep(torch.tensor(keeps))
     device, group = rotated_query.device, heads // kv_heads
-    zeros = torch.zeros(len(ranks), batch, kv_heads, dtype=torch.float64, device=device)
+    zeros = torch.zeros(batch, kv_heads, dtype=torch.float64, device=device)
     dropping = [c for c, keep in enumerate(keeps) if keep < 1]  # the others' bound is 0
     if not dropping:
-        zeros = zeros[..., None].expand(len(ranks), batch, kv_heads, len(keeps)).permute(1, 2, 0, 3)
+        zeros = zeros[:, :, None, None].expand(batch, kv_heads, len(ranks), len(keeps))
         return zeros.clone(), zeros.clone()
-    counts = grid_counts([keeps[c] for c in dropping], n_queries, n_keys, sink_tokens, recent_tokens, device)  # (C, T)
+    counts = grid_counts([keeps[c] for c in dropping], n_queries, n_keys, sink_tokens, recent_tokens, device)
+    visible = visible_mask(n_queries, n_keys, device)
+    forced = forced_mask(n_queries, n_keys, sink_tokens, recent_tokens, device)
     q = rotated_query.to(dtype).reshape(batch, kv_heads, group, n_queries, d)
-    rank = torch.stack([torch.full((batch, kv_heads), int(r), dtype=torch.long, device=device) for r in ranks])
-    # (S, B, H_kv, P, T, L) priorities, then (S, B, H_kv, P, T, C) thresholds, then (S, B, H_kv, G, T, C) bounds
-    priority = key_priorities(q, rotated_keys, rank, scaling, sink_tokens, recent_tokens, selection)
-    threshold, last = row_thresholds(priority, counts.T[None, None, None, None])
-    bound = kept_set_bounds(q, rotated_keys, rank, scaling, priority, threshold, last).double()
+    k = rotated_keys.to(dtype)
+    rank_bounds = _compiled_rank_bounds() if device.type == "cuda" else _rank_bounds
 
-    def every_keep(bounds: torch.Tensor) -> torch.Tensor:  # (S, B, H_kv, C) -> (B, H_kv, S, n_keeps), 0 where none drop
-        columns = [bounds[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))]
-        return torch.stack(columns, -1).permute(1, 2, 0, 3)
+    def every_keep(bounds: torch.Tensor) -> torch.Tensor:  # (B, H_kv, C) -> (B, H_kv, n_keeps), 0 where none drop
+        return torch.stack([bounds[..., dropping.index(c)] if c in dropping else zeros for c in range(len(keeps))], -1)
 
-    return every_keep(bound.mean((3, 4))), every_keep(bound.amax((3, 4)))
+    means, maxes = [], []
+    for r in ranks:
+        mean, top = rank_bounds(q, k, int(r), scaling, visible, forced, counts, selection)  # (B, H_kv, C) each
+        means.append(every_keep(mean))
+        maxes.append(every_keep(top))
+    return torch.stack(means, 2), torch.stack(maxes, 2)
+
+
+def _rank_bounds(q: torch.Tensor, k: torch.Tensor, rank: int, scaling: float, visible: torch.Tensor,
+                 forced: torch.Tensor, counts: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max over a group's rows of the bound (7) at one rank for every dropping keep: q (B, H_kv, G, T, d),
+    k (B, H_kv, L, d), counts (C, T) k_i -> two (B, H_kv, C) float64 (:func:`dropped_mass_bound_table`). The rank
+    is one int for every head here, so (2) slices the first r columns: r / d of the full product's work."""
+    rows = q.shape[:4]  # (B, H_kv, G, T): the G heads' queries stacked, so K~ is not copied once per head
+    approx = (scaling * q[..., :rank].flatten(2, 3) @ k[..., :rank].transpose(-1, -2)).unflatten(2, rows[2:])
+    q_tail = scaling * torch.linalg.vector_norm(q[..., rank:], dim=-1)  # (B, H_kv, G, T)
+    k_tail = torch.linalg.vector_norm(k[..., rank:], dim=-1)  # (B, H_kv, L): delta = q_tail k_tail, (6)
+    priority = priorities(approx, visible, forced, selection)  # (B, H_kv, G or 1, T, L)
+    threshold, last = row_thresholds(priority, counts.T[None, None, None])  # (B, H_kv, G or 1, T, C)
+    bound = kept_set_bounds(*(x.flatten(0, 1) for x in (approx, q_tail, k_tail, priority, threshold, last)))
+    bound = bound.unflatten(0, rows[:2]).double()  # (B, H_kv, G, T, C)
+    return bound.mean((2, 3)), bound.amax((2, 3))
+
+
+@functools.cache
+def _compiled_rank_bounds():
+    """:func:`_rank_bounds` through torch.compile (CUDA): the priorities' masks, logsumexps and maxima over the
+    (B, H_kv, G, T, L) scores, and the tail norms, fuse into a few kernels instead of one pass over memory each (the
+    sums of (7) are one Triton pass of their own, ``drrl_gym.kept_set_bounds``). Dynamic shapes: one
+    compilation serves every key count of a run."""
+    return torch.compile(_rank_bounds, dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers (the unprefixed ones are shared with drrl_gym.attention_signals)
@@ -327,7 +356,7 @@ def _tail_norm(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x * beyond.to(x.dtype), dim=-1)
 
 
-def score_radius(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
+def _radius(q_rot: torch.Tensor, k_rot: torch.Tensor, rank: torch.Tensor, scaling: float) -> torch.Tensor:
     """delta of (6): s ||q_{>r}|| ||k~_{>r}||, (B, H_kv, G, T, L)."""
     q_tail = _tail_norm(q_rot, rank[:, :, None].expand(q_rot.shape[:3]))  # (B, H_kv, G, T)
     k_tail = _tail_norm(k_rot, rank)  # (B, H_kv, L)
@@ -343,7 +372,7 @@ def _mass_bound(q_rot, k_rot, kept, visible, rank, scaling) -> torch.Tensor:
     """(7) in float64 log space: sigmoid(log U - log W), (B, H_kv, G, T). log W is finite (S is never empty); an
     empty dropped set gives log U = -inf and a bound of exactly 0."""
     approx = approximate_scores(q_rot, k_rot, rank, scaling)
-    delta = score_radius(q_rot, k_rot, rank, scaling)
+    delta = _radius(q_rot, k_rot, rank, scaling)
     log_u = _log_sum(approx + delta, visible & ~kept)
     log_w = _log_sum(approx - delta, kept & visible)
     return torch.sigmoid(log_u - log_w)
