@@ -27,3 +27,5 @@ def test_smoke_run_records_the_comparable_figures(tmp_path):
         # the process's first reset (one-time work: compilation, memory pools) is kept apart from the cold median
         assert mode["env_reset_first_ms"] == pytest.approx(resets[0] * 1e3)
         assert mode["env_reset_cold_ms"] == pytest.approx(float(np.median(resets[1:] or resets)) * 1e3)
+        # how warm the "warm" resets were: the share of their rows the reference cache held
+        assert 0 <= mode["env_reset_warm_cache_hit_fraction"] <= 1
