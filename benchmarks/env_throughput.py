@@ -18,9 +18,8 @@ Per attention mode (``--attention``; SmolLM2-135M, 64 sequences of 1024 tokens i
    which the run fills first with every train sequence: the steady state of training with a budget that holds the
    corpus; with ``--prefill`` below the corpus most timed resets miss it, and ``env_reset_warm_cache_hit_fraction``
    says how many rows it held); the step with the warm reset amortised over the episode's steps; end to end through
-   the gymnasium API
-   (same-step autoreset included) and, for the first mode, the SB3 ``VecEnv`` adapter and a ``DummyVecEnv`` of
-   single envs.
+   the gymnasium API (same-step autoreset included) and, for the first mode, the SB3 ``VecEnv`` adapter and a
+   ``DummyVecEnv`` of single envs.
 3. ``--n-envs-curve``: env steps/s through the gymnasium API, the step's time, the graphed plain forward and the
    peak GPU memory for each number of envs.
 
