@@ -1,4 +1,5 @@
-"""How much the selection mask changes when its bound is taken over a segment's last m queries only.
+"""How much the selection mask changes when its bound is taken over a segment's last m queries only, or from the
+full-rank reference instead of the agent's own forward.
 
     python benchmarks/bound_queries.py --out docs/results/bound_queries_cpu          # SmolLM2 on the CPU (~5 min)
     python benchmarks/bound_queries.py --model tiny-random-llama --seq-len 128 --segment-len 32 --bound-queries 8 \\
@@ -10,8 +11,10 @@ that mean over the segment's last m queries: the bound table's work falls by T /
 (``--sequences``, by train index; the same uniform random actions, seeded) with every query and with each m, and
 compares at every step the bounds the mask compares (``full_rank_bounds``) and the mask itself. Beside them, the
 same comparison between consecutive segments of the all-query run: how much the quantity the mask predicts (the next
-segment's bound) moves anyway. Writes ``results.json`` (command, machine, date, versions, every number) and
-``results.md``.
+segment's bound) moves anyway. ``--reference-bound-queries m`` adds runs with ``bound_source="reference"`` (the
+full-rank reference's table of the same segment, whatever the actions). A second table compares every run with what
+its mask predicts: the next segment's bound over every query of the agent's own forward. Writes ``results.json``
+(command, machine, date, versions, every number) and ``results.md``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from drrl_gym.cli import number_in
 from drrl_gym.env import DRRLAttentionEnv
 
 
-def run_episodes(m: int, sequences: list[int], env_args: dict) -> tuple[np.ndarray, np.ndarray]:
+def run_episodes(m: int, sequences: list[int], env_args: dict, source: str = "agent") -> tuple[np.ndarray, np.ndarray]:
     """(steps, units, choices) bounds and masks of every step of the episodes, at bound_queries=m."""
-    env = DRRLAttentionEnv(attention="select", bound_queries=m, **env_args)
+    env = DRRLAttentionEnv(attention="select", bound_queries=m, bound_source=source, **env_args)
     bounds, masks = [], []
-    for index in tqdm(sequences, desc=f"bound_queries={m}", leave=False):
+    for index in tqdm(sequences, desc=f"bound_queries={m}, {source}", leave=False):
         env.reset(seed=0, options={"sequence_index": index})
         actions = np.random.default_rng(index)
         terminated = False
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment-len", type=number_in(int, 1), default=128)
     parser.add_argument("--rank-choices", type=number_in(int, 1), nargs="+", default=None, help="default: the env's")
     parser.add_argument("--bound-queries", type=number_in(int, 1), nargs="+", default=[16, 32, 64])
+    parser.add_argument("--reference-bound-queries", type=number_in(int, 1), nargs="*", default=[32],
+                        help="bound_source='reference' runs at these m")
     parser.add_argument("--sequences", type=number_in(int, 0), nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=number_in(int, 1), default=None, help="CPU threads (default: torch's)")
@@ -80,23 +85,39 @@ def main(argv: list[str] | None = None) -> None:
     steps = len(reference_bounds) // len(args.sequences)  # consecutive segments of one episode, not across them
     later = np.arange(len(reference_bounds)) % steps > 0
     episodes = len(args.sequences)
+    earlier = np.roll(later, -1)  # step i where step i + 1 is in the same episode
+
+    def predicting(bounds: np.ndarray, masks: np.ndarray) -> dict:
+        """A run's bounds and masks at step i against every query's of the agent's own forward at step i + 1."""
+        return compare(bounds[earlier], masks[earlier], reference_bounds[later], reference_masks[later], episodes)
+
     rows = {"consecutive segments, every query": compare(reference_bounds[later], reference_masks[later],
-                                                         reference_bounds[np.roll(later, -1)],
-                                                         reference_masks[np.roll(later, -1)], episodes)}
-    for m in args.bound_queries:
-        rows[f"bound_queries={m}"] = compare(*run_episodes(m, args.sequences, env_args), reference_bounds,
-                                             reference_masks, episodes)
-        print(m, rows[f"bound_queries={m}"], flush=True)
+                                                         reference_bounds[earlier], reference_masks[earlier], episodes)}
+    predictions = {"every query": predicting(reference_bounds, reference_masks)}
+    runs = [(f"bound_queries={m}", m, "agent") for m in args.bound_queries]
+    runs += [(f"bound_source=reference, bound_queries={m}", m, "reference") for m in args.reference_bound_queries]
+    for name, m, source in runs:
+        run = run_episodes(m, args.sequences, env_args, source)
+        rows[name] = compare(*run, reference_bounds, reference_masks, episodes)
+        predictions[name] = predicting(*run)
+        print(name, rows[name], predictions[name], flush=True)
     meta = {**run_record(torch.device(args.device)), "seconds": time.perf_counter() - started, "env": env_args,
-            "sequences": args.sequences, "steps": len(reference_bounds), "rows": rows}
-    table = "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
-                      f"{' '.join(f'{a:.3f}' for a in r['mask_agreement_by_step'])} | "
-                      f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} | "
-                      f"{r['mean_bound_ratio']:.4f} |" for name, r in rows.items())
+            "sequences": args.sequences, "steps": len(reference_bounds), "rows": rows,
+            "predictions_of_the_next_segment": predictions}
+    header = ("| bound over | mask agreement | entries differing | agreement by step | relative bound change, median | "
+              "p90 | mean bound ratio |\n|---|---:|---:|---|---:|---:|---:|\n")
     write_results(args.out, meta, f"{len(args.sequences)} episodes, {meta['steps']} steps, uniform random actions. "
                   "Each row against every query's bounds and mask of the same step; the first row compares each step "
-                  "with the one before.", "| bound over | mask agreement | entries differing | agreement by step | relative "
-                  "bound change, median | p90 | mean bound ratio |\n|---|---:|---:|---|---:|---:|---:|\n" + table)
+                  "with the one before.", header + markdown_rows(rows) + "\n\nWhat each mask predicts: each row at a "
+                  "step against every query's bounds and mask of the agent's own forward at the next step of the "
+                  "episode.\n\n" + header + markdown_rows(predictions))
+
+
+def markdown_rows(rows: dict[str, dict]) -> str:
+    return "\n".join(f"| {name} | {r['mask_agreement']:.4f} | {r['masks_differing']} of {r['mask_entries']} | "
+                     f"{' '.join(f'{a:.3f}' for a in r['mask_agreement_by_step'])} | "
+                     f"{r['bound_relative_error_median']:.3f} | {r['bound_relative_error_p90']:.3f} | "
+                     f"{r['mean_bound_ratio']:.4f} |" for name, r in rows.items())
 
 
 if __name__ == "__main__":

@@ -414,7 +414,7 @@ def measure_mode(args: argparse.Namespace, kwargs: dict[str, Any], first: bool
         attention=attention, num_envs=n, dtype=str(venv.backbone.dtype), episodes=episodes, cuda_graphs=graphs,
         compiled=venv.batch._compiled, first_episode_steps_s=first_episode_steps, rank_choices=list(venv.rank_choices),
         keep_choices=list(venv.config.keep_choices) if attention == "select" else None,
-        bound_queries=venv.config.bound_queries,
+        bound_queries=venv.config.bound_queries, bound_source=venv.config.bound_source,
         plain_forward_ms=median["model"] * 1e3, plain_forward_no_lm_head_ms=median["base_model"] * 1e3,
         env_step_ms=step * 1e3, env_step_p90_ms=float(np.percentile(times["env"], 90)) * 1e3,
         env_step_eager_ms=None if eager is None else median["eager"] * 1e3,
@@ -591,6 +591,8 @@ def main() -> None:
     parser.add_argument("--bound-queries", type=number_in(int, 1), default=None,
                         help="selection mode: the mask's bound over each segment's last m queries (default: the "
                         "env's, 32; the segment length for every query)")
+    parser.add_argument("--bound-source", choices=["agent", "reference"], default="agent",
+                        help="selection mode: whose bound table the mask reads (the env's bound_source)")
     parser.add_argument("--reference-cache-gib", type=number_in(float, 0), default=None,
                         help="the env's reference cache budget; default 64 (holds SmolLM2's whole train split)")
     parser.add_argument("--prefill", type=number_in(int, 1), default=None,
@@ -633,6 +635,8 @@ def main() -> None:
         mode_kwargs = dict(kwargs, attention=attention)
         if attention == "select" and args.bound_queries is not None:
             mode_kwargs["bound_queries"] = args.bound_queries
+        if attention == "select":
+            mode_kwargs["bound_source"] = args.bound_source
         modes[attention], mode_tokens, cache = measure_mode(args, mode_kwargs, index == 0)
         tokens = mode_tokens if tokens is None else tokens
         save_partial(args.out, modes)  # a run stopped later (time limit, crash) keeps the finished modes

@@ -34,6 +34,11 @@ DEFAULT_EPSILON = {"lowrank_scores": 4.0, "select": 0.25}
 # every-query one on 97.5% of its entries, more than two consecutive segments' masks agree (95.9%), for a quarter of
 # the bound table's work (docs/env.md, "The bound over the last queries").
 DEFAULT_BOUND_QUERIES = 32
+# Selection mode: whose bound table the mask and observation read. "agent": the one the agent's own forward records
+# each step (what a deployed model computes). "reference": the full-rank reference's table of the same segment,
+# computed once per train sequence with the reference and kept in the reference cache, so a step computes none. On
+# SmolLM2 both predict the next segment's own bound equally well (docs/env.md, "Whose bound").
+BOUND_SOURCES = ("agent", "reference")
 DEPRECATED_NAMES = {"alpha": "fidelity_weight", "beta": "cost_weight", "gamma": "perturbation_weight"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,6 +105,7 @@ class EnvConfig:
     # each segment; its work is proportional to m. None: DEFAULT_BOUND_QUERIES (or every query of a shorter segment);
     # segment_len: every query (docs/env.md).
     bound_queries: int | None = None
+    bound_source: str = "agent"  # selection mode: BOUND_SOURCES, whose table the mask and observation read
     basis: str = "calibrated"
     device: str = "auto"
     dtype: str | None = None
@@ -194,6 +200,9 @@ class EnvConfig:
         if self.attention == "select":
             m = min(DEFAULT_BOUND_QUERIES, self.segment_len) if m is None else int(m)
         object.__setattr__(self, "bound_queries", m)
+        if self.bound_source not in BOUND_SOURCES or (self.bound_source != "agent" and self.attention != "select"):
+            fail("bound_source", self.bound_source, f"must be one of {BOUND_SOURCES}, and 'agent' outside selection "
+                 "mode", "pass 'agent' (the default) or, with attention='select', 'reference'")
 
     def _check_reward_and_mask(self) -> None:
         for name in ("fidelity_weight", "cost_weight", "perturbation_weight"):

@@ -79,7 +79,9 @@ class DRRLAttentionEnv(EpisodeBatchView, gym.Env[np.ndarray, np.ndarray]):
     * attention="lowrank_scores" or "select"; keep_choices=(0.0625, 0.125, 0.25, 1.0): the kept fractions of
       selection mode (a choice is then a (rank, keep) pair; the mask, perturbation and cost are selection's);
       bound_queries=None: in selection mode, take the mask's bound over the last m queries of a segment (None: 32, or
-      the whole of a shorter segment; pass segment_len for every query; docs/env.md).
+      the whole of a shorter segment; pass segment_len for every query; docs/env.md); bound_source="agent": whose
+      bound table the mask and observation read, the agent's own forward's (each step) or, with "reference", the
+      full-rank reference's of the same segment (computed once per train sequence and cached: a faster step).
     * epsilon_start=epsilon_end=None (4.0 for low-rank scores, 0.25 for selection), epsilon_anneal_steps=0: the
       mask threshold, linear over env steps (counted over the env's lifetime); math.inf turns the mask off.
     * basis="calibrated" (fixed, cached on disk) or "exact" (per-segment eigenbasis, for comparison).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,7 +36,7 @@ from drrl_gym.cuda_graphs import SegmentGraphs
 from drrl_gym.flops import flops_fractions, selection_fractions
 from drrl_gym.hf_compat import cache_argument
 from drrl_gym.kv_cache import PreallocatedCache, cache_prefix, kv_tensors
-from drrl_gym.lowrank import DynamicRankAttention, SegmentStats
+from drrl_gym.lowrank import DynamicRankAttention, Recording, SegmentStats
 from drrl_gym.observation import DecisionSpace, Observed, StatsSummary
 from drrl_gym.reference_cache import GIB, EpisodeStart, ReferenceCache
 from drrl_gym.resources import shared_backbone, shared_basis, shared_corpus
@@ -69,6 +69,9 @@ class EpisodeState:
     segment: int = 1  # the next segment to run
     probe_reference: Captured | None = None  # the reference with attention outputs, for probes of other metrics
     signals: np.ndarray | None = None  # the last segment's attention signals (DecisionSpace.signals_of), if observed
+    # bound_source="reference": the reference's bound table of segments 1 .. n_segments-1,
+    # (B, n_segments - 1, layers, kv_heads, n_ranks, n_keeps)
+    reference_bound: torch.Tensor | None = None
 
 
 class EpisodeBatch:
@@ -91,6 +94,8 @@ class EpisodeBatch:
             else FidelityMinusCost(FIDELITY_METRICS[config.fidelity], config.fidelity_weight, config.cost_weight,
                                    config.perturbation_weight))
         self.selection = config.attention == "select"
+        # The mask's bound table from the reference (computed with it, per sequence), not from each step's forward
+        self._reference_bounds = self.selection and config.bound_source == "reference"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
                                        config.n_segments, config.keep_choices if self.selection else None,
                                        config.observation_features, config.bound_queries)
@@ -154,16 +159,18 @@ class EpisodeBatch:
         self._tokens.copy_(self.corpus.train[torch.from_numpy(indices)])
         full = self.geometry.head_dim
         with torch.inference_mode():
-            cache, stats, reference = self._episode_start(indices)
+            cache, stats, reference, reference_bound = self._episode_start(indices)
             if self._graphs is not None:  # the graphs read the reference at fixed places
                 reference = _pinned_captured(self._graphs, reference)
+                if reference_bound is not None:
+                    reference_bound = self._graphs.pin("reference_bound", [reference_bound])[0]
         prev_index = np.full((self.batch_size, self.n_units), self.decisions.n_choices - 1)
         history = np.zeros((self.batch_size, self.n_units, self.config.n_segments), dtype=np.int64)
         history[:, :, 0] = full
         summary = self.decisions.summarize(stats)
         observed = self.decisions.observe_summary(summary, prev_index, 1)
         self.episode = EpisodeState(indices, cache, reference, observed, stats, prev_index, history,
-                                    signals=self.decisions.signals_of(summary))
+                                    signals=self.decisions.signals_of(summary), reference_bound=reference_bound)
         info = {
             "segment": np.zeros(self.batch_size, dtype=np.int64),
             "epsilon": np.full(self.batch_size, self.epsilon),
@@ -270,7 +277,7 @@ class EpisodeBatch:
         with torch.inference_mode():
             reference = episode.reference if episode.reference.attention is not None else episode.probe_reference
             if reference is None:  # the fidelity metric kept only hidden states: run the reference again, once
-                reference = episode.probe_reference = self._reference_forward(episode.cache, self._tokens, outputs=True)
+                reference = episode.probe_reference = self._reference_forward(episode.cache, self._tokens, True)[0]
             cache = cache_prefix(episode.cache, episode.cache.get_seq_length(), self.backbone.model.config)
             cache.batch_repeat_interleave(count)
             tiled = np.tile(candidates, (self.batch_size, 1))
@@ -328,12 +335,13 @@ class EpisodeBatch:
         length = self.config.segment_len
         tokens = self._segment_tokens(segment)
         reference = self.episode.reference.tokens((segment - 1) * length, segment * length)
+        bound = None if self.episode.reference_bound is None else self.episode.reference_bound[:, segment - 1]
         if self._compiled:
             self.attention.cast_basis(self.backbone.dtype, self.backbone.device)  # (a reset may not have run one)
-            self._mark_shapes(tokens, reference)
-        return self._segment_program(tokens, reference)
+            self._mark_shapes(tokens, reference, bound)
+        return self._segment_program(tokens, reference, bound)
 
-    def _mark_shapes(self, tokens: torch.Tensor, reference: Captured) -> None:
+    def _mark_shapes(self, tokens: torch.Tensor, reference: Captured, bound: torch.Tensor | None) -> None:
         """Which input axes the compiler may treat as symbolic. The KV cache's key axis: it grows a segment per step,
         so one compilation serves every segment. Not the batch axis: a second batch size in the process then gets
         code of its own, where torch's automatic dynamic shapes would recompile with a symbolic batch axis, whose
@@ -343,24 +351,30 @@ class EpisodeBatch:
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
                 torch._dynamo.mark_static(tensor, 0)
         whole = self.episode.reference  # (the compiler also sees the tensors the inputs are views of)
+        bounds = () if bound is None else (self.episode.reference_bound, bound)
         for tensor in (self._tokens, tokens, whole.hidden, reference.hidden, *(whole.attention or []),
-                       *(reference.attention or [])):
+                       *(reference.attention or []), *bounds):
             torch._dynamo.mark_static(tensor, 0)
 
-    def _segment_work(self, tokens: torch.Tensor, reference: Captured
+    def _segment_work(self, tokens: torch.Tensor, reference: Captured, bound: torch.Tensor | None
                       ) -> tuple[torch.Tensor, StatsSummary, SegmentStats]:
-        """:meth:`_device_step` given the segment's tokens and its slice of the reference: what ``compile=True``
-        compiles. Tensors in, not the segment's index, so that one compilation serves every segment (an index would
-        be specialised on: a recompilation per segment, and past torch's recompile limit, eager code)."""
-        agent, stats = self._forward(self.episode.cache, tokens, None, statistics=True,
-                                     outputs=self.reward.needs_attention_outputs)
+        """:meth:`_device_step` given the segment's tokens, its slice of the reference and, with
+        bound_source="reference", the reference's bound table of the segment (the forward then records none): what
+        ``compile=True`` compiles. Tensors in, not the segment's index, so that one compilation serves every segment
+        (an index would be specialised on: a recompilation per segment, and past torch's recompile limit, eager
+        code)."""
+        own_bounds = {} if bound is None else {"bound_queries": 0}
+        agent, recorded = self._forward(self.episode.cache, tokens, None, statistics=True,
+                                        outputs=self.reward.needs_attention_outputs, **own_bounds)
+        stats = recorded.stats() if bound is None else replace(recorded.stats(), selection_bound=bound)
         fidelity = self.reward.fidelity(agent, reference, self._lm_head)
         return fidelity, self.decisions.summarize(stats), stats
 
     def _forward(self, cache: Cache, tokens: torch.Tensor, ranks: torch.Tensor | int | None, statistics: bool,
-                 outputs: bool) -> tuple[Captured, SegmentStats | None]:
+                 outputs: bool, **options: Any) -> tuple[Captured, Recording]:
         """Run ``tokens`` (B, T) at ``ranks`` (an int, (B, layers, kv_heads), or None: as already set), appending
-        to ``cache``; returns what the fidelity metrics compare and, if asked, the statistics.
+        to ``cache``; returns what the fidelity metrics compare and the recording (its statistics, if asked).
+        ``options`` override the recording's options (``DecisionSpace.recording_options``).
 
         The LM head is skipped (base_model's last_hidden_state is the final normed hidden state); "kl" applies it
         to just the segment it compares (:meth:`_lm_head`). The attention is attached for this forward only, so
@@ -369,26 +383,32 @@ class EpisodeBatch:
         attention = self.attention
         if ranks is not None:
             attention.set_ranks(ranks)
-        with attention.attached(self.backbone.model), attention.recording(
-                statistics, outputs, **self.decisions.recording_options(statistics)) as recorded:
+        options = {**self.decisions.recording_options(statistics), **options}
+        with attention.attached(self.backbone.model), attention.recording(statistics, outputs, **options) as recorded:
             hidden = self.backbone.model.base_model(tokens, **cache_argument(cache), use_cache=True).last_hidden_state
-        captured = Captured(hidden, list(recorded.attention_outputs) if outputs else None)
-        return captured, recorded.stats() if statistics else None
+        return Captured(hidden, list(recorded.attention_outputs) if outputs else None), recorded
 
-    def _reference_forward(self, cache: Cache, tokens: torch.Tensor, outputs: bool) -> Captured:
+    def _reference_forward(self, cache: Cache, tokens: torch.Tensor, outputs: bool, bounds: bool = False
+                           ) -> tuple[Captured, torch.Tensor | None]:
         """The full-rank reference of segments 1 .. n_segments-1 of ``tokens`` (the cache's rows, whole sequences),
-        in one forward. It starts from the warm-up prefix both trajectories share, bit for bit: the first segment of
-        the agent's cache, which the agent ran at full rank and never rewrites."""
+        in one forward, and with ``bounds`` its bound table at the end of each of those segments (bound_source=
+        "reference"; (B, n_segments - 1, layers, kv_heads, n_ranks, n_keeps)). It starts from the warm-up prefix
+        both trajectories share, bit for bit: the first segment of the agent's cache, which the agent ran at full
+        rank and never rewrites."""
         length = self.config.segment_len
         prefix = cache_prefix(cache, length, self.backbone.model.config)
         self.attention.set_keep(1.0)  # exact: every key kept (and, below, every rank)
-        captured, _ = self._forward(prefix, tokens[:, length:], self.geometry.head_dim, statistics=False,
-                                    outputs=outputs)
-        return captured
+        options = ({"selection_grid": self.decisions.selection_grid, "bound_queries": self.config.bound_queries,
+                    "bound_segment_len": length} if bounds else {})
+        captured, recorded = self._forward(prefix, tokens[:, length:], self.geometry.head_dim, statistics=False,
+                                           outputs=outputs, **options)
+        return captured, recorded.segment_bounds() if bounds else None
 
-    def _episode_start(self, indices: np.ndarray) -> tuple[PreallocatedCache, SegmentStats, Captured]:
-        """The warm-up cache (the batch's cache, restarted) and statistics and the reference of every row: from the
-        reference cache where it holds the row's sequence, else computed (only for those rows) and stored."""
+    def _episode_start(self, indices: np.ndarray
+                       ) -> tuple[PreallocatedCache, SegmentStats, Captured, torch.Tensor | None]:
+        """The warm-up cache (the batch's cache, restarted) and statistics, the reference of every row and (with
+        bound_source="reference") its bound tables: from the reference cache where it holds the row's sequence, else
+        computed (only for those rows) and stored."""
         held, slots = self.references.lookup(indices)
         missing = np.flatnonzero(~held)
         computed = None
@@ -401,7 +421,7 @@ class EpisodeBatch:
         start = EpisodeStart.from_rows(rows, self.geometry.num_layers, self.references.layout,
                                        self.reward.needs_attention_outputs)
         self._cache.start(start.kv)
-        return self._cache, start.stats, start.reference
+        return self._cache, start.stats, start.reference, start.reference_bound
 
     def _computed_start(self, rows: torch.Tensor) -> EpisodeStart:
         """Warm-up segment and reference of the batch rows ``rows``."""
@@ -409,10 +429,12 @@ class EpisodeBatch:
         cache, length = DynamicCache(config=self.backbone.model.config), self.config.segment_len
         with record_function("drrl.warmup_forward"):
             self.attention.set_keep(1.0)
-            _, stats = self._forward(cache, tokens[:, :length], self.geometry.head_dim, statistics=True, outputs=False)
+            _, recorded = self._forward(cache, tokens[:, :length], self.geometry.head_dim, statistics=True,
+                                        outputs=False)
         with record_function("drrl.reference_forward"):
-            reference = self._reference_forward(cache, tokens, self.reward.needs_attention_outputs)
-        return EpisodeStart(kv_tensors(cache), stats, reference)
+            reference, bound = self._reference_forward(cache, tokens, self.reward.needs_attention_outputs,
+                                                       bounds=self._reference_bounds)
+        return EpisodeStart(kv_tensors(cache), recorded.stats(), reference, bound)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from final hidden states: the LM head ``model(...)`` applies, softcapping included."""

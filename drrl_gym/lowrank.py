@@ -119,7 +119,8 @@ class Recording:
     selection_bound: list[torch.Tensor | None] | None = None
     signal_queries: int = 0  # last queries of a segment the attention signals are taken from; 0: none
     signals: list | None = None  # per layer: drrl_gym.attention_signals.AttentionSignals
-    bound_queries: int | None = None  # last queries of a forward the selection bound is taken over; None: all
+    bound_queries: int | None = None  # last queries of a forward the selection bound is taken over; None: all; 0: no bound
+    bound_segment_len: int | None = None  # a bound at the end of every segment of this many queries, not the forward's
     num_queries: int = 0
     num_keys: int = 0
 
@@ -136,6 +137,15 @@ class Recording:
                 signals["signal_margin"] = torch.stack([s.margin for s in self.signals], 1)
         return SegmentStats(torch.stack(self.query_gram, 1), torch.stack(self.key_gram, 1), self.num_queries,
                             self.num_keys, bound, **signals)
+
+    def segment_bounds(self) -> torch.Tensor:
+        """(B, segments, num_layers, num_kv_heads, n_ranks, n_keeps) float64: the bound table at the end of every
+        segment of the last forward (``recording(bound_segment_len=...)``), each over the segment's last
+        ``bound_queries`` queries and the keys visible to them."""
+        if self.bound_segment_len is None or self.selection_bound is None or any(b is None for b in self.selection_bound):
+            raise RuntimeError("no segment bounds recorded. Fix: run a forward inside recording(selection_grid=..., "
+                               "bound_segment_len=T) with approximation='select'.")
+        return torch.stack(self.selection_bound, 2)
 
 
 def _dispatch(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
@@ -297,27 +307,35 @@ class DynamicRankAttention:
     @contextmanager
     def recording(self, statistics: bool = False, outputs: bool = False,
                   selection_grid: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
-                  signal_queries: int = 0, bound_queries: int | None = None) -> Iterator[Recording]:
+                  signal_queries: int = 0, bound_queries: int | None = None,
+                  bound_segment_len: int | None = None) -> Iterator[Recording]:
         """Record, in the forward passes run inside the context, the statistics and/or attention outputs.
 
         ``with attention.recording(statistics=True) as recorded: model(...)`` then ``recorded.stats()``. Recording
         statistics makes even full rank take the projection path (the Grams are taken in the basis). In selection
         mode, ``selection_grid=(ranks, keeps)`` also records the dropped-mass bound of every candidate setting (over
-        the last ``bound_queries`` queries of the forward; None: all).
+        the last ``bound_queries`` queries of the forward; None: all; 0: none, the signals alone use the grid).
+        ``bound_segment_len=T`` records that bound at the end of every T queries of the forward instead, each over
+        its segment's last ``bound_queries`` queries, statistics or not: a reference forward of several segments
+        leaves each segment's table, as a forward per segment would (:meth:`Recording.segment_bounds`).
         ``signal_queries=m`` (with statistics) also records ``drrl_gym.attention_signals.attention_signals`` of the last m
         queries (with the grid's settings in selection mode).
         """
         if self._recording is not None:
             raise RuntimeError("this DynamicRankAttention is already recording. Fix: finish the outer recording first.")
-        if selection_grid is not None and (self.approximation != "select" or not statistics):
-            raise ValueError("selection_grid needs approximation='select' and statistics=True.")
+        if selection_grid is not None and (self.approximation != "select" or not (statistics or bound_segment_len)):
+            raise ValueError("selection_grid needs approximation='select' and statistics=True (or bound_segment_len).")
+        if bound_segment_len is not None and (selection_grid is None or bound_segment_len < 1 or not bound_queries
+                                              or bound_queries > bound_segment_len):
+            raise ValueError(f"bound_segment_len={bound_segment_len} needs a selection_grid, a length >= 1 and "
+                             f"1 <= bound_queries <= it (got bound_queries={bound_queries}).")
         if signal_queries < 0 or (signal_queries and not statistics):
             raise ValueError(f"signal_queries={signal_queries} needs statistics=True and must be >= 0.")
         layers = self.geometry.num_layers
-        bounds = None if selection_grid is None else [None] * layers
+        bounds = None if selection_grid is None or bound_queries == 0 else [None] * layers
         self._recording = Recording(statistics, outputs, [None] * layers, [None] * layers, [None] * layers,
                                     selection_grid, bounds, signal_queries, [None] * layers if signal_queries else None,
-                                    bound_queries=bound_queries)
+                                    bound_queries=bound_queries, bound_segment_len=bound_segment_len)
         try:
             yield self._recording
         finally:
@@ -333,6 +351,8 @@ class DynamicRankAttention:
         recording = self._recording
         statistics = recording is not None and recording.statistics
         cached_keys = self._extend_projected_keys(layer, key) if self.cache_projected_keys else None
+        if recording is not None and recording.bound_segment_len:
+            self._record_segment_bounds(layer, query, key, scaling)
         if self.approximation == "select" and (statistics or not self._layer_keeps_all[layer]):
             return self._select(layer, query, key, value, scaling, statistics, cached_keys), None
         if r_max == d and uniform and not statistics:
@@ -375,13 +395,9 @@ class DynamicRankAttention:
             self._record_grams(layer, grouped, rotated, cached_keys is not None, n_queries)
             rotated_query = grouped.reshape(batch, heads, n_queries, d)  # heads j*G..j*G+G-1: KV head j
             self._record_signals(layer, rotated_query, rotated, scaling)
-            if recording.selection_grid is not None:
-                ranks, keeps = recording.selection_grid
+            if recording.selection_bound is not None and not recording.bound_segment_len:
                 bounded = rotated_query[:, :, -recording.bound_queries:] if recording.bound_queries else rotated_query
-                # float32 work: half the traffic of float64 for a mean the mask compares with a threshold
-                recording.selection_bound[layer], _ = dropped_mass_bound_table(
-                    bounded, rotated, ranks, keeps, scaling=scaling, sink_tokens=self.sink_tokens,
-                    recent_tokens=self.recent_tokens, selection=self.selection, dtype=torch.float32)
+                recording.selection_bound[layer] = self._bound_table(bounded, rotated, scaling)
         if (n_queries == 1 and cached_keys is not None and self.selection == "group"
                 and query.device.type in DECODE_KERNEL_DEVICES):
             # One decoded token over the projected-key cache: the decode kernel reads only what it chooses. Every
@@ -402,6 +418,35 @@ class DynamicRankAttention:
                                      sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                      selection=self.selection, rotated_keys=rotated)
         return self._keep(layer, out)
+
+    def _bound_table(self, rotated_query: torch.Tensor, rotated_keys: torch.Tensor, scaling: float) -> torch.Tensor:
+        """(B, kv_heads, n_ranks, n_keeps): the mean bound (7) of the recording's grid over ``rotated_query``, the
+        last queries of ``rotated_keys``. float32 work: half the traffic of float64 for a mean the mask compares
+        with a threshold."""
+        ranks, keeps = self._recording.selection_grid
+        mean, _ = dropped_mass_bound_table(rotated_query, rotated_keys, ranks, keeps, scaling=scaling,
+                                           sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                                           selection=self.selection, dtype=torch.float32)
+        return mean
+
+    def _record_segment_bounds(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """``recording(bound_segment_len=T)``: the layer's bound table at the end of every T queries of this
+        forward, each over its segment's last ``bound_queries`` queries and the keys they see (B, S, kv_heads,
+        n_ranks, n_keeps). The rotation is the one :meth:`_select` applies, so each table is the one a forward of
+        that segment alone would record."""
+        recording, (batch, heads, n_queries, d), kv_heads = self._recording, query.shape, key.shape[1]
+        length, last = recording.bound_segment_len, recording.bound_queries
+        if n_queries % length:
+            raise ValueError(f"bound_segment_len={length} does not divide the forward's {n_queries} queries. Fix: "
+                             "run whole segments.")
+        basis = self._basis_like(query)[layer]
+        rotated_keys = key @ basis
+        rotated_query = (query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d) @ basis).reshape(
+            batch, heads, n_queries, d)
+        offset = key.shape[2] - n_queries  # keys before the forward's first query
+        recording.selection_bound[layer] = torch.stack(
+            [self._bound_table(rotated_query[:, :, end - last:end], rotated_keys[:, :, :offset + end], scaling)
+             for end in range(length, n_queries + 1, length)], 1)
 
     def _record_grams(self, layer: int, q_proj: torch.Tensor, k_proj: torch.Tensor, keys_cached: bool,
                       n_queries: int) -> None:

@@ -1,7 +1,8 @@
 """What a reset computes that does not depend on the agent, kept per train sequence across episodes.
 
 A reset runs the warm-up segment at full rank (its KV cache and statistics) and the full-rank reference trajectory of
-the remaining segments (what fidelity compares with). Both are functions of the sequence alone, so an episode on a
+the remaining segments (what fidelity compares with; with ``bound_source="reference"`` also its bound tables, which the
+mask reads). Both are functions of the sequence alone, so an episode on a
 sequence seen before needs no forward at all: :class:`ReferenceCache` keeps them, keyed by the train sequence index,
 on the model's device, least recently used first out, within a memory budget (``EnvConfig.reference_cache_gib``;
 docs/env.md, "Reference cache"). One entry of SmolLM2-135M with ``fidelity="attention_cosine"`` at 1024 tokens is
@@ -28,6 +29,7 @@ from drrl_gym.reward import Captured
 GIB = 2**30
 # SegmentStats fields a reset may have recorded besides the Grams (selection mode, the attention signals)
 OPTIONAL_STATS = ("selection_bound", "entropy", "signal_mass", "signal_margin")
+REFERENCE_BOUND = "reference_bound"  # the layout's name for EpisodeStart.reference_bound
 
 
 @dataclass
@@ -38,19 +40,25 @@ class EpisodeStart:
     kv: KVTensors  # per layer (keys, values), each (B, H_kv, segment_len, d)
     stats: SegmentStats
     reference: Captured
+    # bound_source="reference": the reference's bound table per remaining segment, (B, segments, layers, H_kv, n_ranks,
+    # n_keeps)
+    reference_bound: torch.Tensor | None = None
 
     def rows(self) -> list[torch.Tensor]:
         """Every tensor, leading axis the row: keys and values per layer, the Grams, the optional statistics that
-        were recorded (:data:`OPTIONAL_STATS`, in that order), the reference's hidden states and attention outputs
-        (if recorded)."""
+        were recorded (:data:`OPTIONAL_STATS`, in that order), the reference's bound tables (if computed), its hidden
+        states and attention outputs (if recorded)."""
         stats, reference = self.stats, self.reference
-        optional = [getattr(stats, name) for name in self.optional_stats()]
-        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *optional, reference.hidden]
-                + list(reference.attention or []))
+        optional = [getattr(stats, name) for name in self.optional_stats() if name != REFERENCE_BOUND]
+        bound = [] if self.reference_bound is None else [self.reference_bound]
+        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *optional, *bound,
+                                                          reference.hidden] + list(reference.attention or []))
 
     def optional_stats(self) -> tuple[str, ...]:
-        """The names of the optional statistics this start holds (what :meth:`from_rows` needs to read it back)."""
-        return tuple(name for name in OPTIONAL_STATS if getattr(self.stats, name) is not None)
+        """The names of the optional statistics this start holds, then :data:`REFERENCE_BOUND` if it holds the
+        reference's bound tables (what :meth:`from_rows` needs to read it back)."""
+        bound = () if self.reference_bound is None else (REFERENCE_BOUND,)
+        return tuple(name for name in OPTIONAL_STATS if getattr(self.stats, name) is not None) + bound
 
     @classmethod
     def from_rows(cls, rows: Sequence[torch.Tensor], num_layers: int, optional_stats: Sequence[str],
@@ -61,9 +69,10 @@ class EpisodeStart:
         query_gram, key_gram, *rest = rows[2 * num_layers:]
         optional = dict(zip(optional_stats, rest, strict=False))
         hidden, *attention = rest[len(optional):]
+        bound = optional.pop(REFERENCE_BOUND, None)
         length = kv[0][0].shape[2]  # the warm-up segment: its queries are its keys
         stats = SegmentStats(query_gram, key_gram, length, length, **optional)
-        return cls(kv, stats, Captured(hidden, attention if attention_outputs else None))
+        return cls(kv, stats, Captured(hidden, attention if attention_outputs else None), bound)
 
 
 class ReferenceCache:

@@ -540,6 +540,51 @@ def test_bound_over_the_last_queries_only():
             DRRLAttentionEnv(**kwargs, bound_queries=bad)
 
 
+def test_bound_from_the_reference():
+    """bound_source="reference": the mask and observation read the full-rank reference's table of the segment just
+    run, computed with the reference at reset (one forward of every remaining segment) and kept in the reference
+    cache. It equals the table the agent's own forward records when the agent runs at full rank and keeps every
+    key (the reference trajectory itself), whatever the agent does, on a cached episode too; outside selection mode,
+    or an unknown source, is refused with the fix."""
+    import math
+
+    import numpy as np
+    from conftest import TINY_ENV
+
+    from drrl_gym.env import DRRLAttentionEnv
+
+    select = {**TINY_ENV, "attention": "select", "keep_choices": (0.25, 0.5, 1.0), "bound_queries": 8,
+              "epsilon_start": math.inf, "epsilon_end": math.inf}  # no mask: the actions run as chosen
+
+    def episode(env, actions):
+        env.reset(seed=0, options={"sequence_index": 1})
+        bounds, observations, done = [env.full_rank_bounds], [], False
+        for action in actions:
+            observation, _, done, _, _ = env.step(action)
+            bounds.append(env.full_rank_bounds)
+            observations.append(observation)
+        assert done
+        return np.stack(bounds), np.stack(observations)
+
+    own = DRRLAttentionEnv(**select)
+    steps = own.batch.config.n_segments - 1
+    exact = np.full((steps, own.n_units), own.action_space.nvec[0] - 1)
+    cheap = np.zeros_like(exact)
+    bounds_exact, _ = episode(own, exact)
+    bounds_cheap, _ = episode(own, cheap)
+    assert not np.allclose(bounds_exact[1:], bounds_cheap[1:])  # the agent's own table follows its choices
+    reference = DRRLAttentionEnv(**select, bound_source="reference")
+    for actions in (cheap, cheap, exact):  # computed, then twice from the reference cache
+        bounds, observations = episode(reference, actions)
+        np.testing.assert_allclose(bounds, bounds_exact, rtol=1e-4, atol=1e-7)
+    assert reference.batch.references.hits == 2
+    _, own_observations = episode(own, exact)
+    np.testing.assert_allclose(observations, own_observations, atol=1e-5)  # exact actions: the same episode
+    for bad, kwargs in (("future", select), ("reference", TINY_ENV)):
+        with pytest.raises(ValueError, match="bound_source.*Fix"):
+            DRRLAttentionEnv(**kwargs, bound_source=bad)
+
+
 @pytest.mark.slow
 def test_dropped_mass_bound_holds_on_smollm2_activations(smollm2):
     """The bound (7) against the true dropped mass on real post-RoPE activations: every layer of SmolLM2 on held-out
@@ -572,7 +617,8 @@ def test_dropped_mass_bound_holds_on_smollm2_activations(smollm2):
 
 def test_bound_queries_benchmark_compares_with_every_query(tmp_path):
     """benchmarks/bound_queries.py: the bound over all of a segment's queries agrees exactly with the reference (every
-    query), fewer queries change the bounds."""
+    query), fewer queries change the bounds; the reference's table (bound_source="reference") is compared too, and
+    every run also against the next segment's bound, what its mask predicts."""
     import json
     import sys
     from pathlib import Path
@@ -582,8 +628,12 @@ def test_bound_queries_benchmark_compares_with_every_query(tmp_path):
 
     main(["--model", "tiny-random-llama", "--seq-len", "128", "--segment-len", "32", "--rank-choices", "4", "8", "16",
           "--bound-queries", "32", "4", "--sequences", "0", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows, predictions = results["rows"], results["predictions_of_the_next_segment"]
     every = rows["bound_queries=32"]
     assert every["mask_agreement"] == 1.0 and every["bound_relative_error_p90"] == 0
     assert rows["bound_queries=4"]["bound_relative_error_p90"] > 0
-    assert (tmp_path / "results.md").read_text().count("| bound_queries=") == 2
+    assert predictions["bound_queries=32"] == predictions["every query"]
+    assert set(predictions) == set(rows) - {"consecutive segments, every query"} | {"every query"}
+    assert rows["bound_source=reference, bound_queries=32"]["mask_entries"] == every["mask_entries"]
+    assert (tmp_path / "results.md").read_text().count("| bound_queries=") == 4

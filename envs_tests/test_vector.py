@@ -265,11 +265,13 @@ def test_compiled_step_matches_the_eager_one() -> None:
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_selection_step_matches_the_eager_one() -> None:
+@pytest.mark.parametrize("bound_source", ["agent", "reference"])
+def test_compiled_selection_step_matches_the_eager_one(bound_source: str) -> None:
     """Selection mode compiles too, in one piece: its keys are chosen without a sort or a host synchronisation
     (drrl_gym.row_threshold), and its settings are read on the device. One compilation serves every segment of two
-    episodes (fullgraph would fail on a graph break, the recompile limit on a second compilation)."""
-    kwargs = dict(TINY, attention="select", seq_len=4 * TINY["segment_len"])  # 3 steps an episode
+    episodes (fullgraph would fail on a graph break, the recompile limit on a second compilation), with the bound
+    table recorded by the step or read from the reference."""
+    kwargs = dict(TINY, attention="select", seq_len=4 * TINY["segment_len"], bound_source=bound_source)
     compiled = DRRLAttentionVecEnv(num_envs=N, compile=True, **kwargs)
     eager = DRRLAttentionVecEnv(num_envs=N, compile=False, **kwargs)
     rng = np.random.default_rng(5)
@@ -288,13 +290,14 @@ def test_compiled_selection_step_matches_the_eager_one() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fidelity, features, compiled, attention", [
-    ("attention_cosine", FEATURE_GROUPS[:3], True, "lowrank_scores"), ("kl", FEATURE_GROUPS, False, "lowrank_scores"),
-    ("attention_cosine", FEATURE_GROUPS, False, "select")])
+@pytest.mark.parametrize("fidelity, features, compiled, attention, bound_source", [
+    ("attention_cosine", FEATURE_GROUPS[:3], True, "lowrank_scores", "agent"),
+    ("kl", FEATURE_GROUPS, False, "lowrank_scores", "agent"), ("attention_cosine", FEATURE_GROUPS, False, "select", "agent"),
+    ("attention_cosine", FEATURE_GROUPS, True, "select", "reference")])
 def test_cuda_graphs_match_the_eager_forward(fidelity: str, features: tuple[str, ...], compiled: bool,
-                                             attention: str) -> None:
+                                             attention: str, bound_source: str) -> None:
     kwargs = dict(TINY, device="cuda", dtype="float32", fidelity=fidelity, observation_features=features,
-                  attention=attention)
+                  attention=attention, bound_source=bound_source)
     # With compile, a second batch size in the same process compiles its own step and captures its own graphs.
     for n in (N, N + 1) if compiled else (N,):
         graphed = DRRLAttentionVecEnv(num_envs=n, compile=compiled, **kwargs)
