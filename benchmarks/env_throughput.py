@@ -633,10 +633,10 @@ def main() -> None:
     modes, curves, forwards, tokens = {}, {}, {}, None
     for index, attention in enumerate(args.attention):
         mode_kwargs = dict(kwargs, attention=attention)
-        if attention == "select" and args.bound_queries is not None:
-            mode_kwargs["bound_queries"] = args.bound_queries
         if attention == "select":
             mode_kwargs["bound_source"] = args.bound_source
+            if args.bound_queries is not None:
+                mode_kwargs["bound_queries"] = args.bound_queries
         modes[attention], mode_tokens, cache = measure_mode(args, mode_kwargs, index == 0)
         tokens = mode_tokens if tokens is None else tokens
         save_partial(args.out, modes)  # a run stopped later (time limit, crash) keeps the finished modes

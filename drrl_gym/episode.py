@@ -95,7 +95,8 @@ class EpisodeBatch:
                                    config.perturbation_weight))
         self.selection = config.attention == "select"
         # The mask's bound table from the reference (computed with it, per sequence), not from each step's forward
-        self._reference_bounds = self.selection and config.bound_source == "reference"
+        # (EnvConfig allows "reference" in selection mode only)
+        self._reference_bounds = config.bound_source == "reference"
         self.decisions = DecisionSpace(self.geometry, self.rank_choices, config.granularity, config.segment_len,
                                        config.n_segments, config.keep_choices if self.selection else None,
                                        config.observation_features, config.bound_queries)

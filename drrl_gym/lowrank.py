@@ -42,6 +42,7 @@ from drrl_gym.selection import (
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     dropped_mass_bound_table,
+    rotate,
     selection_attention,
 )
 from drrl_gym.selection_decode import selection_decode
@@ -434,15 +435,13 @@ class DynamicRankAttention:
         forward, each over its segment's last ``bound_queries`` queries and the keys they see (B, S, kv_heads,
         n_ranks, n_keeps). The rotation is the one :meth:`_select` applies, so each table is the one a forward of
         that segment alone would record."""
-        recording, (batch, heads, n_queries, d), kv_heads = self._recording, query.shape, key.shape[1]
+        recording, n_queries = self._recording, query.shape[2]
         length, last = recording.bound_segment_len, recording.bound_queries
         if n_queries % length:
             raise ValueError(f"bound_segment_len={length} does not divide the forward's {n_queries} queries. Fix: "
                              "run whole segments.")
         basis = self._basis_like(query)[layer]
-        rotated_keys = key @ basis
-        rotated_query = (query.reshape(batch, kv_heads, (heads // kv_heads) * n_queries, d) @ basis).reshape(
-            batch, heads, n_queries, d)
+        rotated_keys, rotated_query = key @ basis, rotate(query, basis)
         offset = key.shape[2] - n_queries  # keys before the forward's first query
         recording.selection_bound[layer] = torch.stack(
             [self._bound_table(rotated_query[:, :, end - last:end], rotated_keys[:, :, :offset + end], scaling)
