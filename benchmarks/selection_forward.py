@@ -9,9 +9,9 @@ rotated in a cache (the env's path). Median of ``--repeats`` timed calls after a
 (rank-r scores over every key, priorities, thresholds) is the largest part of a selection-mode env step: this times
 it with the exact attention that follows, both ways: ``selection_attention(fused=True)``, one Triton launch on CUDA
 (``drrl_gym.selection_prefill_triton``), and ``fused=False``, the composed path (priorities, kept masks, SDPA).
-``--launches`` also times other launches of the fused kernel (queries per program x keys per tile x warps), each
-with TF32 and with bf16 rank-r products. Every row reports its largest output difference from the fused call's.
-Writes ``results.json`` (command, machine, date, versions, git commit, the times) and ``results.md``.
+``--launches`` also times other launches of the fused kernel (queries per program x keys per tile x warps). Every
+row reports its largest output difference from the fused call's. Writes ``results.json`` (command, machine, date,
+versions, git commit, the times) and ``results.md``.
 """
 
 from __future__ import annotations
@@ -69,11 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                              DEFAULT_RECENT_TOKENS).to(device)
         inputs = (query, key, value, basis.float(), rotated, rank, counts, HEAD_DIM**-0.5, DEFAULT_SINK_TOKENS,
                   DEFAULT_RECENT_TOKENS)
-        for (block_t, block_n, warps), precision in ((shape, p) for shape in launches for p in ("tf32", "bf16")):
-            call = functools.partial(launch, *inputs, max_block_t=block_t, block_n=block_n, num_warps=warps,
-                                     score_precision=precision)
-            rows.append({"call": f"launch {block_t}x{block_n}x{warps} {precision}", "ms": 1e3 * timed(call, args.repeats,
-                                                                                                  device),
+        for block_t, block_n, warps in launches:
+            call = functools.partial(launch, *inputs, max_block_t=block_t, block_n=block_n, num_warps=warps)
+            rows.append({"call": f"launch {block_t}x{block_n}x{warps}", "ms": 1e3 * timed(call, args.repeats, device),
                          "max_difference": float((call().float() - default).abs().max())})
             print(rows[-1], flush=True)
     meta = {**run_record(device), "dtype": str(dtype).removeprefix("torch."), "shape": {

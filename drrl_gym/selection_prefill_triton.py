@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from drrl_gym.key_priorities import forced_or_hidden, group_priority_tile, rank_r_log_sums
 from drrl_gym.row_threshold import MAX_ROW, _row_keys, _search, ordered_int
 
 ROW_VALUES = 16384  # priorities phase 4 holds in registers per program: BLOCK_T x next_power_of_2(L)
@@ -79,10 +80,8 @@ def _selection_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def launch(query, key, value, basis, rotated_keys, rank, counts, scaling, sink_tokens, recent_tokens,
-           max_block_t: int = MAX_BLOCK_T, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-           score_precision: str = "tf32") -> torch.Tensor:
-    """The kernel's launch; the keywords override it (``benchmarks/selection_forward.py --launches`` sweeps them;
-    score_precision "bf16" rounds q~ to bf16 for the rank-r products instead of TF32)."""
+           max_block_t: int = MAX_BLOCK_T, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """The kernel's launch; the keywords override it (``benchmarks/selection_forward.py --launches`` sweeps them)."""
     batch, heads, n_queries, d = query.shape
     kv_heads, n_keys, dv = key.shape[1], key.shape[2], value.shape[-1]
     group = heads // kv_heads
@@ -102,8 +101,7 @@ def launch(query, key, value, basis, rotated_keys, rank, counts, scaling, sink_t
         sink_tokens, recent_tokens, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         *rotated_keys.stride()[:3], *rank.stride(), *out.stride()[:3],
         G=group, GROUP_ROWS=group_rows, D=d, DV=dv, BLOCK_T=block_t, BLOCK_N=block_n, ROW_BLOCK=row_block,
-        EXACT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BF16_SCORES=score_precision == "bf16",
-        num_warps=num_warps)
+        EXACT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return out
 
 
@@ -114,24 +112,13 @@ def _(query, key, value, basis, rotated_keys, rank, counts, scaling, sink_tokens
 
 
 @triton.jit
-def _rank_r_scores(q_rot, k_rot_ptr, keys, n_keys, k_stride_l, columns, rank, scaling, BF16_SCORES: tl.constexpr):
-    """s^ of (2) for the stacked rows and one tile of keys: the keys' first r columns only (masked loads; the
-    zeroed columns of q~ beyond r make the product exact), TF32 tensor-core products (or bf16 ones)."""
-    k_tile = tl.load(k_rot_ptr + keys[None, :] * k_stride_l + columns[:, None],
-                     mask=(keys[None, :] < n_keys) & (columns[:, None] < rank), other=0.0)
-    if BF16_SCORES:
-        return scaling * tl.dot(q_rot, k_tile.to(tl.bfloat16))
-    return scaling * tl.dot(q_rot, k_tile.to(tl.float32), input_precision="tf32")
-
-
-@triton.jit
 def _selection_prefill_kernel(
         q_ptr, k_ptr, v_ptr, k_rot_ptr, basis_ptr, rank_ptr, count_ptr, scratch_ptr, out_ptr,
         kv_heads, n_queries, n_keys, d, scaling, sink_tokens, recent_tokens,
         q_stride_b, q_stride_h, q_stride_t, k_stride_b, k_stride_h, k_stride_l, v_stride_b, v_stride_h, v_stride_l,
         kr_stride_b, kr_stride_h, kr_stride_l, rank_stride_b, rank_stride_h, o_stride_b, o_stride_t, o_stride_h,
         G: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, EXACT_PRECISION: tl.constexpr, BF16_SCORES: tl.constexpr):
+        BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, EXACT_PRECISION: tl.constexpr):
     group_index = tl.program_id(0).to(tl.int64)  # b H_kv + kv
     first = tl.program_id(1) * BLOCK_T
     b, kv = group_index // kv_heads, group_index % kv_heads
@@ -152,21 +139,12 @@ def _selection_prefill_kernel(
     # 1. rotate, (2): q~ = q P, the columns beyond r zeroed
     basis = tl.load(basis_ptr + kv * D * D + columns[:, None] * D + columns[None, :])
     q_rot = tl.dot(q.to(tl.float32), basis, input_precision="ieee")
-    q_rot = tl.where(columns[None, :] < rank, q_rot, 0.0)
-    if BF16_SCORES:
-        q_rot = q_rot.to(tl.bfloat16)
+    column_ok = columns < rank
+    q_rot = tl.where(column_ok[None, :], q_rot, 0.0)
 
     # 2. normalise, (3): each stacked row's logsumexp over its visible keys (a running maximum and a rescaled sum)
-    running_max = tl.full((GROUP_ROWS * BLOCK_T,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((GROUP_ROWS * BLOCK_T,), tl.float32)
-    for start in range(0, end, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        s = _rank_r_scores(q_rot, k_rot_ptr, j, n_keys, kr_stride_l, columns, rank, scaling, BF16_SCORES)
-        s = tl.where(j[None, :] <= position[:, None], s, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(s, 1))  # finite from the first tile on: key 0 is visible
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
-        running_max = new_max
-    log_sum = running_max + tl.log(running_sum)
+    log_sum = rank_r_log_sums(q_rot, k_rot_ptr, n_keys, end, kr_stride_l, columns, column_ok, position, scaling,
+                              GROUP_ROWS * BLOCK_T, BLOCK_N)
 
     # 3. prioritise, (3): the best approximate log-probability over the group's heads, into the scratch
     block_t = first + tl.arange(0, BLOCK_T)
@@ -175,12 +153,9 @@ def _selection_prefill_kernel(
     scratch_rows = group_index * n_queries + block_t
     for start in range(0, end, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
-        s = _rank_r_scores(q_rot, k_rot_ptr, j, n_keys, kr_stride_l, columns, rank, scaling, BF16_SCORES)
-        stacked_priority = tl.where(head[:, None] < G, s - log_sum[:, None], float("-inf"))
-        priority = tl.max(tl.reshape(stacked_priority, (GROUP_ROWS, BLOCK_T, BLOCK_N)), 0)  # max over heads
-        visible = j[None, :] <= block_position[:, None]
-        forced = visible & ((j[None, :] < sink_tokens) | (j[None, :] > block_position[:, None] - recent_tokens))
-        priority = tl.where(forced, float("inf"), tl.where(visible, priority, float("-inf")))
+        priority = group_priority_tile(q_rot, k_rot_ptr, j, n_keys, kr_stride_l, columns, column_ok, scaling,
+                                       log_sum, head, G, GROUP_ROWS, BLOCK_T, BLOCK_N)
+        priority = forced_or_hidden(priority, j, block_position, sink_tokens, recent_tokens)
         tl.store(scratch_ptr + scratch_rows[:, None] * n_keys + j[None, :], priority,
                  mask=block_ok[:, None] & (j[None, :] < end))
     tl.debug_barrier()  # the rows were written by other threads than those that read them next
