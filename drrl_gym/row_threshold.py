@@ -252,7 +252,8 @@ if triton is not None:
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
-        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length, cols)
+        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length,
+                                                                             cols)
         for c in tl.static_range(C):
             need = tl.load(counts_ptr + rows * C + c, mask=row_ok, other=1)
             low, last = _search(key, cols, row_ok, need, finite_low, finite_high, n_pos_inf, n_above_neg_inf)
@@ -268,7 +269,8 @@ if triton is not None:
         rows = row + tl.arange(0, 1)
         cols = tl.arange(0, BLOCK)
         row_ok = rows >= 0
-        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length, cols)
+        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length,
+                                                                             cols)
         need = tl.load(counts_ptr + rows)
         low, last = _search(key, cols, row_ok, need, finite_low, finite_high, n_pos_inf, n_above_neg_inf)
         kept = (key > low[:, None]) | ((key == low[:, None]) & (cols[None, :] <= last[:, None]))
