@@ -49,10 +49,10 @@ class EpisodeStart:
         were recorded (:data:`OPTIONAL_STATS`, in that order), the reference's bound tables (if computed), its hidden
         states and attention outputs (if recorded)."""
         stats, reference = self.stats, self.reference
-        optional = [getattr(stats, name) for name in self.optional_stats() if name != REFERENCE_BOUND]
-        bound = [] if self.reference_bound is None else [self.reference_bound]
-        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *optional, *bound,
-                                                          reference.hidden] + list(reference.attention or []))
+        optional = [self.reference_bound if name == REFERENCE_BOUND else getattr(stats, name)
+                    for name in self.optional_stats()]
+        return ([t for pair in self.kv for t in pair] + [stats.query_gram, stats.key_gram, *optional, reference.hidden]
+                + list(reference.attention or []))
 
     def optional_stats(self) -> tuple[str, ...]:
         """The names of the optional statistics this start holds, then :data:`REFERENCE_BOUND` if it holds the
