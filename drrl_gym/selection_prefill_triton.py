@@ -8,8 +8,9 @@ product for q P. Here one program takes one KV group and a block of BLOCK_T quer
 stacked as rows (head-major, padded to GROUP_ROWS heads, as ``drrl_gym.key_priorities`` stacks them), and runs five
 phases over the keys in on-chip tiles:
 
-1. rotate     q~ = q P in float32 (IEEE products: the rotation is exact up to float32 rounding), its columns beyond
-              the group's rank r zeroed, (2)
+1. rotate     q~ = q P in float32 (3xTF32 products: float32's accuracy on tensor cores; IEEE products, done on
+              the FMA units, made ptxas spill 496 bytes a thread for sm_90 at 16 queries per program, these 288),
+              its columns beyond the group's rank r zeroed                                                      (2)
 2. normalise  each stacked row's logsumexp of its rank-r scores over its visible keys, online (as flash attention
               does its softmax)                                                                               (3)
 3. prioritise pi_ij = max_h (s^_hij - logsumexp_h), forced keys +inf, invisible ones -inf, into a float32 scratch
@@ -138,7 +139,7 @@ def _selection_prefill_kernel(
 
     # 1. rotate, (2): q~ = q P, the columns beyond r zeroed
     basis = tl.load(basis_ptr + kv * D * D + columns[:, None] * D + columns[None, :])
-    q_rot = tl.dot(q.to(tl.float32), basis, input_precision="ieee")
+    q_rot = tl.dot(q.to(tl.float32), basis, input_precision="tf32x3")
     column_ok = columns < rank
     q_rot = tl.where(column_ok[None, :], q_rot, 0.0)
 
