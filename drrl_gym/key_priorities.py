@@ -118,39 +118,6 @@ if triton is not None:
                        mask=(keys[None, :] < n_keys) & column_ok[:, None], other=0.0)
 
     @triton.jit
-    def rank_r_log_sums(q, k_ptr, n_keys, end, k_stride_l, columns, column_ok, position, scaling,
-                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Each row's logsumexp of its rank-r scores (2) over its visible keys (j <= position, keys below ``end``),
-        online: a running maximum and a rescaled sum, as flash attention does its softmax. Pass 1 of (3)."""
-        running_max = tl.full((ROWS,), float("-inf"), tl.float32)
-        running_sum = tl.zeros((ROWS,), tl.float32)
-        for start in range(0, end, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            s = scaling * _rank_r_scores(q, _key_tile(k_ptr, j, n_keys, k_stride_l, columns, column_ok))
-            s = tl.where(j[None, :] <= position[:, None], s, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(s, 1))  # finite from the first block on: key 0 is visible
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
-            running_max = new_max
-        return running_max + tl.log(running_sum)
-
-    @triton.jit
-    def group_priority_tile(q, k_ptr, keys, n_keys, k_stride_l, columns, column_ok, scaling, log_sum, head,
-                            G: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
-        """(3) for selection by group, one tile of keys: the best s^ - logsumexp over the group's stacked heads,
-        (BLOCK_T, BLOCK_N), before the forced and invisible keys are set (:func:`forced_or_hidden`)."""
-        s = scaling * _rank_r_scores(q, _key_tile(k_ptr, keys, n_keys, k_stride_l, columns, column_ok))
-        stacked_priority = tl.where(head[:, None] < G, s - log_sum[:, None], float("-inf"))
-        return tl.max(tl.reshape(stacked_priority, (GROUP_ROWS, BLOCK_T, BLOCK_N)), 0)  # max over heads
-
-    @triton.jit
-    def forced_or_hidden(priority, keys, position, sink_tokens, recent_tokens):
-        """A tile of priorities with the forced keys of (4) at +inf and the keys a row does not see at -inf."""
-        visible = keys[None, :] <= position[:, None]
-        forced = visible & ((keys[None, :] < sink_tokens) | (keys[None, :] > position[:, None] - recent_tokens))
-        return tl.where(forced, float("inf"), tl.where(visible, priority, float("-inf")))
-
-    @triton.jit
     def _key_priorities_kernel(q_ptr, k_ptr, rank_ptr, out_ptr, kv_heads, n_queries, n_keys, d, scaling,
                                sink_tokens, recent_tokens, k_stride_b, k_stride_h, k_stride_l,
                                G: tl.constexpr, GROUP_ROWS: tl.constexpr, PER_HEAD: tl.constexpr,
@@ -169,22 +136,34 @@ if triton is not None:
         q = tl.load(q_ptr + q_rows[:, None] * d + columns[None, :], mask=row_ok[:, None] & column_ok[None, :],
                     other=0.0)
         position = n_keys - n_queries + t  # query t sees keys 0 .. position
-        if not PER_HEAD:  # pass 1: each row's logsumexp over the keys the block sees
+        if not PER_HEAD:
+            # pass 1: each row's logsumexp over its visible keys, online (a running maximum and a rescaled sum)
+            running_max = tl.full((GROUP_ROWS * BLOCK_T,), float("-inf"), tl.float32)
+            running_sum = tl.zeros((GROUP_ROWS * BLOCK_T,), tl.float32)
             end = tl.minimum(n_keys, n_keys - n_queries + first + BLOCK_T)  # past the block's last visible key
-            log_sum = rank_r_log_sums(q, k_ptr, n_keys, end, k_stride_l, columns, column_ok, position, scaling,
-                                      GROUP_ROWS * BLOCK_T, BLOCK_N)
+            for start in range(0, end, BLOCK_N):
+                j = start + tl.arange(0, BLOCK_N)
+                s = scaling * _rank_r_scores(q, _key_tile(k_ptr, j, n_keys, k_stride_l, columns, column_ok))
+                s = tl.where(j[None, :] <= position[:, None], s, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(s, 1))  # finite from the first block on: key 0 is visible
+                running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+                running_max = new_max
+            log_sum = running_max + tl.log(running_sum)
         # pass 2: the priorities of every key, written once
         block_t = first + tl.arange(0, BLOCK_T)
         block_position = n_keys - n_queries + block_t
         for start in range(0, n_keys, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
+            s = scaling * _rank_r_scores(q, _key_tile(k_ptr, j, n_keys, k_stride_l, columns, column_ok))
             if PER_HEAD:
-                priority = scaling * _rank_r_scores(q, _key_tile(k_ptr, j, n_keys, k_stride_l, columns, column_ok))
-                rows_position, out_rows, out_ok = position, q_rows, row_ok  # rows (head, t)
+                priority = s  # rows (head, t)
+                rows_position, out_rows, out_ok = position, q_rows, row_ok
             else:
-                priority = group_priority_tile(q, k_ptr, j, n_keys, k_stride_l, columns, column_ok, scaling, log_sum,
-                                               head, G, GROUP_ROWS, BLOCK_T, BLOCK_N)
+                stacked_priority = tl.where(head[:, None] < G, s - log_sum[:, None], float("-inf"))
+                priority = tl.max(tl.reshape(stacked_priority, (GROUP_ROWS, BLOCK_T, BLOCK_N)), 0)  # max over heads
                 rows_position, out_rows, out_ok = block_position, group_index * n_queries + block_t, block_t < n_queries
-            priority = forced_or_hidden(priority, j, rows_position, sink_tokens, recent_tokens)
+            visible = j[None, :] <= rows_position[:, None]
+            forced = visible & ((j[None, :] < sink_tokens) | (j[None, :] > rows_position[:, None] - recent_tokens))
+            priority = tl.where(forced, float("inf"), tl.where(visible, priority, float("-inf")))
             tl.store(out_ptr + out_rows[:, None] * n_keys + j[None, :], priority,
                      mask=out_ok[:, None] & (j[None, :] < n_keys))

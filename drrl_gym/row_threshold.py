@@ -197,15 +197,14 @@ if triton is not None:
     POS_INF_KEY = tl.constexpr(2139095040)  # ordered_int(+inf): 0x7F800000, the greatest
 
     @triton.jit
-    def _row_keys(values_ptr, rows, row_ok, length, row_stride, cols):
-        """A tile of rows (the first ``length`` values of rows ``row_stride`` apart) as ordered keys, the padding below
-        every real key, and the counts the search starts from.
+    def _row_keys(values_ptr, rows, row_ok, length, cols):
+        """A tile of rows as ordered keys, the padding below every real key, and the counts the search starts from.
 
         The search runs over the finite keys only. +inf (forced keys) and -inf (invisible ones) sit at the ends of the
         order and are counted first: a range spanning them would cost the passes that cross the empty bit patterns
         between them and the scores."""
         inside = row_ok[:, None] & (cols[None, :] < length)
-        x = tl.load(values_ptr + rows[:, None].to(tl.int64) * row_stride + cols[None, :], mask=inside, other=0.0)
+        x = tl.load(values_ptr + rows[:, None].to(tl.int64) * length + cols[None, :], mask=inside, other=0.0)
         key = tl.where(inside, ordered_int(x), -2147483648)  # padding below every real key, -inf's included
         finite = inside & (key > NEG_INF_KEY) & (key < POS_INF_KEY)
         finite_low = tl.min(tl.where(finite, key, 2147483647), 1).to(tl.int64)
@@ -252,8 +251,7 @@ if triton is not None:
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
-        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length,
-                                                                             cols)
+        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, cols)
         for c in tl.static_range(C):
             need = tl.load(counts_ptr + rows * C + c, mask=row_ok, other=1)
             low, last = _search(key, cols, row_ok, need, finite_low, finite_high, n_pos_inf, n_above_neg_inf)
@@ -269,8 +267,7 @@ if triton is not None:
         rows = row + tl.arange(0, 1)
         cols = tl.arange(0, BLOCK)
         row_ok = rows >= 0
-        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, length,
-                                                                             cols)
+        key, finite_low, finite_high, n_pos_inf, n_above_neg_inf = _row_keys(values_ptr, rows, row_ok, length, cols)
         need = tl.load(counts_ptr + rows)
         low, last = _search(key, cols, row_ok, need, finite_low, finite_high, n_pos_inf, n_above_neg_inf)
         kept = (key > low[:, None]) | ((key == low[:, None]) & (cols[None, :] <= last[:, None]))

@@ -44,18 +44,9 @@ from drrl_gym.kept_set_bounds import kept_set_bounds
 from drrl_gym.key_priorities import key_priorities
 from drrl_gym.row_threshold import kept_masks, row_thresholds
 
-try:
-    from drrl_gym.selection_prefill_triton import fits as prefill_kernel_fits
-    from drrl_gym.selection_prefill_triton import selection_prefill
-except ImportError:  # the CPU build of torch brings no Triton: the dense path below serves
-    selection_prefill = None
-
 SELECTION_MODES = ("group", "head")
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM: the first 4 tokens hold the "attention sink" mass
 DEFAULT_RECENT_TOKENS = 8  # the query itself and the 7 keys before it: local, RoPE-high-frequency attention
-# selection_attention's default for the one-launch kernel (drrl_gym.selection_prefill_triton). Off until a GPU run
-# has checked it against the composed path and timed it: so far it has run only in Triton's CPU interpreter.
-FUSED_ON_CUDA = False
 KEEP_RTOL = 1e-6  # ceil(keep * n) forgives this much relative rounding: 0.1 * 30 = 3.0000000000000004 keeps 3
 
 
@@ -152,7 +143,6 @@ def selection_attention(
     selection: str = "group",
     rotated_keys: torch.Tensor | None = None,
     return_details: bool = False,
-    fused: bool = FUSED_ON_CUDA,
 ) -> tuple[torch.Tensor, SelectionDetails | None]:
     """Selection attention for one segment, by (2)-(5); returns (output (B, T, H, dv), details or None).
 
@@ -167,13 +157,8 @@ def selection_attention(
         selection: "group" (one key set per KV group, the default) or "head" (one per query head).
         rotated_keys: K~ = K P if already at hand (a cache of rotated keys); computed from ``key`` otherwise.
         return_details: also return :class:`SelectionDetails` (float64 work on the exact scores: a diagnostic).
-        fused: on CUDA, for selection="group" without details, choose and compute in one Triton launch
-            (``drrl_gym.selection_prefill_triton``); False takes the composed path below (priorities, kept masks,
-            SDPA), which the benchmarks compare it with.
 
-    The output layout is that of transformers' ``sdpa_attention_forward``. With ``fused`` (on CUDA, selection="group",
-    no details) one Triton launch chooses and computes (``drrl_gym.selection_prefill_triton``: the same math, its
-    priorities in TF32 as ``drrl_gym.key_priorities``'s). Otherwise this reference is dense: it forms every
+    The output layout is that of transformers' ``sdpa_attention_forward``. This reference is dense: it forms every
     score and masks the unchosen ones with -inf. A deployed kernel reads only the first r columns of K~ to choose
     and only the k chosen keys and values to compute; costs (``selection_flops``, ``decode_traffic``) are charged
     for that, not for this function's work. Approximate scores are formed in at least float32. At r = d and
@@ -188,16 +173,11 @@ def selection_attention(
     counts = kept_counts(keep, visible_key_counts(n_queries, n_keys, keep.device), sink_tokens, recent_tokens)
     rank, counts = to_device(rank, query.device), to_device(counts, query.device)  # counts: k_i, (B, H_kv, T)
 
-    cast = basis.to(device=query.device, dtype=work)
-    k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys
-    if fused and selection_prefill is not None and selection == "group" and not return_details \
-            and prefill_kernel_fits(query, key, value):  # choose and compute in one launch, the same math
-        return selection_prefill(query, key, value, cast, k_rot, rank, counts, scaling, sink_tokens,
-                                 recent_tokens), None
-
     # choose, (2)-(4): the priorities of the rank-r scores (drrl_gym.key_priorities: the scores are not written),
     # then each row's k_i highest (drrl_gym.row_threshold, one mask per query head)
+    cast = basis.to(device=query.device, dtype=work)
     q_rot = query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ cast[None, :, None]
+    k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys
     priority = key_priorities(q_rot, k_rot, rank, scaling, sink_tokens, recent_tokens, selection)  # (B, H_kv, P, T, L)
     kept = kept_masks(priority, counts[:, :, None].expand(priority.shape[:-1]), group // priority.shape[2])
     kept = kept.reshape(batch, kv_heads, group, n_queries, n_keys)  # S_i, one copy per query head
