@@ -174,25 +174,27 @@ def selection_attention(
     rank, counts = to_device(rank, query.device), to_device(counts, query.device)  # counts: k_i, (B, H_kv, T)
 
     # choose, (2)-(4): the priorities of the rank-r scores (drrl_gym.key_priorities: the scores are not written),
-    # then each row's k_i highest (drrl_gym.row_threshold, one mask per query head)
+    # then each row's k_i highest (drrl_gym.row_threshold, one mask per query head, in SDPA's additive form: 0 on S,
+    # -inf off it, so SDPA does not convert a bool mask in a pass of its own)
     cast = basis.to(device=query.device, dtype=work)
     q_rot = query.to(work).reshape(batch, kv_heads, group, n_queries, d) @ cast[None, :, None]
     k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys
     priority = key_priorities(q_rot, k_rot, rank, scaling, sink_tokens, recent_tokens, selection)  # (B, H_kv, P, T, L)
-    kept = kept_masks(priority, counts[:, :, None].expand(priority.shape[:-1]), group // priority.shape[2])
-    kept = kept.reshape(batch, kv_heads, group, n_queries, n_keys)  # S_i, one copy per query head
+    additive_mask = kept_masks(priority, counts[:, :, None].expand(priority.shape[:-1]), group // priority.shape[2],
+                               dtype=query.dtype)  # S_i, one copy per query head: (B, H_kv, G T, L) as laid out
 
     # compute, (5): the model's own q, k and v, exact on the chosen keys: SDPA with S as its mask, so a fused kernel
     # accumulates scores and softmax in float32 as the plain model's attention does (bf16 scores, a step of 0.125 at
     # 16, would move the softmax by several percent in every layer). A group's G heads' queries are stacked as one
     # sequence of G T rows over the group's keys, so K and V are read once per group.
-    stacked_mask = kept.reshape(batch, kv_heads, group * n_queries, n_keys)
     out = F.scaled_dot_product_attention(query.reshape(batch, kv_heads, group * n_queries, d), key, value,
-                                         attn_mask=stacked_mask, scale=scaling)  # (B, H_kv, G T, dv)
+                                         attn_mask=additive_mask.reshape(batch, kv_heads, group * n_queries, n_keys),
+                                         scale=scaling)  # (B, H_kv, G T, dv)
     out = out.reshape(batch, heads, n_queries, value.shape[-1]).transpose(1, 2).contiguous()
     if not return_details:
         return out, None
 
+    kept = (additive_mask == 0).reshape(batch, kv_heads, group, n_queries, n_keys)
     visible = visible_mask(n_queries, n_keys, query.device)
     q64, k64 = query.double().reshape(batch, kv_heads, group, n_queries, d), key.double()
     exact = scaling * q64 @ k64[:, :, None].transpose(-1, -2)

@@ -70,10 +70,15 @@ def test_kept_masks_copy_each_rows_kept_set():
     expected = kept_mask(values, threshold.reshape(2, 4, 9), last.reshape(2, 4, 9))
     assert torch.equal(masks, expected[:, :, None].expand(masks.shape))
     assert torch.equal(masks.sum(-1), counts[:, :, None].expand(2, 4, 3, 9))
+    additive = kept_masks(values, counts, copies=3, dtype=torch.bfloat16)  # SDPA's additive form of the same sets
+    assert additive.dtype == torch.bfloat16
+    assert torch.equal(additive, torch.zeros_like(additive).masked_fill(~masks, float("-inf")))
     with pytest.raises(ValueError, match="counts must be integers"):
         kept_masks(values, counts[..., :1])
     with pytest.raises(ValueError, match="copies must be"):
         kept_masks(values, counts, copies=0)
+    with pytest.raises(ValueError, match="dtype must be torch.bool or a float dtype"):
+        kept_masks(values, counts, dtype=torch.int8)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -108,6 +113,9 @@ INTERPRETER_SCRIPT = """
         assert masks.shape == (outer, 2, rows // outer, length)
         expected_mask = kept_mask(values, expected[0][:, 0], expected[1][:, 0]).reshape(grouped.shape)
         assert torch.equal(masks, expected_mask[:, None].expand(masks.shape)), seed
+        additive = _kernel_kept_masks(grouped, counts[:, 0].reshape(outer, -1).contiguous(), 2, torch.float16)
+        assert additive.dtype == torch.float16 and torch.equal(additive == 0, masks), seed
+        assert bool((additive[~masks] == float("-inf")).all()), seed
     print("interpreter ok")
 """
 
@@ -124,7 +132,7 @@ def test_kernel_matches_the_sort_in_triton_interpreter():
 @pytest.mark.parametrize("rows, length, n_counts", [(24576, 1024, 3), (3000, 8192, 3), (64, 20000, 2), (999, 77, 1)])
 def test_kernel_matches_the_sort_on_cuda(rows: int, length: int, n_counts: int):
     """The env's shapes (64 sequences x 3 KV heads x 128 queries over 1024 keys), long rows, rows past MAX_ROW (the
-    sort path) and odd sizes; the masks of the first count, copied twice."""
+    sort path) and odd sizes; the masks of the first count, copied twice, as bool and in SDPA's additive form."""
     values = priority_rows(rows, length).cuda()
     counts = random_counts(rows, length, n_counts).cuda()
     got = row_thresholds(values, counts)
@@ -133,3 +141,5 @@ def test_kernel_matches_the_sort_on_cuda(rows: int, length: int, n_counts: int):
     masks = kept_masks(values.reshape(-1, 1, length), counts[:, :1].reshape(-1, 1), copies=2)
     expected_mask = kept_mask(values, expected[0][:, 0], expected[1][:, 0])
     assert torch.equal(masks, expected_mask[:, None, None].expand(masks.shape))
+    additive = kept_masks(values.reshape(-1, 1, length), counts[:, :1].reshape(-1, 1), copies=2, dtype=torch.bfloat16)
+    assert torch.equal(additive, torch.zeros_like(additive).masked_fill(~masks, float("-inf")))
