@@ -15,10 +15,11 @@ the values, ~8 passes), then one prefix count of the ties. The search spans the 
 (forced keys) and -inf (invisible ones) are counted before it. Selection itself needs the mask, not (t, last):
 :func:`kept_masks` runs the same search and writes the row's kept mask, once per query head that shares the row,
 so neither (t, last) nor the mask goes through memory twice; it can write the mask in SDPA's additive form (0 or
--inf in the attention's dtype), which SDPA would otherwise make from a bool mask in a pass of its own. On the CPU, ``topk`` of the largest count and a count
-of the ties in position order; elsewhere, a stable sort. None of them has a data-dependent output shape, and the
-CUDA ones never synchronise with the host, so the operator runs inside torch.compile and CUDA graphs; it is a
-``torch.library`` custom op (``drrl_gym::row_thresholds``) so the compiler keeps it whole.
+-inf in the attention's dtype), which SDPA would otherwise make from a bool mask in a pass of its own. On the CPU,
+``topk`` of the largest count and a count of the ties in position order; elsewhere, a stable sort. None of them
+has a data-dependent output shape, and the CUDA ones never synchronise with the host, so the operator runs inside
+torch.compile and CUDA graphs; it is a ``torch.library`` custom op (``drrl_gym::row_thresholds``) so the compiler
+keeps it whole.
 """
 
 from __future__ import annotations

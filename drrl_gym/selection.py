@@ -181,7 +181,7 @@ def selection_attention(
     k_rot = key.to(work) @ cast[None] if rotated_keys is None else rotated_keys
     priority = key_priorities(q_rot, k_rot, rank, scaling, sink_tokens, recent_tokens, selection)  # (B, H_kv, P, T, L)
     additive_mask = kept_masks(priority, counts[:, :, None].expand(priority.shape[:-1]), group // priority.shape[2],
-                               dtype=query.dtype)  # S_i, one copy per query head: (B, H_kv, G T, L) as laid out
+                               dtype=query.dtype)  # S_i per query head, in the order of the stacked G T rows
 
     # compute, (5): the model's own q, k and v, exact on the chosen keys: SDPA with S as its mask, so a fused kernel
     # accumulates scores and softmax in float32 as the plain model's attention does (bf16 scores, a step of 0.125 at
