@@ -637,3 +637,21 @@ def test_bound_queries_benchmark_compares_with_every_query(tmp_path):
     assert set(predictions) == set(rows) - {"consecutive segments, every query"} | {"every query"}
     assert rows["bound_source=reference, bound_queries=32"]["mask_entries"] == every["mask_entries"]
     assert (tmp_path / "results.md").read_text().count("| bound_queries=") == 4
+
+
+def test_selection_forward_benchmark_writes_its_time_and_profile(tmp_path):
+    """benchmarks/selection_forward.py on the CPU: the time in results.json, and with --profile the profiler's tables,
+    in which the selection operators appear by name."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from selection_forward import main
+
+    main(["--device", "cpu", "--batch", "1", "--queries", "8", "--keys", "32", "--repeats", "2", "--profile",
+          "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["ms"] > 0
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "2 calls, by kernel and input shapes" in profile
+    assert "drrl_gym::key_priorities" in profile and "drrl_gym::kept_masks" in profile
