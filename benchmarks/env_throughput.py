@@ -214,8 +214,8 @@ def prefill(venv: DRRLAttentionVecEnv, limit: int | None) -> list[float]:
     """Reset over every train sequence (up to ``limit``), N at a time, filling the reference cache: returns each
     reset's seconds (cold: each computes its rows' warm-up and reference)."""
     size = len(venv.corpus.train) if limit is None else min(limit, len(venv.corpus.train))
-    order, n = np.arange(size), venv.num_envs
-    order = np.concatenate([order, order[: (-size) % n]])  # whole batches
+    n = venv.num_envs
+    order = np.resize(np.arange(size), -(-size // n) * n)  # whole batches, repeating from the start (also past size)
     return [timed(lambda: venv.batch.reset(order[i : i + n]))[1] for i in range(0, len(order), n)]
 
 
