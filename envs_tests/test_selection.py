@@ -387,6 +387,39 @@ def test_costs_per_row_and_head_settings():
     assert fraction.shape == (2, 2) and bool((fraction > 0).all())
 
 
+def test_selection_fractions_count_every_entry_by_its_own_setting():
+    """The env's per-row fractions (counted on the grid of distinct settings, looked up per entry) equal the mean
+    over (layer, KV head) of each entry's own (9) against full attention, also for the dense reference."""
+    import numpy as np
+
+    from drrl_gym.backbone import AttentionGeometry
+    from drrl_gym.flops import selection_fractions
+
+    geometry = AttentionGeometry(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16, hidden_size=96)
+    rng = np.random.default_rng(3)
+    ranks = rng.choice([2, 8, 16], size=(4, 3, 2))
+    keeps = rng.choice([0.1, 0.5, 1.0], size=(4, 3, 2))
+    ranks[0], keeps[0] = 16, 1.0  # a row of full attention: exactly 1
+    full = full_attention_flops(new_tokens=8, keys=40, head_dim=16, group_size=3)
+    for dense_reference in (False, True):
+        got = selection_fractions(geometry, ranks, keeps, 8, 40, dense_reference=dense_reference)
+        expected = np.zeros((2, 4))
+        for b, layer, head in np.ndindex(ranks.shape):
+            rank, keep = int(ranks[b, layer, head]), float(keeps[b, layer, head])
+            one = selection_flops(rank, keep, new_tokens=8, keys=40, head_dim=16, group_size=3)
+            if rank == 16 and keep == 1.0:
+                scores, total = full.scores, full.total
+            elif dense_reference:
+                scores = full.scores + one.scoring + one.choosing
+                total = full.total + one.scoring + one.choosing + one.rotation
+            else:
+                scores, total = one.scoring + one.choosing + one.scores, one.total
+            expected[:, b] += [float(scores) / float(full.scores) / 6, float(total) / float(full.total) / 6]
+        assert got.scores == pytest.approx(expected[0], rel=1e-12)
+        assert got.attention == pytest.approx(expected[1], rel=1e-12)
+        assert got.scores[0] == pytest.approx(1.0) and got.attention[0] == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------------------------------- arguments
 def test_bad_arguments_raise_clear_errors():
     generator = torch.Generator().manual_seed(7)
