@@ -14,6 +14,7 @@ one warm-up. Writes ``results.json`` (command, machine, date, versions, git comm
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         shape = (batch, SMOLLM2.num_layers, SMOLLM2.num_kv_heads)
         ranks, keeps = rng.choice(defaults.rank_choices, shape), rng.choice(defaults.keep_choices, shape)
         for keys in args.keys:
-            steps = {  # what one step of each mode counts (drrl_gym.episode.EpisodeBatch.step)
-                "select": lambda: (selection_fractions(SMOLLM2, ranks, keeps, NEW_TOKENS, keys),
-                                   selection_fractions(SMOLLM2, ranks, keeps, NEW_TOKENS, keys, dense_reference=True)),
-                "lowrank_scores": lambda: (flops_fractions(SMOLLM2, ranks, NEW_TOKENS, keys),
-                                           flops_fractions(SMOLLM2, np.full_like(ranks, 64), NEW_TOKENS, keys)),
-            }
-            for mode, step in steps.items():
+            for mode in ("select", "lowrank_scores"):
+                step = functools.partial(step_counts, mode, ranks, keeps, keys)
                 ms = 1e3 * timed(step, args.repeats, torch.device("cpu"))
                 rows.append({"mode": mode, "batch": batch, "keys": keys, "ms_per_step": ms})
                 print(f"{mode}, {batch} envs, {keys} keys: {ms:.3f} ms per step", flush=True)
@@ -60,6 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     write_results(args.out, meta, f"SmolLM2's geometry, {NEW_TOKENS} new tokens a segment, ranks and keeps drawn "
                   f"from {defaults.rank_choices} and {defaults.keep_choices}; the median of {args.repeats} steps.",
                   table)
+
+
+def step_counts(mode: str, ranks: np.ndarray, keeps: np.ndarray, keys: int) -> tuple:
+    """The two fractions one step of ``mode`` counts (``drrl_gym.episode.EpisodeBatch.step``)."""
+    if mode == "select":  # as counted, and as the dense reference executes it
+        return (selection_fractions(SMOLLM2, ranks, keeps, NEW_TOKENS, keys),
+                selection_fractions(SMOLLM2, ranks, keeps, NEW_TOKENS, keys, dense_reference=True))
+    # at the chosen ranks, and at the ranks executed (a graphed step runs every layer at full width)
+    return (flops_fractions(SMOLLM2, ranks, NEW_TOKENS, keys),
+            flops_fractions(SMOLLM2, np.full_like(ranks, SMOLLM2.head_dim), NEW_TOKENS, keys))
 
 
 if __name__ == "__main__":

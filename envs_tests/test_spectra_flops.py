@@ -264,3 +264,19 @@ def test_half_precision_grams_on_cuda_equal_the_float32_product(dtype):
     expected = x.float().transpose(-1, -2) @ x.float()
     assert gram.dtype == torch.float32 and gram.shape == (2, 3, 64, 64)
     torch.testing.assert_close(gram, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_cost_accounting_benchmark_writes_a_time_per_mode_and_size(tmp_path):
+    """benchmarks/cost_accounting.py: one row per (mode, envs, keys), each with a positive time, in results.json."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from cost_accounting import main
+
+    main(["--batch", "1", "3", "--keys", "128", "--repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["mode"], r["batch"], r["keys"]) for r in rows] == [
+        ("select", 1, 128), ("lowrank_scores", 1, 128), ("select", 3, 128), ("lowrank_scores", 3, 128)]
+    assert all(r["ms_per_step"] > 0 for r in rows)
